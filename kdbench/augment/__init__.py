@@ -1,0 +1,1 @@
+"""Batch augmenters; registered under `kdbench.augmenters`."""

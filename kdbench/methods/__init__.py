@@ -1,0 +1,1 @@
+"""KD methods, one file each; registered in pyproject.toml under `kdbench.losses`."""

@@ -1,0 +1,1 @@
+"""Model architectures, one family per file; registered under `kdbench.models`."""
