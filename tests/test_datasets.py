@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import gzip
+import pickle
 import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch.utils.data import TensorDataset
 
+from kdbench.datasets.cifar import CIFAR10, CIFAR100
+from kdbench.datasets.folder import IMAGENET_MEAN, IMAGENET_STD, ImageFolderDataset
 from kdbench.datasets.mnist import MNIST, Digits, FashionMNIST, MNIST5k, read_idx
 from kdbench.errors import DataError
 
@@ -163,3 +167,153 @@ def test_fashion_mnist_default_root_hint() -> None:
     else:
         with pytest.raises(DataError, match="apt-get install dataset-fashion-mnist"):
             FashionMNIST()
+
+
+# --- CIFAR python pickles ------------------------------------------------------------------
+
+
+def write_pickle(path: Path, obj: dict, py2_names: bool = False) -> None:
+    data = pickle.dumps(obj, protocol=2)
+    if py2_names:  # the original archives were pickled by Python 2 with numpy 1
+        data = data.replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+    path.write_bytes(data)
+
+
+def write_cifar10(root: Path, per_batch: int = 4, py2_names: bool = True) -> Path:
+    d = root / "cifar-10-batches-py"
+    d.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    for i, name in enumerate(names):
+        write_pickle(d / name, {
+            b"batch_label": f"batch {i}".encode(),
+            b"labels": [(i + j) % 10 for j in range(per_batch)],
+            b"data": rng.integers(0, 256, size=(per_batch, 3072), dtype=np.uint8),
+            b"filenames": [f"img_{i}_{j}.png".encode() for j in range(per_batch)],
+        }, py2_names)
+    labels = [b"airplane", b"automobile", b"bird", b"cat", b"deer", b"dog", b"frog", b"horse",
+              b"ship", b"truck"]
+    write_pickle(d / "batches.meta", {b"label_names": labels, b"num_cases_per_batch": per_batch,
+                                      b"num_vis": 3072}, py2_names)
+    return d
+
+
+def write_cifar100(root: Path, n: int = 6) -> Path:
+    d = root / "cifar-100-python"
+    d.mkdir(parents=True)
+    rng = np.random.default_rng(2)
+    for name in ("train", "test"):
+        write_pickle(d / name, {
+            b"filenames": [f"{name}_{j}.png".encode() for j in range(n)],
+            b"batch_label": name.encode(),
+            b"fine_labels": [(17 * j) % 100 for j in range(n)],
+            b"coarse_labels": [j % 20 for j in range(n)],
+            b"data": rng.integers(0, 256, size=(n, 3072), dtype=np.uint8),
+        })
+    write_pickle(d / "meta", {b"fine_label_names": [f"c{i}".encode() for i in range(100)],
+                              b"coarse_label_names": [f"s{i}".encode() for i in range(20)]})
+    return d
+
+
+@pytest.mark.parametrize("point_at", ["parent", "dir"])
+def test_cifar10_reads_python_pickles(tmp_path: Path, point_at: str) -> None:
+    d = write_cifar10(tmp_path)
+    ds = CIFAR10(root=str(tmp_path if point_at == "parent" else d))
+    train, test = ds.split("train"), ds.split("test")
+    assert isinstance(train, TensorDataset) and (len(train), len(test)) == (20, 4)
+    raw = pickle.loads((d / "data_batch_2").read_bytes(), encoding="bytes")
+    # rows are channel-first: 1024 R, 1024 G, 1024 B
+    assert torch.equal(train.images[4], torch.from_numpy(raw[b"data"][0]).view(3, 32, 32))
+    assert train.labels[4:8].tolist() == raw[b"labels"]
+    x, y = train[4]
+    mean, std = torch.tensor(CIFAR10.mean).view(3, 1, 1), torch.tensor(CIFAR10.std).view(3, 1, 1)
+    assert torch.allclose(x, (train.images[4].float() / 255 - mean) / std, atol=1e-5)
+    xb, yb = train[torch.tensor([0, 5, 19])]
+    assert xb.shape == (3, 3, 32, 32) and xb.dtype == torch.float32
+    assert yb.tolist() == train.labels[[0, 5, 19]].tolist()
+    assert ds.class_names[:2] == ["airplane", "automobile"]
+    assert len(CIFAR10(root=str(tmp_path), limit=3).split("train")) == 3
+    fp = ds.fingerprint()
+    assert fp["sizes"] == {"train": 20, "test": 4} and set(fp["files"]) >= {"data_batch_1", "test_batch"}
+
+
+def test_cifar100_uses_fine_labels_and_fingerprint_tracks_content(tmp_path: Path) -> None:
+    d = write_cifar100(tmp_path)
+    ds = CIFAR100(root=str(tmp_path))
+    assert ds.num_classes == 100 and ds.class_names[17] == "c17"
+    assert ds.split("test").labels.tolist() == [(17 * j) % 100 for j in range(6)]
+    before = ds.fingerprint()
+    write_pickle(d / "train", {b"fine_labels": [1, 2], b"data": np.zeros((2, 3072), np.uint8)})
+    after = CIFAR100(root=str(tmp_path)).fingerprint()
+    assert after["files"]["train"] != before["files"]["train"] and after["sizes"]["train"] == 2
+
+
+def test_cifar_errors_say_what_is_expected_where(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="does not exist"):
+        CIFAR10(root=str(tmp_path / "nope"))
+    with pytest.raises(DataError, match="needs `root:`"):
+        CIFAR100()
+    with pytest.raises(DataError, match=r"no batches.meta in .*cifar-10-batches-py"):
+        CIFAR10(root=str(tmp_path))
+    d = write_cifar10(tmp_path)
+    (d / "data_batch_3").unlink()
+    with pytest.raises(DataError, match="lacks data_batch_3"):
+        CIFAR10(root=str(tmp_path))
+    write_pickle(d / "data_batch_3", {b"data": np.zeros((2, 3072), np.uint8)})
+    with pytest.raises(DataError, match=r"data_batch_3: no b'labels' key"):
+        CIFAR10(root=str(tmp_path)).split("train")
+    (d / "data_batch_3").write_bytes(pickle.dumps({b"data": np.zeros((2, 3072), np.uint8)})[:40])
+    with pytest.raises(DataError, match="data_batch_3: not a readable CIFAR pickle"):
+        CIFAR10(root=str(tmp_path)).split("train")
+
+
+def test_cifar_pickles_cannot_run_code(tmp_path: Path) -> None:
+    d = write_cifar10(tmp_path)
+    (d / "test_batch").write_bytes(pickle.dumps({b"data": Path("x"), b"labels": []}))
+    with pytest.raises(DataError, match="refusing to load pathlib"):
+        CIFAR10(root=str(tmp_path)).split("test")
+
+
+# --- ImageNet-style folders ----------------------------------------------------------------
+
+
+def write_folder(root: Path, splits: dict[str, dict[str, int]], size: tuple[int, int] = (40, 30)) -> None:
+    rng = np.random.default_rng(3)
+    for split, classes in splits.items():
+        for cls, n in classes.items():
+            (root / split / cls).mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                pixels = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / cls / f"{i}.png")
+
+
+def test_imagefolder_loads_lazily_resized_and_normalised(tmp_path: Path) -> None:
+    write_folder(tmp_path, {"train": {"cat": 2, "dog": 3, "eel": 1}, "val": {"dog": 2, "eel": 1}})
+    Image.fromarray(np.zeros((30, 40), np.uint8), mode="L").save(tmp_path / "train" / "cat" / "grey.png")
+    ds = ImageFolderDataset(root=str(tmp_path), image_size=16)
+    assert ds.num_classes == 3 and ds.classes == ["cat", "dog", "eel"] and ds.resize == 18
+    train = ds.split("train")
+    assert not isinstance(train, TensorDataset) and len(train) == 7
+    x, y = train[0]
+    assert x.shape == (3, 16, 16) and x.dtype == torch.float32 and y == 0
+    grey_index = [Path(p).name for p, _ in train.samples].index("grey.png")
+    grey, _ = train[grey_index]  # converted to RGB; black maps to -mean/std
+    assert torch.allclose(grey[:, 0, 0], -torch.tensor(IMAGENET_MEAN) / torch.tensor(IMAGENET_STD))
+    # val lacks "cat": labels still follow train's class list; "test" falls back to val/
+    test = ds.split("test")
+    assert [label for _, label in test.samples] == [1, 1, 2]
+    fp = ds.fingerprint()
+    assert fp["sizes"] == {"train": 7, "test": 3} and fp["params"] == {"image_size": 16, "resize": 18}
+    write_folder(tmp_path, {"val": {"eel": 2}})
+    assert ImageFolderDataset(root=str(tmp_path), image_size=16).fingerprint()["files"] != fp["files"]
+
+
+def test_imagefolder_errors(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"split 'train' needs .*train/"):
+        ImageFolderDataset(root=str(tmp_path))
+    write_folder(tmp_path, {"train": {"a": 1}, "val": {"a": 1, "zebra": 1}})
+    ds = ImageFolderDataset(root=str(tmp_path), image_size=8)
+    with pytest.raises(DataError, match="class directories that train/ lacks: zebra"):
+        ds.split("val")
+    with pytest.raises(DataError, match="no split 'holdout'"):
+        ds.split("holdout")

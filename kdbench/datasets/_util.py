@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
+from kdbench.datasets.base import KDDataset
 from kdbench.errors import DataError
 
 #: bytes read from each end of a file for its content fingerprint
@@ -153,3 +154,48 @@ def array_digest(*arrays: np.ndarray | torch.Tensor) -> str:
         h.update(str(a.shape).encode())
         h.update(np.ascontiguousarray(a).tobytes())
     return h.hexdigest()[:16]
+
+
+class InMemoryDataset(KDDataset):
+    """A dataset whose splits are uint8 tensors built once, then sliced per ``split()``."""
+
+    def __init__(self, root: str | None = None, limit: int | None = None):
+        super().__init__(root)
+        if limit is not None and limit < 1:
+            raise DataError(f"limit must be a positive number of samples, got {limit}")
+        self.limit = limit
+        self._splits: dict[str, NormalizedImages] | None = None
+
+    def _load(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Split name -> (uint8 images [N, C, H, W], int64 labels [N])."""
+        raise NotImplementedError
+
+    def _built(self) -> dict[str, NormalizedImages]:
+        if self._splits is None:
+            raw = self._load()
+            mean, std = self._stats(raw["train"][0])
+            self._splits = {k: NormalizedImages(x, y, mean, std) for k, (x, y) in raw.items()}
+        return self._splits
+
+    def _stats(self, train_images: torch.Tensor) -> tuple[list[float], list[float]]:
+        """Normalisation mean/std per channel; by default those of the train split."""
+        return channel_stats(train_images)
+
+    def split(self, name: str) -> NormalizedImages:
+        """``train`` (first ``limit`` samples when set) or ``test``."""
+        check_split(self, name, self.splits)
+        ds = self._built()[name]
+        return apply_limit(ds, self.limit) if name == "train" else ds
+
+    def _params(self) -> dict:
+        return {"limit": self.limit}
+
+    def _source(self) -> dict:
+        """What identifies the underlying data (versions, file digests)."""
+        return {}
+
+    def fingerprint(self) -> dict:
+        built = self._built()
+        return {**super().fingerprint(), "params": self._params(), **self._source(),
+                "sizes": {k: len(self.split(k)) for k in self.splits},
+                "digest": array_digest(*(t for k in self.splits for t in (built[k].images, built[k].labels)))}

