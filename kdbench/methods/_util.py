@@ -45,3 +45,13 @@ class ConvReg(nn.Module):
 def l2_normalize(x: Tensor, dim: int = 1) -> Tensor:
     """x / ‖x‖₂ along ``dim`` without an epsilon (RepDistiller's ``Normalize(2)``)."""
     return x / x.pow(2).sum(dim, keepdim=True).sqrt()
+
+
+def match_spatial(f_s: Tensor, f_t: Tensor) -> tuple[Tensor, Tensor]:
+    """Average-pool the larger of two maps down to the other's (H, W), as RepDistiller's AT / NST do."""
+    hs, ht = f_s.shape[2:], f_t.shape[2:]
+    if hs == ht:
+        return f_s, f_t
+    if hs[0] > ht[0]:
+        return F.adaptive_avg_pool2d(f_s, tuple(ht)), f_t
+    return f_s, F.adaptive_avg_pool2d(f_t, tuple(hs))
