@@ -29,24 +29,31 @@ def dkd_loss(
     beta: float = 8.0,
     T: float = 4.0,
 ) -> Tensor:
-    """Decoupled KD (Zhao et al. 2022): alpha * TCKD + beta * NCKD, each * T^2, batch mean."""
+    """Decoupled KD (Zhao et al. 2022): alpha * TCKD + beta * NCKD, each * T^2, batch mean.
+
+    Same quantity as mdistiller's ``dkd_loss``, but the non-target classes are selected
+    exactly (mdistiller subtracts 1000 from the target logit) and the binary target/rest
+    distributions are formed in log space, so it stays finite for large logits.
+    """
     s = student_logits.float() if student_logits.dtype in (torch.float16, torch.bfloat16) else student_logits
     t = teacher_logits.to(s.dtype)
-    gt = F.one_hot(target, s.shape[1]).to(torch.bool)
-    p_s = F.softmax(s / T, dim=1)
-    p_t = F.softmax(t / T, dim=1)
-    # binary (target vs the rest) distributions
-    bs_t = (p_s * gt).sum(1)
-    bt_t = (p_t * gt).sum(1)
-    b_s = torch.stack([bs_t, 1 - bs_t], 1).clamp_min(torch.finfo(s.dtype).tiny)
-    b_t = torch.stack([bt_t, 1 - bt_t], 1).clamp_min(torch.finfo(s.dtype).tiny)
-    tckd = (b_t * (b_t.log() - b_s.log())).sum(1).mean() * T * T
+    B, C = s.shape
+    if C == 1:  # no non-target class: both terms are zero
+        return (s.sum() + t.sum()) * 0.0
+    gt = F.one_hot(target, C).to(torch.bool)
+    a, b = s / T, t / T
+    a_rest = a[~gt].view(B, C - 1)
+    b_rest = b[~gt].view(B, C - 1)
+    # binary (target vs the rest) distributions: p(target) = sigmoid(u)
+    u = a[gt] - torch.logsumexp(a_rest, 1)
+    v = b[gt] - torch.logsumexp(b_rest, 1)
+    log_bs = torch.stack([-F.softplus(-u), -F.softplus(u)], 1)
+    log_bt = torch.stack([-F.softplus(-v), -F.softplus(v)], 1)
+    tckd = (log_bt.exp() * (log_bt - log_bs)).sum(1).mean() * T * T
     # distributions over the non-target classes
-    big = torch.finfo(s.dtype).max / 4
-    log_q_s = F.log_softmax(s / T - gt * big, dim=1)
-    log_q_t = F.log_softmax(t / T - gt * big, dim=1)
-    q_t = log_q_t.exp()
-    nckd = (q_t * (log_q_t - log_q_s)).masked_fill(gt, 0).sum(1).mean() * T * T
+    log_q_s = F.log_softmax(a_rest, dim=1)
+    log_q_t = F.log_softmax(b_rest, dim=1)
+    nckd = (log_q_t.exp() * (log_q_t - log_q_s)).sum(1).mean() * T * T
     return alpha * tckd + beta * nckd
 
 
