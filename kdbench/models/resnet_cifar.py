@@ -97,7 +97,7 @@ def resnet8(num_classes: int = 100, in_channels: int = 3) -> nn.Module:
 
 
 def resnet14(num_classes: int = 100, in_channels: int = 3) -> nn.Module:
-    """ResNet-14 (0.17M)."""
+    """ResNet-14 (0.18M)."""
     return ResNetCifar(14, _BASE, num_classes, in_channels)
 
 
