@@ -317,6 +317,18 @@ def test_nst_golden_and_gradcheck():
     _gradcheck_stages(m, s, t, [1, 2, 3], "nst")
 
 
+@pytest.mark.parametrize("name,cls", [("at", "AT"), ("nst", "NST")])
+def test_stagewise_methods_reject_unequal_stage_counts(name, cls):
+    import importlib
+
+    from kdbench.errors import ConfigError
+
+    s, t = _small_pair()
+    t.stages = t.stages[:-1]
+    with pytest.raises(ConfigError, match="stages"):
+        getattr(importlib.import_module(f"kdbench.methods.{name}"), cls)(_ctx(s, t))
+
+
 # ----------------------------------------------------------------------------- sp
 
 

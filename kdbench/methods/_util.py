@@ -55,3 +55,14 @@ def match_spatial(f_s: Tensor, f_t: Tensor) -> tuple[Tensor, Tensor]:
     if hs[0] > ht[0]:
         return F.adaptive_avg_pool2d(f_s, tuple(ht)), f_t
     return f_s, F.adaptive_avg_pool2d(f_t, tuple(hs))
+
+
+def check_same_stage_count(method: str, ctx_student_shapes: dict, ctx_teacher_shapes: dict) -> None:
+    """Stage-wise methods pair student and teacher stages one to one; say so when they cannot."""
+    n_s = len(ctx_student_shapes.get("stages") or [])
+    n_t = len(ctx_teacher_shapes.get("stages") or [])
+    if n_s != n_t:
+        raise ConfigError(
+            f"{method} pairs stages one to one, but the student has {n_s} stages and the teacher {n_t}; "
+            "choose a pair with the same number of stages or name matching stage taps in the grid"
+        )

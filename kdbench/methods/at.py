@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kdbench.features import Features
-from kdbench.methods._util import match_spatial
+from kdbench.methods._util import check_same_stage_count, match_spatial
 from kdbench.methods.base import Batch, Distiller, MethodContext, Taps
 
 
@@ -33,6 +33,7 @@ class AT(Distiller):
 
     def __init__(self, ctx: MethodContext, p: float = 2.0):
         super().__init__(ctx)
+        check_same_stage_count("at", ctx.student_shapes, ctx.teacher_shapes)
         self.p = p
 
     def attention(self, f: Tensor) -> Tensor:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kdbench.features import Features
-from kdbench.methods._util import match_spatial
+from kdbench.methods._util import check_same_stage_count, match_spatial
 from kdbench.methods.base import Batch, Distiller, MethodContext, Taps
 
 
@@ -38,6 +38,7 @@ class NST(Distiller):
 
     def __init__(self, ctx: MethodContext):
         super().__init__(ctx)
+        check_same_stage_count("nst", ctx.student_shapes, ctx.teacher_shapes)
 
     def forward(self, s: Features, t: Features, batch: Batch) -> dict[str, Tensor]:
         loss = s.logits.new_zeros(())
