@@ -471,7 +471,7 @@ def test_reviewkd_golden_warmup_and_grads(epoch):
 def test_reviewkd_hcl_gradcheck():
     from kdbench.methods.reviewkd import hcl_loss
 
-    a, b = _randn(2, 2, 5, 5, seed=1).requires_grad_(), _randn(2, 2, 5, 5, seed=2)
+    a, b = _randn(1, 2, 5, 5, seed=1).requires_grad_(), _randn(1, 2, 5, 5, seed=2)
     assert gradcheck(lambda x: hcl_loss([x], [b]), (a,), eps=1e-6, atol=1e-6)
 
 
@@ -663,8 +663,8 @@ def test_ckakd_golden_gradcheck_and_errors():
         torch.stack([torch.stack([ref_linear_cka(a, b) for b in t.stages]) for a in t.stages]),
     )
 
-    small_t = Features(stages=[_randn(5, 2, 2, 2, seed=60 + i) for i in range(3)])
-    small_s = [_randn(5, 2, 2, 2, seed=70 + i) for i in range(3)]
+    small_t = Features(stages=[_randn(5, 2, 1, 2, seed=60 + i) for i in range(3)])
+    small_s = [_randn(5, 2, 1, 2, seed=70 + i) for i in range(3)]
     for unbiased in (False, True):
         mm = CKAKD(
             _ctx(Features(stages=small_s), small_t, teacher_probe=small_t), n_groups=2, unbiased=unbiased
@@ -674,6 +674,10 @@ def test_ckakd_golden_gradcheck_and_errors():
             return mm(Features(stages=list(xs)), small_t, _batch(5))["ckakd"]
 
         assert gradcheck(loss, tuple(x.clone().requires_grad_() for x in small_s), eps=1e-6, atol=1e-6)
+
+    # a last batch of 3 samples: the unbiased estimator falls back to the biased one
+    three = Features(stages=[x[:3] for x in small_s])
+    assert torch.isfinite(mm(three, Features(stages=[x[:3] for x in small_t.stages]), _batch(3))["ckakd"])
 
     with pytest.raises(ConfigError, match="weights has 2 entries"):
         CKAKD(_ctx(s, t, teacher_probe=t), weights=[1.0, 1.0])

@@ -16,7 +16,8 @@ splits the teacher evenly instead. Student groups S_i are always an even contigu
 split (earlier groups one layer larger when it does not divide); depths may differ.
 
 Parameters: n_groups (default 3, clipped to min(L_s, L_t)), weights (one per group;
-None = 1 each), unbiased (the unbiased HSIC estimator; needs batches of ≥ 4), grouping.
+None = 1 each), unbiased (the unbiased HSIC estimator; a batch of < 4 samples falls back to
+the biased one), grouping.
 Default weights: CE 1, ckakd 1 (not tuned; the term lies in [0, n_groups]).
 ``summary()`` records the groups and the teacher's probe CKA matrix.
 """
@@ -115,7 +116,9 @@ class CKAKD(Distiller):
         self.student_groups = even_groups(l_s, n)
 
     def forward(self, s: Features, t: Features, batch: Batch) -> dict[str, Tensor]:
-        k = cka_matrix(s.stages, t.stages, unbiased=self.unbiased)
+        # the unbiased estimator needs 4 samples; a smaller last batch falls back to the biased one
+        unbiased = self.unbiased and s.stages[0].shape[0] >= 4
+        k = cka_matrix(s.stages, t.stages, unbiased=unbiased)
         loss = k.new_zeros(())
         for w, gs, gt in zip(self.group_weights, self.student_groups, self.teacher_groups, strict=False):
             loss = loss + w * (1 - k[gs[0] : gs[-1] + 1, gt[0] : gt[-1] + 1].mean())
