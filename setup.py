@@ -31,6 +31,16 @@ def _warn(msg: str) -> None:
     print(f"kdbench setup: {msg}", file=sys.stderr)
 
 
+def _default_cuda_home() -> None:
+    """Points torch at the toolkit in /usr/local/cuda when nothing else says where it is
+    (torch would otherwise derive it from an nvcc wrapper on PATH, e.g. /usr/local)."""
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    default = Path("/usr/local/cuda")
+    if (default / "bin" / "nvcc").exists() and (default / "include" / "cuda_runtime.h").exists():
+        os.environ["CUDA_HOME"] = str(default)
+
+
 def _want_cuda() -> bool:
     if os.environ.get("KDBENCH_NO_CUDA"):
         return False
@@ -47,6 +57,7 @@ def _want_cuda() -> bool:
 def _extension_kwargs() -> dict:
     if os.environ.get("KDBENCH_NO_EXTENSION"):
         return {}
+    _default_cuda_home()
     try:
         from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
     except Exception as exc:  # noqa: BLE001 - no torch at build time: pure-Python install
@@ -54,30 +65,43 @@ def _extension_kwargs() -> dict:
         return {}
 
     cxx_flags = ["-O3", "-fvisibility=hidden"]
-    sources = [f"{CSRC}/{name}" for name in CPU_SOURCES]
+    cpu_sources = [f"{CSRC}/{name}" for name in CPU_SOURCES]
+
+    def cpu_extension():
+        return CppExtension("kdbench._C", cpu_sources, extra_compile_args={"cxx": list(cxx_flags)})
+
     if _want_cuda():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
-        sources += [f"{CSRC}/{name}" for name in CUDA_SOURCES]
         ext = CUDAExtension(
             "kdbench._C",
-            sources,
+            cpu_sources + [f"{CSRC}/{name}" for name in CUDA_SOURCES],
             extra_compile_args={
                 "cxx": cxx_flags + ["-DKDBENCH_WITH_CUDA"],
                 "nvcc": ["-O3", "-DKDBENCH_WITH_CUDA"],
             },
         )
     else:
-        ext = CppExtension("kdbench._C", sources, extra_compile_args={"cxx": cxx_flags})
+        ext = cpu_extension()
 
     class OptionalBuildExtension(BuildExtension):
-        """Builds kdbench._C, but a failed build only warns: the fallback still works."""
+        """Builds kdbench._C; if the CUDA build fails, retries CPU-only; if that fails too,
+        only warns: the package installs and uses its pure-PyTorch fallback."""
 
         def run(self) -> None:
             try:
                 super().run()
+                return
             except Exception as exc:  # noqa: BLE001 - any compiler/toolkit failure
-                _warn(f"building kdbench._C failed ({exc}); kdbench.kernels will use the "
-                      "pure-PyTorch fallback")
+                _warn(f"building kdbench._C failed ({exc})")
+            if any(src.endswith(".cu") for src in self.extensions[0].sources):
+                _warn("retrying without the CUDA sources")
+                self.extensions = [cpu_extension()]
+                try:
+                    super().run()
+                    return
+                except Exception as exc:  # noqa: BLE001
+                    _warn(f"building kdbench._C (CPU only) failed ({exc})")
+            _warn("kdbench.kernels will use the pure-PyTorch fallback")
 
     return {
         "ext_modules": [ext],

@@ -1,0 +1,386 @@
+"""Correctness of the fused KD / DKD / CKA ops, on both backends.
+
+Every test that takes the ``backend`` fixture runs once on the native extension (skipped,
+with the reason, when it is not built) and once on the pure-PyTorch fallback. Values are
+compared with a float64 run of the reference implementation and, for DKD and CKA, with
+independent eager formulas written out below (mdistiller's ``dkd_loss``; the textbook
+biased HSIC and Song et al.'s unbiased HSIC). Performance lives in benchmarks/, not here.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kdbench.kernels as K
+from kdbench.kernels import KernelInputError, ops, reference
+
+BATCHES = [1, 7, 64, 1024]
+CLASSES = [1, 2, 10, 100, 1000, 32000]
+# The full grid minus the combinations too big for a quick float64 reference on 2 cores.
+LOGIT_SHAPES = [(b, c) for b in BATCHES for c in CLASSES if b * c <= 2_100_000]
+
+
+@pytest.fixture(params=["native", "reference"])
+def backend(request, monkeypatch):
+    """Selects the backend of kdbench.kernels for the duration of a test."""
+    if request.param == "native":
+        if not ops.AVAILABLE:
+            pytest.skip("native extension kdbench._C is not built (pip install -e . builds it)")
+        monkeypatch.delenv("KDBENCH_KERNELS", raising=False)
+    else:
+        monkeypatch.setenv("KDBENCH_KERNELS", "reference")
+    assert K.backend() == request.param
+    return request.param
+
+
+def _logits(B, C, dtype=torch.float32, scale=3.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    s = (torch.randn(B, C, generator=g, dtype=torch.float64) * scale).to(dtype)
+    t = (torch.randn(B, C, generator=g, dtype=torch.float64) * scale).to(dtype)
+    y = torch.randint(0, C, (B,), generator=g)
+    return s, t, y
+
+
+def _loss_and_grads(fn, s, t, *args, teacher_grad=False):
+    s = s.detach().clone().requires_grad_(True)
+    t = t.detach().clone().requires_grad_(teacher_grad)
+    loss = fn(s, t, *args)
+    loss.backward()
+    return loss.detach(), s.grad, (t.grad if teacher_grad else None)
+
+
+def _assert_matches_float64(fn, ref_fn, s, t, *args, grad_scale, teacher_grad=False, slack=1.0):
+    """fn on (s, t) vs ref_fn on float64 copies: loss and gradients (tolerances * slack)."""
+    loss, gs, gt = _loss_and_grads(fn, s, t, *args, teacher_grad=teacher_grad)
+    loss64, gs64, gt64 = _loss_and_grads(ref_fn, s.double(), t.double(), *args, teacher_grad=teacher_grad)
+    exact = s.dtype == torch.float64
+    rtol, atol = (1e-9, 1e-12) if exact else (2e-5, 2e-5)
+    assert torch.isfinite(loss)
+    torch.testing.assert_close(loss.double(), loss64, rtol=rtol, atol=atol * max(1.0, abs(loss64.item())))
+    gatol = (1e-12 if exact else 2e-6) * grad_scale * slack
+    torch.testing.assert_close(gs.double(), gs64, rtol=0, atol=gatol)
+    if teacher_grad:
+        # the teacher gradient carries (t - s) / T, which is large for large logits
+        tatol = (1e-12 if exact else 2e-6) * max(grad_scale, gt64.abs().max().item()) * slack
+        torch.testing.assert_close(gt.double(), gt64, rtol=0, atol=tatol)
+
+
+# --- KD ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("B,C", LOGIT_SHAPES)
+def test_kd_matches_float64_reference(backend, B, C):
+    s, t, _ = _logits(B, C)
+    _assert_matches_float64(K.kd_loss, reference.kd_loss, s, t, 4.0, grad_scale=4.0 / B)
+
+
+@pytest.mark.parametrize("B,C", [(7, 10), (64, 1000), (1, 32000)])
+def test_kd_float64_and_teacher_grad(backend, B, C):
+    s, t, _ = _logits(B, C, torch.float64)
+    _assert_matches_float64(K.kd_loss, reference.kd_loss, s, t, 2.0, grad_scale=2.0 / B, teacher_grad=True)
+
+
+@pytest.mark.parametrize("B,C", [(7, 10), (64, 1000), (7, 32000)])
+def test_kd_large_magnitude_logits(backend, B, C):
+    """Logits of ±1e4 overflow a naive softmax; the loss must stay finite and exact."""
+    s, t, _ = _logits(B, C)
+    s, t = (s / 3).clamp(-1, 1) * 1e4, (t / 3).clamp(-1, 1) * 1e4
+    _assert_matches_float64(K.kd_loss, reference.kd_loss, s, t, 4.0, grad_scale=4.0 / B, teacher_grad=True)
+
+
+def test_kd_big_batch_many_classes(backend):
+    """B = 1024, C = 32000 in float32, against a float64 reference on a slice of rows."""
+    s, t, _ = _logits(1024, 32000)
+    loss, gs, _ = _loss_and_grads(K.kd_loss, s, t, 4.0)
+    rows = slice(0, 64)
+    loss64, gs64, _ = _loss_and_grads(reference.kd_loss, s[rows].double(), t[rows].double(), 4.0)
+    # the loss is a batch mean and the gradient carries 1/B: rescale the slice's to 1024 rows
+    full64 = reference.kd_loss(s.double(), t.double(), 4.0)
+    torch.testing.assert_close(loss.double(), full64, rtol=2e-5, atol=0)
+    torch.testing.assert_close(gs[rows].double() * 1024 / 64, gs64, rtol=0, atol=2e-6 * 4.0 / 64)
+
+
+# --- DKD -----------------------------------------------------------------------------------
+
+
+def mdistiller_dkd_loss(logits_student, logits_teacher, target, alpha, beta, temperature):
+    """mdistiller's dkd_loss (Zhao et al. 2022, megvii-research/mdistiller, mdistiller/
+    distillers/DKD.py), written out eagerly with its helper functions inlined."""
+    gt_mask = torch.zeros_like(logits_student).scatter_(1, target.unsqueeze(1), 1).bool()
+    other_mask = torch.ones_like(logits_student).scatter_(1, target.unsqueeze(1), 0).bool()
+    pred_student = F.softmax(logits_student / temperature, dim=1)
+    pred_teacher = F.softmax(logits_teacher / temperature, dim=1)
+
+    def cat_mask(t, mask1, mask2):
+        t1 = (t * mask1).sum(dim=1, keepdims=True)
+        t2 = (t * mask2).sum(1, keepdims=True)
+        return torch.cat([t1, t2], dim=1)
+
+    pred_student = cat_mask(pred_student, gt_mask, other_mask)
+    pred_teacher = cat_mask(pred_teacher, gt_mask, other_mask)
+    log_pred_student = torch.log(pred_student)
+    tckd_loss = (
+        F.kl_div(log_pred_student, pred_teacher, reduction="sum") * (temperature**2) / target.shape[0]
+    )
+    pred_teacher_part2 = F.softmax(logits_teacher / temperature - 1000.0 * gt_mask, dim=1)
+    log_pred_student_part2 = F.log_softmax(logits_student / temperature - 1000.0 * gt_mask, dim=1)
+    nckd_loss = (
+        F.kl_div(log_pred_student_part2, pred_teacher_part2, reduction="sum")
+        * (temperature**2)
+        / target.shape[0]
+    )
+    return alpha * tckd_loss + beta * nckd_loss
+
+
+@pytest.mark.parametrize("alpha,beta,T", [(1.0, 8.0, 4.0), (0.5, 2.0, 1.0), (1.0, 0.0, 2.0)])
+def test_dkd_matches_mdistiller(backend, alpha, beta, T):
+    s, t, y = _logits(16, 10, torch.float64, scale=2.0, seed=3)
+    want_s = s.clone().requires_grad_(True)
+    want = mdistiller_dkd_loss(want_s, t, y, alpha, beta, T)
+    want.backward()
+    got_s = s.clone().requires_grad_(True)
+    got = K.dkd_loss(got_s, t, y, alpha, beta, T)
+    got.backward()
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(got_s.grad, want_s.grad, rtol=1e-8, atol=1e-12)
+
+
+def test_dkd_golden_value(backend):
+    s = torch.tensor([[2.0, 1.0, 0.1], [0.5, 2.5, -1.0]], dtype=torch.float64)
+    t = torch.tensor([[3.0, 0.5, 0.2], [0.1, 1.5, 0.3]], dtype=torch.float64)
+    y = torch.tensor([0, 2])
+    want = mdistiller_dkd_loss(s, t, y, 1.0, 8.0, 4.0)
+    torch.testing.assert_close(K.dkd_loss(s, t, y, 1.0, 8.0, 4.0), want, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("B,C", LOGIT_SHAPES)
+def test_dkd_matches_float64_reference(backend, B, C):
+    s, t, y = _logits(B, C)
+    _assert_matches_float64(K.dkd_loss, reference.dkd_loss, s, t, y, 1.0, 8.0, 4.0, grad_scale=9 * 4.0 / B)
+
+
+@pytest.mark.parametrize("B,C", [(7, 10), (64, 1000), (7, 32000), (5, 1), (5, 2)])
+def test_dkd_large_magnitude_and_teacher_grad(backend, B, C):
+    s, t, y = _logits(B, C)
+    s, t = (s / 3).clamp(-1, 1) * 1e4, (t / 3).clamp(-1, 1) * 1e4
+    # The float32 fallback works with log-probabilities of magnitude ~1e3 here, so its
+    # gradients carry ~1e-4 relative rounding error; the native kernel stays at ~1e-6.
+    _assert_matches_float64(
+        K.dkd_loss, reference.dkd_loss, s, t, y, 1.0, 8.0, 4.0, grad_scale=9 * 4.0 / B, teacher_grad=True,
+        slack=1.0 if backend == "native" else 100.0,
+    )
+    s, t, y = _logits(B, C, torch.float64)
+    _assert_matches_float64(
+        K.dkd_loss, reference.dkd_loss, s, t, y, 2.0, 3.0, 1.5, grad_scale=5 * 1.5 / B, teacher_grad=True
+    )
+
+
+# --- gradcheck -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("B,C", [(1, 1), (3, 2), (4, 7)])
+def test_gradcheck_losses(backend, B, C):
+    s, t, y = _logits(B, C, torch.float64, scale=1.0)
+    s.requires_grad_(True)
+    t.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda a, b: K.kd_loss(a, b, 2.0), (s, t))
+    assert torch.autograd.gradcheck(lambda a, b: K.dkd_loss(a, b, y, 1.5, 4.0, 2.0), (s, t))
+
+
+@pytest.mark.parametrize("unbiased", [False, True])
+def test_gradcheck_cka(backend, unbiased):
+    g = torch.Generator().manual_seed(1)
+    xs = [torch.randn(6, 3, 2, generator=g, dtype=torch.float64).requires_grad_(True),
+          torch.randn(6, 4, generator=g, dtype=torch.float64).requires_grad_(True)]
+    ys = [torch.randn(6, 5, generator=g, dtype=torch.float64).requires_grad_(True)]
+    assert torch.autograd.gradcheck(lambda *z: K.cka_matrix(z[:2], z[2:], unbiased), (*xs, *ys))
+    frozen = [y.detach() for y in ys]
+    assert torch.autograd.gradcheck(lambda *z: K.cka_matrix(z, frozen, unbiased), tuple(xs))
+
+
+# --- CKA -------------------------------------------------------------------------------------
+
+
+def independent_cka(x, y, unbiased):
+    """Linear CKA of one pair from the textbook formulas, in float64."""
+    x, y = x.flatten(1).double(), y.flatten(1).double()
+    n = x.shape[0]
+    k, lm = x @ x.T, y @ y.T
+    if not unbiased:
+        h = torch.eye(n, dtype=torch.float64) - 1.0 / n
+
+        def hsic(a, b):
+            return torch.trace(h @ a @ h @ b) / (n - 1) ** 2
+    else:
+
+        def hsic(a, b):  # Song et al. (2012), eq. (5)
+            a = a - torch.diag(torch.diag(a))
+            b = b - torch.diag(torch.diag(b))
+            one = torch.ones(n, dtype=torch.float64)
+            val = torch.trace(a @ b) + (one @ a @ one) * (one @ b @ one) / ((n - 1) * (n - 2))
+            val = val - 2.0 / (n - 2) * (one @ a @ b @ one)
+            return val / (n * (n - 3))
+
+    return hsic(k, lm) / torch.sqrt(hsic(k, k) * hsic(lm, lm))
+
+
+CKA_SHAPES = [  # (n, L_x, L_y, d)
+    (4, 1, 1, 1), (7, 2, 3, 10), (64, 3, 2, 100), (64, 1, 4, 1000), (256, 2, 2, 64), (7, 1, 1, 4096),
+]
+
+
+@pytest.mark.parametrize("n,lx,ly,d", CKA_SHAPES)
+@pytest.mark.parametrize("unbiased", [False, True])
+def test_cka_matches_independent_formula(backend, n, lx, ly, d, unbiased):
+    g = torch.Generator().manual_seed(n + d)
+    xs = [torch.randn(n, d + i, generator=g) for i in range(lx)]
+    # correlated ys so that the CKA values are not all near zero
+    ys = [torch.cat([xs[0][:, : min(d, 3)] * (j + 1), torch.randn(n, d, generator=g)], 1) for j in range(ly)]
+    got = K.cka_matrix(xs, ys, unbiased=unbiased)
+    assert got.shape == (lx, ly) and got.dtype == torch.float32
+    want = torch.stack([torch.stack([independent_cka(x, y, unbiased) for y in ys]) for x in xs])
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=2e-5)
+    got64 = K.cka_matrix([x.double() for x in xs], [y.double() for y in ys], unbiased=unbiased)
+    torch.testing.assert_close(got64, want, rtol=1e-9, atol=1e-11)
+
+
+def test_cka_self_similarity_is_one_and_grads_match(backend):
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(32, 8, 4, generator=g, dtype=torch.float64).requires_grad_(True) for _ in range(3)]
+    for unbiased in (False, True):
+        m = K.cka_matrix(xs, xs, unbiased=unbiased)
+        torch.testing.assert_close(torch.diagonal(m), torch.ones(3, dtype=torch.float64))
+        (m * torch.arange(9.0, dtype=torch.float64).view(3, 3)).sum().backward()
+        got = [x.grad.clone() for x in xs]
+        for x in xs:
+            x.grad = None
+        r = reference.cka_matrix(xs, xs, unbiased=unbiased)
+        (r * torch.arange(9.0, dtype=torch.float64).view(3, 3)).sum().backward()
+        for a, x in zip(got, xs, strict=True):
+            torch.testing.assert_close(a, x.grad, rtol=1e-9, atol=1e-12)
+            x.grad = None
+
+
+# --- dtypes, layouts, bad inputs -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_logits_accumulate_in_float32(backend, dtype):
+    s, t, y = _logits(8, 100, dtype)
+    for fn, args in ((K.kd_loss, (4.0,)), (K.dkd_loss, (y, 1.0, 8.0, 4.0))):
+        loss, gs, _ = _loss_and_grads(fn, s, t, *args)
+        assert loss.dtype == torch.float32 and gs.dtype == dtype
+        want, want_g, _ = _loss_and_grads(fn, s.float(), t.float(), *args)
+        torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(gs.float(), want_g, rtol=2e-2, atol=1e-4)
+    xs = [torch.randn(16, 20).to(dtype)]
+    assert K.cka_matrix(xs, xs).dtype == torch.float32
+
+
+def test_non_contiguous_inputs(backend):
+    s, t, y = _logits(16, 64)
+    wide = torch.zeros(16, 128)
+    wide[:, ::2] = s
+    s_nc, t_nc = wide[:, ::2], t.T.contiguous().T
+    assert not s_nc.is_contiguous() and not t_nc.is_contiguous()
+    for fn, args in ((K.kd_loss, (4.0,)), (K.dkd_loss, (y, 1.0, 8.0, 4.0))):
+        want = _loss_and_grads(fn, s, t, *args)
+        got = _loss_and_grads(fn, s_nc, t_nc, *args)
+        torch.testing.assert_close(got[0], want[0])
+        torch.testing.assert_close(got[1], want[1])
+    x = torch.randn(10, 6, 5)
+    torch.testing.assert_close(K.cka_matrix([x.transpose(1, 2)], [x]), K.cka_matrix([x.transpose(1, 2).contiguous()], [x]))
+
+
+def test_mixed_dtypes_are_promoted(backend):
+    s, t, _ = _logits(4, 10)
+    assert K.kd_loss(s, t.double()).dtype == torch.float64
+    assert K.cka_matrix([s], [t.double()]).dtype == torch.float64
+
+
+def test_bad_inputs_raise_clear_errors(backend):
+    s, t, y = _logits(4, 10)
+    with pytest.raises(KernelInputError, match="same shape"):
+        K.kd_loss(s, t[:, :5])
+    with pytest.raises(KernelInputError, match=r"\[B, C\]"):
+        K.kd_loss(s[0], t[0])
+    with pytest.raises(KernelInputError, match="non-empty"):
+        K.kd_loss(s[:0], t[:0])
+    with pytest.raises(KernelInputError, match="positive"):
+        K.kd_loss(s, t, T=0.0)
+    with pytest.raises(KernelInputError, match="floating"):
+        K.kd_loss(s.long(), t.long())
+    with pytest.raises(KernelInputError, match="target"):
+        K.dkd_loss(s, t, y[:2])
+    with pytest.raises(KernelInputError, match="integer"):
+        K.dkd_loss(s, t, y.float())
+    with pytest.raises((KernelInputError, RuntimeError), match="class"):
+        K.dkd_loss(s, t, torch.tensor([0, 1, 2, 10]))
+    with pytest.raises(KernelInputError, match="at least 4"):
+        K.cka_matrix([s[:3]], [t[:3]], unbiased=True)
+    with pytest.raises(KernelInputError, match="same number of samples"):
+        K.cka_matrix([s], [t[:3]])
+    with pytest.raises(KernelInputError, match="at least one"):
+        K.cka_matrix([], [t])
+
+
+def test_tiny_inputs(backend):
+    """B = 1, C = 1 and n < 4 (biased) give well-defined values, not NaN."""
+    s, t, y = _logits(1, 1)
+    assert K.kd_loss(s, t).item() == pytest.approx(0.0, abs=1e-7)
+    assert K.dkd_loss(s, t, y).item() == pytest.approx(0.0, abs=1e-7)
+    x = torch.randn(3, 5)
+    assert torch.isfinite(K.cka_matrix([x], [x])).all()
+    assert torch.isfinite(K.cka_matrix([x[:1]], [x[:1]])).all()
+
+
+# --- torch.compile and the fallback ----------------------------------------------------------
+
+
+def _compiled_step(backend_name):
+    y = torch.tensor([1, 0, 3, 2])
+
+    def f(a, b, x):
+        return K.kd_loss(a, b, 4.0) + K.dkd_loss(a, b, y, 1.0, 8.0, 4.0) + K.cka_matrix([x], [a, b]).sum()
+
+    s, t, _ = _logits(4, 6)
+    x = torch.randn(4, 3, 2)
+    cf = torch.compile(f, fullgraph=True, backend=backend_name)
+    ins = [s.clone().requires_grad_(True), t, x.clone().requires_grad_(True)]
+    out = cf(*ins)
+    out.backward()
+    ref_ins = [s.clone().requires_grad_(True), t, x.clone().requires_grad_(True)]
+    want = f(*ref_ins)
+    want.backward()
+    torch.testing.assert_close(out, want)
+    torch.testing.assert_close(ins[0].grad, ref_ins[0].grad)
+    torch.testing.assert_close(ins[2].grad, ref_ins[2].grad)
+
+
+def test_torch_compile_fullgraph_aot(backend):
+    """fake kernels + autograd registrations trace without graph breaks (AOTAutograd)."""
+    torch._dynamo.reset()
+    _compiled_step("aot_eager")
+
+
+@pytest.mark.slow
+def test_torch_compile_fullgraph_inductor(backend):
+    torch._dynamo.reset()
+    _compiled_step("inductor")
+
+
+def test_import_without_extension_falls_back():
+    code = (
+        "import sys; sys.modules['kdbench._C'] = None\n"
+        "import torch, kdbench.kernels as K\n"
+        "assert K.backend() == 'reference', K.backend()\n"
+        "s = torch.randn(3, 5, requires_grad=True)\n"
+        "K.kd_loss(s, torch.randn(3, 5)).backward()\n"
+        "assert s.grad is not None\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
