@@ -20,7 +20,9 @@ from setuptools import setup
 
 ROOT = Path(__file__).resolve().parent
 CSRC = "csrc"
-CPU_SOURCES = ["ops.cpp", "kd_cpu.cpp", "kd_cpu_default.cpp", "kd_cpu_avx2.cpp", "cka.cpp"]
+CPU_SOURCES = [
+    "ops.cpp", "kd_cpu.cpp", "kd_cpu_default.cpp", "kd_cpu_avx2.cpp", "kd_cpu_avx512.cpp", "cka.cpp",
+]
 CUDA_SOURCES = ["kd_cuda.cu"]
 # Targets when no GPU is visible: Ampere and Hopper, as PTX-embedding cubins (kept short so
 # a clean build stays quick; set TORCH_CUDA_ARCH_LIST to override).

@@ -4,6 +4,13 @@
 #include <c10/util/Exception.h>
 
 #include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <string>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #include "kd_cpu.h"
 #include "kd_ops.h"
@@ -36,15 +43,59 @@ at::ScalarType loss_dtype(at::ScalarType logits) {
   return logits == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+at::Tensor empty_like_huge_pages(const at::Tensor& like) {
+  at::Tensor out = at::empty(like.sizes(), like.options());
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  // Large gradient buffers are written once, right after allocation; backing them with
+  // transparent huge pages (where the kernel allows it on request) cuts the page-fault
+  // cost of that first touch several-fold. Best effort: failure changes nothing.
+  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
+  if (out.nbytes() >= 2 * kHuge) {
+    const auto begin = reinterpret_cast<uintptr_t>(out.data_ptr());
+    const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1);
+    const uintptr_t last = (begin + out.nbytes()) & ~(kHuge - 1);
+    if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+  }
+#endif
+  return out;
+}
+
+at::Tensor scale_grad_cpu(const at::Tensor& grad, const at::Tensor& g) {
+  at::Tensor out = empty_like_huge_pages(grad);
+  at::mul_out(out, grad, g.to(grad.scalar_type()));
+  return out;
+}
+
 namespace {
 
-bool use_avx2() {
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return ok;
-#else
-  return false;
+enum class Isa { kDefault, kAvx2, kAvx512 };
+
+// The widest row-kernel build this CPU runs (KDBENCH_CPU_ISA=default|avx2 caps it).
+Isa cpu_isa() {
+  static const Isa isa = [] {
+#if defined(__GNUC__) && defined(__x86_64__)
+    const char* cap = std::getenv("KDBENCH_CPU_ISA");
+    const std::string limit = cap != nullptr ? cap : "";
+    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") &&
+                        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+                        __builtin_cpu_supports("avx512dq");
+    if (limit == "default") return Isa::kDefault;
+    if (avx512 && limit != "avx2") return Isa::kAvx512;
+    if (avx2) return Isa::kAvx2;
 #endif
+    return Isa::kDefault;
+  }();
+  return isa;
+}
+
+template <typename F>
+F pick(F f_default, F f_avx2, F f_avx512) {
+  switch (cpu_isa()) {
+    case Isa::kAvx512: return f_avx512;
+    case Isa::kAvx2: return f_avx2;
+    default: return f_default;
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_fwd_cpu(const at::Tensor& s_in,
@@ -57,17 +108,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_fwd_cpu(const at::Tensor& s_
   const at::Tensor s = s_in.to(acc).contiguous();
   const at::Tensor t = t_in.to(acc).contiguous();
   const int64_t B = s.size(0), C = s.size(1);
-  at::Tensor gs = at::empty_like(s);
-  at::Tensor gt = teacher_grad ? at::empty_like(t) : at::empty({0}, s.options());
+  at::Tensor gs = empty_like_huge_pages(s);
+  at::Tensor gt = teacher_grad ? empty_like_huge_pages(t) : at::empty({0}, s.options());
   at::Tensor row_loss = at::empty({B}, s.options().dtype(at::kDouble));
-  const bool avx2 = use_avx2();
   if (acc == at::kFloat) {
-    auto fn = avx2 ? cpu_avx2::loss_rows_float : cpu_default::loss_rows_float;
+    auto fn = pick(&cpu_default::loss_rows_float, &cpu_avx2::loss_rows_float,
+                   &cpu_avx512::loss_rows_float);
     fn(s.data_ptr<float>(), t.data_ptr<float>(), target, gs.data_ptr<float>(),
        teacher_grad ? gt.data_ptr<float>() : nullptr, row_loss.data_ptr<double>(), B, C, T,
        alpha, beta);
   } else {
-    auto fn = avx2 ? cpu_avx2::loss_rows_double : cpu_default::loss_rows_double;
+    auto fn = pick(&cpu_default::loss_rows_double, &cpu_avx2::loss_rows_double,
+                   &cpu_avx512::loss_rows_double);
     fn(s.data_ptr<double>(), t.data_ptr<double>(), target, gs.data_ptr<double>(),
        teacher_grad ? gt.data_ptr<double>() : nullptr, row_loss.data_ptr<double>(), B, C, T,
        alpha, beta);

@@ -17,6 +17,7 @@ namespace kdbench {
 
 KDBENCH_DECLARE_CPU_ROWS(cpu_default)
 KDBENCH_DECLARE_CPU_ROWS(cpu_avx2)
+KDBENCH_DECLARE_CPU_ROWS(cpu_avx512)
 
 #undef KDBENCH_DECLARE_CPU_ROWS
 

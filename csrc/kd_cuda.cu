@@ -255,6 +255,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dkd_loss_fwd_cuda(
 TORCH_LIBRARY_IMPL(kdbench, CUDA, m) {
   m.impl("kd_loss_fwd", &kdbench::kd_loss_fwd_cuda);
   m.impl("dkd_loss_fwd", &kdbench::dkd_loss_fwd_cuda);
+  m.impl("scale_grad", [](const at::Tensor& grad, const at::Tensor& g) {
+    return grad * g.to(grad.scalar_type());
+  });
   m.impl("cka_matrix_fwd", &kdbench::cka_matrix_fwd);
   m.impl("cka_matrix_bwd", &kdbench::cka_matrix_bwd);
 }

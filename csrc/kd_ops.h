@@ -14,6 +14,12 @@ void check_target(const at::Tensor& target, const at::Tensor& s);
 // The dtype the losses accumulate and return in (float for float16 / bfloat16).
 at::ScalarType loss_dtype(at::ScalarType logits);
 
+// An uninitialised contiguous tensor shaped like `like`, on huge pages where possible.
+at::Tensor empty_like_huge_pages(const at::Tensor& like);
+
+// grad * g for a stored gradient and the incoming scalar gradient g (the losses' backward).
+at::Tensor scale_grad_cpu(const at::Tensor& grad, const at::Tensor& g);
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_loss_fwd_cpu(const at::Tensor& s,
                                                                const at::Tensor& t, double T,
                                                                bool teacher_grad);

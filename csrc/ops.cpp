@@ -10,6 +10,7 @@ TORCH_LIBRARY(kdbench, m) {
   m.def(
       "dkd_loss_fwd(Tensor s, Tensor t, Tensor target, float alpha, float beta, float T, "
       "bool teacher_grad) -> (Tensor, Tensor, Tensor)");
+  m.def("scale_grad(Tensor grad, Tensor g) -> Tensor");
   m.def(
       "cka_matrix_fwd(Tensor[] xs, Tensor[] ys, bool unbiased) -> "
       "(Tensor, Tensor, Tensor, Tensor, Tensor)");
@@ -21,6 +22,7 @@ TORCH_LIBRARY(kdbench, m) {
 TORCH_LIBRARY_IMPL(kdbench, CPU, m) {
   m.impl("kd_loss_fwd", &kdbench::kd_loss_fwd_cpu);
   m.impl("dkd_loss_fwd", &kdbench::dkd_loss_fwd_cpu);
+  m.impl("scale_grad", &kdbench::scale_grad_cpu);
   m.impl("cka_matrix_fwd", &kdbench::cka_matrix_fwd);
   m.impl("cka_matrix_bwd", &kdbench::cka_matrix_bwd);
 }

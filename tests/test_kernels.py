@@ -384,3 +384,21 @@ def test_import_without_extension_falls_back():
         "assert s.grad is not None\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_backward_scaling_and_retained_graph(backend):
+    """The stored gradient is scaled by the incoming gradient and survives retain_graph."""
+    s, t, y = _logits(8, 50)
+    want = _loss_and_grads(lambda a, b: 2.5 * reference.kd_loss(a, b, 4.0), s, t)[1]
+    got = _loss_and_grads(lambda a, b: 2.5 * K.kd_loss(a, b, 4.0), s, t)[1]
+    torch.testing.assert_close(got, want)
+    x = s.clone().requires_grad_(True)
+    loss = K.dkd_loss(x, t, y)
+    loss.backward(retain_graph=True)
+    once = x.grad.clone()
+    loss.backward(retain_graph=True)
+    loss.backward()
+    torch.testing.assert_close(x.grad, 3 * once)
+    (g,) = torch.autograd.grad(K.kd_loss(x, t), x)
+    g.zero_()  # a caller writing into a returned gradient must not corrupt anything else
+    torch.testing.assert_close(torch.autograd.grad(K.kd_loss(x, t), x)[0], want / 2.5)

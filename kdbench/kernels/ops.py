@@ -56,6 +56,10 @@ if AVAILABLE:
         grad_t = s.new_empty(s.shape) if teacher_grad else s.new_empty((0,))
         return s.new_empty((), dtype=_loss_dtype(s.dtype)), s.new_empty(s.shape), grad_t
 
+    @torch.library.register_fake("kdbench::scale_grad")
+    def _scale_grad_fake(grad: Tensor, g: Tensor):
+        return grad.new_empty(grad.shape)
+
     @torch.library.register_fake("kdbench::cka_matrix_fwd")
     def _cka_matrix_fwd_fake(xs: Sequence[Tensor], ys: Sequence[Tensor], unbiased: bool):
         x0, n = xs[0], xs[0].shape[0]
@@ -78,16 +82,36 @@ if AVAILABLE:
     def _loss_setup_context(ctx, inputs, output) -> None:
         _, grad_s, grad_t = output
         ctx.teacher_grad = bool(inputs[-1])
+        # the gradient outputs are not part of the loss: no zero B x C grads for them
+        ctx.mark_non_differentiable(grad_s, grad_t)
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(grad_s, grad_t)
 
     def _scaled(stored: Tensor, g_loss: Tensor) -> Tensor:
-        return stored * g_loss.to(stored.dtype)
+        # loss.backward() sends exactly 1: hand back the stored gradient itself and skip a
+        # B x C pass. This is safe: autograd never writes into an incoming gradient, and
+        # when the graph is retained AccumulateGrad clones it instead of adopting it (the
+        # saved copy is still referenced), so the stored gradient stays intact. Only eager
+        # CPU scalars are inspected; traced (compiled) backward graphs always scale.
+        if (
+            type(g_loss) is torch.Tensor
+            and g_loss.device.type == "cpu"
+            and not torch.compiler.is_compiling()
+            and g_loss.numel() == 1
+            and g_loss.item() == 1.0
+        ):
+            return stored
+        return torch.ops.kdbench.scale_grad(stored, g_loss)
 
     def _kd_backward(ctx, g_loss, _g_grad_s, _g_grad_t):
+        if g_loss is None:
+            return None, None, None, None
         grad_s, grad_t = ctx.saved_tensors
         return _scaled(grad_s, g_loss), (_scaled(grad_t, g_loss) if ctx.teacher_grad else None), None, None
 
     def _dkd_backward(ctx, g_loss, _g_grad_s, _g_grad_t):
+        if g_loss is None:
+            return (None,) * 7
         grad_s, grad_t = ctx.saved_tensors
         grad_t = _scaled(grad_t, g_loss) if ctx.teacher_grad else None
         return _scaled(grad_s, g_loss), grad_t, None, None, None, None, None
@@ -102,6 +126,8 @@ if AVAILABLE:
     def _cka_setup_context(ctx, inputs, output) -> None:
         xs, ys, unbiased = inputs
         cka, kx, ky, nx, ny = output
+        ctx.mark_non_differentiable(kx, ky, nx, ny)
+        ctx.set_materialize_grads(False)
         ctx.n_x = len(xs)
         ctx.unbiased = unbiased
         ctx.need_x = any(x.requires_grad for x in xs)
@@ -110,6 +136,8 @@ if AVAILABLE:
 
     def _cka_backward(ctx, g_cka, _g_kx, _g_ky, _g_nx, _g_ny):
         saved = ctx.saved_tensors
+        if g_cka is None:
+            return [None] * ctx.n_x, [None] * (len(saved) - 5 - ctx.n_x), None
         xs, ys = list(saved[: ctx.n_x]), list(saved[ctx.n_x : -5])
         kx, ky, cka, nx, ny = saved[-5:]
         dxs, dys = torch.ops.kdbench.cka_matrix_bwd(
