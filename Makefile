@@ -1,0 +1,36 @@
+# Two commands do all set-up (see README.md):
+#   make demo   install into .venv and run the quickstart sweep
+#   make test   install into .venv and run the whole test suite
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# pinned: these install from local disk on the reference machines; other versions download GBs
+TORCH  ?= torch==2.14.1 torchvision==0.29.1
+
+.PHONY: install demo test bench lint clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml setup.py $(wildcard csrc/*)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH) setuptools wheel ninja pybind11
+	$(BIN)/python -m pip install -q --no-build-isolation -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(BIN)/kdbench run examples/quickstart.yaml
+
+test: install
+	$(BIN)/python -m pytest -q
+
+bench: install
+	$(BIN)/kdbench bench --quick
+
+lint: install
+	$(BIN)/ruff check kdbench tests benchmarks
+
+clean:
+	rm -rf build *.egg-info kdbench/*.so runs

@@ -1,0 +1,125 @@
+"""The ``kdbench`` command line: run, report, list, bench.
+
+Exit codes: 0 success, 1 some cells failed (the others are recorded), 2 user error
+(bad grid, unknown plugin, missing data), 130 interrupted (run again to resume).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from kdbench import registry
+from kdbench.errors import KdbenchError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="kdbench: knowledge-distillation sweeps, leaderboards and kernels.")
+err = Console(stderr=True)
+out = Console()
+
+
+@app.command()
+def run(
+    grid: Annotated[Path, typer.Argument(help="the grid YAML file")],
+    out_dir: Annotated[Path | None, typer.Option("--out", help="run directory (default: output/name)")] = None,
+    workers: Annotated[int | None, typer.Option("--workers", min=1, help="parallel local workers")] = None,
+) -> None:
+    """Run (or resume) a sweep, then print its leaderboard."""
+    from kdbench.config import load_grid
+    from kdbench.report import report
+    from kdbench.runner import execute, plan
+
+    t0 = time.perf_counter()
+    p = plan(load_grid(grid), out_dir)
+    err.print(f"[bold]{p.grid.config.name}[/bold]: {len(p.cells)} cells, {len(p.teachers)} teacher(s) "
+              f"→ {p.run_dir}")
+    counts = execute(p, workers, err)
+    err.print(f"done {counts['done']}, skipped {counts['skipped']}, failed {counts['failed']} "
+              f"in {time.perf_counter() - t0:.1f} s")
+    out.print(report(p.run_dir), markup=False, highlight=False)
+    if counts["failed"]:
+        raise typer.Exit(1)
+
+
+@app.command("report")
+def report_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="a run directory (holds results.sqlite)")],
+    fmt: Annotated[str, typer.Option("--format", help="github | latex | csv | json")] = "github",
+    metric: Annotated[str, typer.Option(help="leaderboard metric: top1, top5, agreement, ece, nll, wall_s")]
+    = "top1",
+    details: Annotated[bool, typer.Option("--details", help="also every metric per cell (github format)")]
+    = False,
+) -> None:
+    """Print the leaderboard of a run from its results store."""
+    from kdbench.report import report
+
+    out.print(report(run_dir, fmt, metric, details), markup=False, highlight=False, soft_wrap=True)
+
+
+@app.command("list")
+def list_cmd(
+    kind: Annotated[str | None, typer.Argument(help="models | teachers | losses | augmenters | datasets")]
+    = None,
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+) -> None:
+    """List registered plugins and the distribution providing each (nothing is imported)."""
+    kinds = [kind] if kind else registry.kinds()
+    for k in kinds:
+        if k not in registry.GROUPS:
+            raise KdbenchError(f"unknown plugin kind {k!r}{registry.did_you_mean(k, registry.kinds())}; "
+                               f"choose one of: {', '.join(registry.kinds())}")
+    infos = [registry.info(k, n) for k in kinds for n in registry.names(k)]
+    if as_json:
+        out.print_json(json.dumps([i.to_dict() for i in infos]))
+        return
+    table = Table("kind", "name", "provided by", "object")
+    for i in infos:
+        table.add_row(i.kind, i.name, f"{i.dist} {i.version}", i.value)
+    out.print(table)
+
+
+@app.command()
+def bench(
+    quick: Annotated[bool, typer.Option("--quick", help="small sizes, few repeats")] = False,
+    json_path: Annotated[Path | None, typer.Option("--json", help="also write the results as JSON")] = None,
+) -> None:
+    """Micro-benchmark the fused kernels against eager and compiled PyTorch."""
+    from kdbench.bench import bench_command
+
+    bench_command(quick=quick, json=json_path)
+
+
+def main() -> None:
+    """Entry point: user errors print without a traceback."""
+    try:
+        app(standalone_mode=False)
+    except KdbenchError as e:
+        from rich.markup import escape
+
+        err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        err.print("interrupted; run the same command again to resume")
+        sys.exit(130)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except Exception as e:  # click usage errors
+        import click
+
+        if isinstance(e, click.ClickException):
+            e.show()
+            sys.exit(2)
+        if isinstance(e, click.exceptions.Abort):
+            sys.exit(130)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,394 @@
+"""Reading and validating ``grid.yaml``.
+
+Every problem is collected before anything is reported, and each names the file, the line
+and the key path (``grid.yaml:12: methods[2].dkd.T: expected a number, got 'four'``).
+Plugin parameters are checked against the plugin's own signature.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal, get_type_hints
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+
+from kdbench import registry
+from kdbench.errors import ConfigError, KdbenchError
+
+# --------------------------------------------------------------------------- schema
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TrainConfig(_Strict):
+    """How a model is trained (students: ``train``; teachers: ``teacher_train``)."""
+
+    preset: Literal["repdistiller", "mdistiller", "quick"] | None = None
+    epochs: int = Field(10, ge=0)
+    batch_size: int = Field(64, ge=1)
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(0.05, gt=0)
+    momentum: float = Field(0.9, ge=0)
+    weight_decay: float = Field(5e-4, ge=0)
+    schedule: Literal["step", "cosine", "constant"] = "step"
+    milestones: list[float] = Field(default_factory=lambda: [0.625, 0.75, 0.875])
+    gamma: float = Field(0.1, gt=0)
+    warmup_epochs: int = Field(0, ge=0)
+    augment: Any = "none"
+    views: dict[str, Any] = Field(default_factory=lambda: {"strong": "randaugment"})
+    device: str = "auto"
+    seed: int | Literal["per_cell"] | None = None
+    checkpoint_every: int = Field(1, ge=0)
+
+
+#: protocol presets; fields a grid sets explicitly win over the preset
+PRESETS: dict[str, dict[str, Any]] = {
+    # RepDistiller CIFAR-100: SGD 0.9, lr 0.05, x0.1 at 150/180/210 of 240, wd 5e-4, batch 64
+    "repdistiller": {"epochs": 240, "batch_size": 64, "optimizer": "sgd", "lr": 0.05, "momentum": 0.9,
+                     "weight_decay": 5e-4, "schedule": "step", "milestones": [150, 180, 210],
+                     "gamma": 0.1, "augment": "flip_crop"},
+    # mdistiller CIFAR-100: same schedule and batch size
+    "mdistiller": {"epochs": 240, "batch_size": 64, "optimizer": "sgd", "lr": 0.05, "momentum": 0.9,
+                   "weight_decay": 5e-4, "schedule": "step", "milestones": [150, 180, 210],
+                   "gamma": 0.1, "augment": "flip_crop"},
+    "quick": {"epochs": 3, "batch_size": 128, "lr": 0.05, "schedule": "cosine"},
+}
+
+
+class EvalConfig(_Strict):
+    batch_size: int = Field(512, ge=1)
+    ece_bins: int = Field(15, ge=1)
+
+
+class ExecutorConfig(_Strict):
+    kind: str = "local"
+    workers: int = Field(1, ge=1)
+
+
+class PairConfig(_Strict):
+    teacher: Any
+    student: Any
+    #: how the teacher is obtained: a ``kdbench.teachers`` plugin ("recipe" trains it)
+    source: Any = "recipe"
+
+
+class GridConfig(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    output: str = "runs"
+    datasets: list[Any] = Field(min_length=1)
+    pairs: list[PairConfig] = Field(min_length=1)
+    methods: list[Any] = Field(min_length=1)
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    teacher_train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
+
+
+# --------------------------------------------------------------------------- YAML with lines
+
+
+class _Located(yaml.SafeLoader):
+    """A SafeLoader that keeps the node tree so key paths map back to lines."""
+
+
+def _node_at(root: yaml.Node | None, path: tuple[Any, ...]) -> yaml.Node | None:
+    """The YAML node a key path points at (the key itself for mappings), or its deepest parent."""
+    node, found = root, root
+    for part in path:
+        nxt = None
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                if k.value == str(part):
+                    found, nxt = k, v
+                    break
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            found = nxt = node.value[part]
+        if nxt is None:
+            return found
+        node = nxt
+    return found
+
+
+def _fmt_path(path: tuple[Any, ...]) -> str:
+    out = ""
+    for p in path:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out or "(top level)"
+
+
+class Problems:
+    """Collects every problem with its location; raises them all at once."""
+
+    def __init__(self, file: str, root: yaml.Node | None):
+        self.file = file
+        self.root = root
+        self.items: list[str] = []
+
+    def add(self, path: tuple[Any, ...], msg: str) -> None:
+        node = _node_at(self.root, path)
+        line = f":{node.start_mark.line + 1}" if node is not None else ""
+        self.items.append(f"{self.file}{line}: {_fmt_path(path)}: {msg}")
+
+    def raise_if_any(self) -> None:
+        if self.items:
+            n = len(self.items)
+            head = f"{n} problem{'s' if n > 1 else ''} in {self.file}:"
+            raise ConfigError(head + "\n  " + "\n  ".join(self.items), self.items)
+
+
+def _pydantic_msg(err: dict) -> str:
+    t = err["type"]
+    if t == "extra_forbidden":
+        return "unknown key"
+    if t == "missing":
+        return "required key is missing"
+    got = err.get("input")
+    return f"{err['msg'].lower()}, got {got!r}" if not isinstance(got, dict | list) else err["msg"].lower()
+
+
+# --------------------------------------------------------------------------- plugin references
+
+
+class PluginRef(BaseModel):
+    """A resolved ``name`` or ``{name: {params}}`` reference to a plugin."""
+
+    kind: str
+    name: str
+    params: dict[str, Any] = Field(default_factory=dict)
+    #: the parameter names the grid set explicitly (the rest are the plugin's defaults)
+    given: list[str] = Field(default_factory=list)
+
+    def key(self) -> dict[str, Any]:
+        return {"name": self.name, "params": self.params}
+
+
+def parse_ref(raw: Any, kind: str, path: tuple, problems: Problems) -> PluginRef | None:
+    """``"kd"``, ``{"dkd": {"beta": 6}}``, or for models ``"torchvision:resnet18"`` / ``"hf:/dir"``."""
+    if isinstance(raw, str):
+        name, params = raw, {}
+    elif isinstance(raw, dict) and len(raw) == 1:
+        name, params = next(iter(raw.items()))
+        params = params if params is not None else {}
+        if not isinstance(params, dict):
+            problems.add(path + (name,), f"expected a mapping of parameters, got {params!r}")
+            return None
+        path = path + (name,)
+    else:
+        problems.add(path, f"expected a {kind[:-1]} name or {{name: {{params}}}}, got {raw!r}")
+        return None
+    if kind == "models" and ":" in str(name):
+        source, _, arg = str(name).partition(":")
+        argname = {"torchvision": "name", "timm": "name", "hf": "path"}.get(source, "name")
+        name, params = source, {argname: arg, **params}
+    try:
+        registry.info(kind, str(name))
+    except KdbenchError as e:
+        problems.add(path, str(e))
+        return None
+    return PluginRef(kind=kind, name=str(name), params=dict(params), given=sorted(params))
+
+
+#: arguments the engine supplies itself; a grid may not set them
+_ENGINE_ARGS = {"self", "ctx", "num_classes", "in_channels"}
+
+
+def signature_model(obj: Callable, skip: set[str] = _ENGINE_ARGS) -> type[BaseModel] | None:
+    """A pydantic model of a plugin's keyword parameters (None if it takes ``**kwargs``)."""
+    target = obj.__init__ if inspect.isclass(obj) else obj
+    sig = inspect.signature(target)
+    try:
+        hints = get_type_hints(target)
+    except Exception:
+        hints = {}
+    fields: dict[str, Any] = {}
+    for p in sig.parameters.values():
+        if p.name in skip or p.kind in (p.VAR_POSITIONAL,):
+            continue
+        if p.kind is p.VAR_KEYWORD:
+            return None
+        ann = hints.get(p.name, Any)
+        fields[p.name] = (ann, ... if p.default is p.empty else p.default)
+    return create_model(f"{getattr(obj, '__name__', 'plugin')}Params",
+                        __config__=ConfigDict(extra="forbid", arbitrary_types_allowed=True), **fields)
+
+
+def validate_params(ref: PluginRef, path: tuple, problems: Problems, reserved: tuple[str, ...] = ()) -> None:
+    """Check ``ref.params`` against the plugin's signature; fill in defaults."""
+    try:
+        obj = registry.load(ref.kind, ref.name)
+    except KdbenchError as e:
+        problems.add(path, str(e))
+        return
+    params = {k: v for k, v in ref.params.items() if k not in reserved}
+    model = signature_model(obj)
+    if model is None:
+        return
+    try:
+        validated = model.model_validate(params)
+    except ValidationError as e:
+        for err in e.errors():
+            problems.add(path + tuple(err["loc"]), _pydantic_msg(err))
+        return
+    resolved = validated.model_dump(mode="json")
+    ref.params = {**resolved, **{k: ref.params[k] for k in reserved if k in ref.params}}
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_yaml(path: Path) -> tuple[Any, yaml.Node | None]:
+    """Parse a YAML file, returning (data, node tree); syntax errors name the line."""
+    if not path.exists():
+        raise ConfigError(f"{path}: file not found")
+    text = path.read_text()
+    try:
+        root = yaml.compose(text, Loader=_Located)
+        data = yaml.load(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: malformed YAML: {getattr(e, 'problem', e)}") from None
+    return data, root
+
+
+def apply_preset(raw: dict | None, path: tuple, problems: Problems) -> dict:
+    raw = dict(raw or {})
+    preset = raw.get("preset")
+    if preset is None:
+        return raw
+    if preset not in PRESETS:
+        problems.add(path + ("preset",), f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+        return raw
+    return {**PRESETS[preset], **raw}
+
+
+class Grid(BaseModel):
+    """A validated grid: the config plus resolved plugin references."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+    file: str
+    config: GridConfig
+    datasets: list[PluginRef]
+    pairs: list[tuple[PluginRef, PluginRef, PluginRef]]  # teacher model, student model, teacher source
+    methods: list[PluginRef]
+    train_augment: PluginRef
+    teacher_augment: PluginRef
+    views: dict[str, PluginRef]
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.config.output) / self.config.name
+
+
+def load_grid(path: str | Path) -> Grid:
+    """Read, validate and resolve a grid file; raise ConfigError listing every problem."""
+    path = Path(path)
+    data, root = load_yaml(path)
+    problems = Problems(str(path), root)
+    if not isinstance(data, dict):
+        problems.add((), "a grid must be a mapping with keys name, datasets, pairs, methods, ...")
+        problems.raise_if_any()
+    data = dict(data)
+    for key in ("train", "teacher_train"):
+        if key in data and not isinstance(data[key], dict):
+            problems.add((key,), f"expected a mapping, got {data[key]!r}")
+            data.pop(key)
+        elif key in data:
+            data[key] = apply_preset(data[key], (key,), problems)
+    try:
+        cfg = GridConfig.model_validate(data)
+    except ValidationError as e:
+        for err in e.errors():
+            problems.add(tuple(err["loc"]), _pydantic_msg(err))
+        cfg = None
+    if cfg is None:
+        # still report plugin problems of the parts that parsed
+        _check_plugins_only(data, problems)
+        problems.raise_if_any()
+    assert cfg is not None
+
+    datasets = _refs(cfg.datasets, "datasets", ("datasets",), problems)
+    methods = _refs(cfg.methods, "losses", ("methods",), problems, reserved=("weights",))
+    pairs = []
+    for i, pair in enumerate(cfg.pairs):
+        t = parse_ref(pair.teacher, "models", ("pairs", i, "teacher"), problems)
+        s = parse_ref(pair.student, "models", ("pairs", i, "student"), problems)
+        src = parse_ref(pair.source, "teachers", ("pairs", i, "source"), problems)
+        for ref, where in ((t, "teacher"), (s, "student"), (src, "source")):
+            if ref is not None:
+                validate_params(ref, ("pairs", i, where), problems, reserved=("taps",))
+        if t and s and src:
+            pairs.append((t, s, src))
+    for m_i, m in enumerate(methods):
+        _check_weights(m, ("methods", m_i, m.name, "weights"), problems)
+    augs = {}
+    for key, tc in (("train", cfg.train), ("teacher_train", cfg.teacher_train)):
+        a = parse_ref(tc.augment, "augmenters", (key, "augment"), problems)
+        if a is not None:
+            validate_params(a, (key, "augment"), problems)
+        augs[key] = a
+    views = {}
+    for view, raw in cfg.train.views.items():
+        v = parse_ref(raw, "augmenters", ("train", "views", view), problems)
+        if v is not None:
+            validate_params(v, ("train", "views", view), problems)
+            views[view] = v
+    if cfg.executor.kind != "local":
+        problems.add(("executor", "kind"), f"unknown executor {cfg.executor.kind!r}; available: local")
+    if len(set(cfg.seeds)) != len(cfg.seeds):
+        problems.add(("seeds",), "seeds repeat; list each seed once")
+    problems.raise_if_any()
+    return Grid(file=str(path), config=cfg, datasets=datasets, pairs=pairs, methods=methods,
+                train_augment=augs["train"], teacher_augment=augs["teacher_train"], views=views)
+
+
+def _check_weights(m: PluginRef, path: tuple, problems: Problems) -> None:
+    """``weights`` maps the method's loss terms (and "ce") to numbers."""
+    w = m.params.get("weights")
+    if w is None:
+        return
+    if not (isinstance(w, dict) and all(isinstance(v, int | float) for v in w.values())):
+        problems.add(path, f"expected a mapping of term -> number, got {w!r}")
+        return
+    known = {"ce", *getattr(registry.load("losses", m.name), "default_weights", {})}
+    for term in w:
+        if term not in known:
+            problems.add(path + (term,), f"{m.name} has no loss term {term!r}; its terms: {', '.join(sorted(known))}")
+
+
+def _refs(raws: list[Any], kind: str, path: tuple, problems: Problems,
+          reserved: tuple[str, ...] = ()) -> list[PluginRef]:
+    out = []
+    seen: set[str] = set()
+    for i, raw in enumerate(raws):
+        ref = parse_ref(raw, kind, path + (i,), problems)
+        if ref is None:
+            continue
+        where = path + (i, ref.name) if isinstance(raw, dict) else path + (i,)
+        validate_params(ref, where, problems, reserved=reserved)
+        label = ref.name + (str(sorted(ref.params.items())) if isinstance(raw, dict) else "")
+        if label in seen:
+            problems.add(path + (i,), f"{ref.name!r} is listed twice with the same parameters")
+        seen.add(label)
+        out.append(ref)
+    return out
+
+
+def _check_plugins_only(data: dict, problems: Problems) -> None:
+    for key, kind in (("datasets", "datasets"), ("methods", "losses")):
+        raws = data.get(key)
+        if isinstance(raws, list):
+            _refs(raws, kind, (key,), problems, reserved=("weights",) if kind == "losses" else ())
+    pairs = data.get("pairs")
+    if isinstance(pairs, list):
+        for i, p in enumerate(pairs):
+            if isinstance(p, dict):
+                for where in ("teacher", "student"):
+                    if where in p:
+                        parse_ref(p[where], "models", ("pairs", i, where), problems)

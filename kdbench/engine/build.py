@@ -1,0 +1,58 @@
+"""Building plugins from resolved cell dicts: datasets, models, augmenters, devices."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from torch import nn
+
+from kdbench import registry
+from kdbench.errors import ConfigError
+from kdbench.features import TapSpec, discover_taps
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError as e:
+        raise ConfigError(f"train.device: {e}") from None
+
+
+def build_dataset(ref: dict[str, Any]) -> Any:
+    cls = registry.load("datasets", ref["name"])
+    return cls(**ref.get("params", {}))
+
+
+def _accepts(fn: Any, name: str) -> bool:
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def build_model(ref: dict[str, Any], num_classes: int, in_channels: int) -> tuple[nn.Module, TapSpec]:
+    """A model from its plugin, plus where its features live (``taps`` param or discovered)."""
+    factory = registry.load("models", ref["name"])
+    params = dict(ref.get("params", {}))
+    taps = params.pop("taps", None)
+    if _accepts(factory, "in_channels"):
+        params["in_channels"] = in_channels
+    elif in_channels != 3:
+        raise ConfigError(f"model {ref['name']!r} takes no in_channels and the data has {in_channels} channels")
+    model = factory(num_classes=num_classes, **params)
+    if taps:
+        spec = TapSpec(stages=tuple(taps.get("stages", ())), preact=tuple(taps.get("preact", ())),
+                       classifier=taps.get("classifier", ""))
+    else:
+        spec = discover_taps(model)
+    return model, spec
+
+
+def build_augmenter(ref: dict[str, Any]) -> Any:
+    cls = registry.load("augmenters", ref["name"])
+    return cls(**ref.get("params", {}))

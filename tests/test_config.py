@@ -1,0 +1,113 @@
+"""Grid validation: every problem at once, with file, line and key path; exit 2, nothing written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kdbench.config import load_grid
+from kdbench.errors import ConfigError
+from kdbench.runner import plan
+from tests.conftest import kdbench_cli, write_grid
+
+
+def test_valid_grid_resolves_defaults_and_plugin_params(tiny_grid):
+    grid = load_grid(tiny_grid(methods="[ce, {kd: {T: 2}}]"))
+    kd = grid.methods[1]
+    assert kd.name == "kd" and kd.params["T"] == 2
+    assert grid.methods[0].params == {}
+    assert grid.pairs[0][0].params == {"width": 8}
+
+
+def test_malformed_yaml_names_file_and_line(tmp_path: Path):
+    f = write_grid(tmp_path / "g.yaml", "name: x\ndatasets: [mnist5k\npairs: []\n")
+    with pytest.raises(ConfigError) as e:
+        load_grid(f)
+    msg = str(e.value)
+    assert str(f) in msg and "malformed YAML" in msg
+    assert f"{f}:3" in msg or f"{f}:2" in msg
+
+
+def test_all_problems_listed_at_once_with_lines_and_paths(tmp_path: Path):
+    f = write_grid(tmp_path / "g.yaml", """\
+name: bad
+datasets:
+  - mnist5kk
+pairs:
+  - teacher: smallcnn_wide
+    student: smallcnn_thn
+methods:
+  - kd
+  - {dkd: {beta: eight}}
+  - {kd: {temperature: 4}}
+seeds: [0, 1]
+train:
+  epochs: three
+  colour: blue
+""")
+    with pytest.raises(ConfigError) as e:
+        load_grid(f)
+    problems = e.value.problems
+    text = "\n".join(problems)
+    assert f"{f}:13: train.epochs:" in text
+    assert f"{f}:14: train.colour: unknown key" in text
+    # the schema errors are reported even though plugin names are checked too
+    assert "mnist5kk" in text and "did you mean 'mnist5k'" in text
+    assert "smallcnn_thn" in text and "smallcnn_thin" in text
+
+
+def test_plugin_params_checked_against_signature(tmp_path: Path):
+    f = write_grid(tmp_path / "g.yaml", """\
+name: bad
+datasets: [mnist5k]
+pairs:
+  - {teacher: smallcnn_wide, student: smallcnn_thin}
+methods:
+  - {dkd: {beta: eight}}
+  - {kd: {temperature: 4}}
+""")
+    with pytest.raises(ConfigError) as e:
+        load_grid(f)
+    text = "\n".join(e.value.problems)
+    assert len(e.value.problems) == 2
+    assert f"{f}:6: methods[0].dkd.beta:" in text
+    assert f"{f}:7: methods[1].kd.temperature: unknown key" in text
+
+
+def test_unknown_dataset_root_is_a_config_error(tmp_path: Path):
+    f = write_grid(tmp_path / "g.yaml", f"""\
+name: bad
+output: {tmp_path / "runs"}
+datasets:
+  - {{cifar10: {{root: {tmp_path / "nowhere"}}}}}
+pairs:
+  - {{teacher: resnet8, student: resnet8}}
+methods: [ce]
+""")
+    with pytest.raises(ConfigError) as e:
+        plan(load_grid(f))
+    assert f"{f}:4: datasets[0]:" in str(e.value) and "nowhere" in str(e.value)
+
+
+def test_cli_exit_code_2_and_nothing_written(tmp_path: Path):
+    out = tmp_path / "runs"
+    f = write_grid(tmp_path / "g.yaml", f"""\
+name: bad
+output: {out}
+datasets: [mnist5k]
+pairs:
+  - {{teacher: smallcnn_wide, student: smallcnn_thin}}
+methods: [kd, dkdd]
+""")
+    r = kdbench_cli("run", str(f))
+    assert r.returncode == 2, r.stderr
+    assert "dkdd" in r.stderr and "did you mean 'dkd'" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert not out.exists()
+
+
+def test_cli_missing_file_exit_2(tmp_path: Path):
+    r = kdbench_cli("run", str(tmp_path / "absent.yaml"))
+    assert r.returncode == 2
+    assert "file not found" in r.stderr

@@ -1,0 +1,138 @@
+"""End to end on real offline data (sklearn digits): run, resume, SIGKILL, determinism, report."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from kdbench.config import load_grid
+from kdbench.engine.cell import run_cell
+from kdbench.runner import plan
+from tests.conftest import kdbench_cli
+
+pytestmark = pytest.mark.slow
+
+
+def rows(run_dir: Path) -> list[tuple]:
+    db = sqlite3.connect(run_dir / "results.sqlite")
+    try:
+        return db.execute("SELECT id, status, attempts FROM cells ORDER BY id").fetchall()
+    finally:
+        db.close()
+
+
+def test_run_then_rerun_skips_everything(tiny_grid, tmp_path):
+    grid = tiny_grid(methods="[ce, kd, {dkd: {warmup: 1}}, fitnet]", seeds="[0, 1]")
+    r = kdbench_cli("run", str(grid))
+    assert r.returncode == 0, r.stderr
+    run_dir = tmp_path / "runs" / "tiny"
+    got = rows(run_dir)
+    assert len(got) == 8 and all(s == "done" for _, s, _ in got)
+    # the leaderboard: reference rows first, every method, mean ± std over 2 seeds
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("|")]
+    names = [ln.split("|")[1].strip() for ln in lines[2:]]
+    assert names == ["teacher", "ce", "kd", "dkd(warmup=1)", "fitnet"]
+    assert all("(2)" in ln for ln in lines[3:])  # students: 2 seeds each
+    assert "**" in r.stdout  # best per column marked
+    # one teacher, trained once, shared by every distilling cell
+    assert len(list((run_dir / "teachers").glob("*.pt"))) == 1
+    cell_dir = next((run_dir / "cells").iterdir())
+    for name in ("config.json", "result.json", "log.txt", "metrics.jsonl", "student.pt"):
+        assert (cell_dir / name).exists(), name
+    mtimes = {p: p.stat().st_mtime for p in run_dir.glob("cells/*/result.json")}
+    r2 = kdbench_cli("run", str(grid))
+    assert r2.returncode == 0
+    assert "8 of 8 cells already done" in r2.stderr
+    assert {p: p.stat().st_mtime for p in run_dir.glob("cells/*/result.json")} == mtimes
+    assert rows(run_dir) == got
+
+
+def test_same_cell_same_numbers(tiny_grid, tmp_path):
+    p = plan(load_grid(tiny_grid(methods="[kd]")))
+    cell = p.cells[0]
+    a = run_cell(cell, tmp_path / "a")
+    b = run_cell(cell, tmp_path / "b")
+    assert a["status"] == b["status"] == "done", a.get("error")
+    for k in ("top1", "nll", "ece", "agreement"):
+        assert a["metrics"][k] == b["metrics"][k], k
+
+
+def test_sigkill_mid_sweep_then_resume_records_each_cell_once(tiny_grid, tmp_path):
+    grid = tiny_grid(methods="[ce, kd, fitnet]", seeds="[0, 1]", epochs=3)
+    run_dir = tmp_path / "runs" / "tiny"
+    env = {**os.environ, "COLUMNS": "200"}
+    proc = subprocess.Popen([sys.executable, "-m", "kdbench.cli", "run", str(grid)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # kill it once at least one cell is done and another is part-way (an epoch checkpoint exists)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        done = list(run_dir.glob("cells/*/result.json"))
+        partial = list(run_dir.glob("cells/*/checkpoint.pt"))
+        if done and partial:
+            break
+        if proc.poll() is not None:
+            pytest.fail("the sweep finished before it could be killed")
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    n_done_before = len(list(run_dir.glob("cells/*/result.json")))
+    assert 1 <= n_done_before < 6
+    r = kdbench_cli("run", str(grid))
+    assert r.returncode == 0, r.stderr
+    got = rows(run_dir)
+    assert len(got) == 6 and len({i for i, _, _ in got}) == 6
+    assert all(s == "done" for _, s, _ in got)
+    assert not list(run_dir.glob("cells/*/checkpoint.pt"))
+    # the interrupted cell resumed from its checkpoint: its metrics file has each epoch once
+    for m in run_dir.glob("cells/*/metrics.jsonl"):
+        epochs = [json.loads(ln)["epoch"] for ln in m.read_text().splitlines()]
+        assert epochs == sorted(set(epochs)), m
+
+
+def test_resumed_cell_matches_uninterrupted(tiny_grid, tmp_path):
+    """A checkpoint taken mid-training and resumed gives the numbers of an uninterrupted run."""
+    p = plan(load_grid(tiny_grid(methods="[fitnet]", epochs=3)))
+    cell = p.cells[0]
+    full = run_cell(cell, tmp_path / "full")
+    # interrupt after the first epoch by making the progress callback raise
+    calls = {"n": 0}
+
+    def stop_after_one(row):
+        if row["stage"] == "train":
+            calls["n"] += 1
+            if calls["n"] == 1:
+                raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_cell(cell, tmp_path / "cut", stop_after_one)
+    assert (tmp_path / "cut" / "cells" / cell["id"] / "checkpoint.pt").exists()
+    resumed = run_cell(cell, tmp_path / "cut")
+    assert resumed["status"] == "done", resumed.get("error")
+    for k in ("top1", "nll", "agreement"):
+        assert resumed["metrics"][k] == pytest.approx(full["metrics"][k], abs=1e-9), k
+
+
+def test_report_formats_from_store(tiny_grid, tmp_path):
+    grid = tiny_grid(methods="[ce, kd]", seeds="[0, 1]")
+    assert kdbench_cli("run", str(grid)).returncode == 0
+    run_dir = tmp_path / "runs" / "tiny"
+    latex = kdbench_cli("report", str(run_dir), "--format", "latex").stdout
+    assert "\\toprule" in latex and "\\bottomrule" in latex and "\\textbf{" in latex
+    assert "$\\pm$" in latex
+    data = json.loads(kdbench_cli("report", str(run_dir), "--format", "json").stdout)
+    kd = next(r for r in data if r["method"] == "kd")
+    assert kd["metrics"]["top1"]["n"] == 2
+    for m in ("top1", "top5", "agreement", "ece", "wall_s"):
+        assert m in kd["metrics"], m
+    csv_text = kdbench_cli("report", str(run_dir), "--format", "csv").stdout
+    assert csv_text.splitlines()[0] == "method,column,metric,mean,std,n,best"
+    bad = kdbench_cli("report", str(run_dir), "--format", "xml")
+    assert bad.returncode == 2
