@@ -21,7 +21,12 @@ from setuptools import setup
 ROOT = Path(__file__).resolve().parent
 CSRC = "csrc"
 CPU_SOURCES = [
-    "ops.cpp", "kd_cpu.cpp", "kd_cpu_default.cpp", "kd_cpu_avx2.cpp", "kd_cpu_avx512.cpp", "cka.cpp",
+    "ops.cpp",
+    "kd_cpu.cpp",
+    "kd_cpu_default.cpp",
+    "kd_cpu_avx2.cpp",
+    "kd_cpu_avx512.cpp",
+    "cka.cpp",
 ]
 CUDA_SOURCES = ["kd_cuda.cu"]
 # Targets when no GPU is visible: Ampere and Hopper, as PTX-embedding cubins (kept short so
@@ -51,9 +56,11 @@ def _want_cuda() -> bool:
         from torch.utils.cpp_extension import CUDA_HOME
     except Exception:  # noqa: BLE001 - torch without the extension tooling
         return False
-    return torch.version.cuda is not None and CUDA_HOME is not None and (
-        Path(CUDA_HOME) / "bin" / "nvcc"
-    ).exists()
+    return (
+        torch.version.cuda is not None
+        and CUDA_HOME is not None
+        and (Path(CUDA_HOME) / "bin" / "nvcc").exists()
+    )
 
 
 def _extension_kwargs() -> dict:

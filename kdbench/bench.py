@@ -116,8 +116,12 @@ def kd_case(B: int, C: int, with_compiled: bool = True) -> Case:
     }
     if with_compiled:
         steps["compiled"] = _loss_step(_compile(eager_kd), s, t, 4.0)
-    return Case(f"KD fwd+bwd B={B} C={C}", steps, 3 * B * C * s.element_size(),
-                compiled="compiled" if with_compiled else None)
+    return Case(
+        f"KD fwd+bwd B={B} C={C}",
+        steps,
+        3 * B * C * s.element_size(),
+        compiled="compiled" if with_compiled else None,
+    )
 
 
 def dkd_case(B: int, C: int, with_compiled: bool = True) -> Case:
@@ -131,8 +135,13 @@ def dkd_case(B: int, C: int, with_compiled: bool = True) -> Case:
     }
     if with_compiled:
         steps["compiled (mdistiller)"] = _loss_step(_compile(eager_dkd), s, t, y, 1.0, 8.0, 4.0)
-    return Case(f"DKD fwd+bwd B={B} C={C}", steps, 3 * B * C * s.element_size(),
-                baseline="eager (mdistiller)", compiled="compiled (mdistiller)" if with_compiled else None)
+    return Case(
+        f"DKD fwd+bwd B={B} C={C}",
+        steps,
+        3 * B * C * s.element_size(),
+        baseline="eager (mdistiller)",
+        compiled="compiled (mdistiller)" if with_compiled else None,
+    )
 
 
 def cka_case(n: int, L: int, d: int) -> Case:
@@ -155,8 +164,13 @@ def cka_case(n: int, L: int, d: int) -> Case:
     }
     # read xs and ys, read xs again for the backward GEMMs, write d xs
     bytes_moved = (4 * L) * n * d * xs[0].element_size()
-    return Case(f"CKA fwd+bwd n={n} L={L}+{L} d={d}", steps, bytes_moved,
-                baseline="per-pair loop", compiled="Gram-once PyTorch")
+    return Case(
+        f"CKA fwd+bwd n={n} L={L}+{L} d={d}",
+        steps,
+        bytes_moved,
+        baseline="per-pair loop",
+        compiled="Gram-once PyTorch",
+    )
 
 
 # --- timing --------------------------------------------------------------------------------
@@ -253,8 +267,10 @@ def bench_command(quick: bool = False, json: Path | None = None) -> None:  # noq
     from rich.console import Console
 
     console = Console()
-    console.print(f"kdbench bench: backend={K.backend()}, torch threads={torch.get_num_threads()}"
-                  + (" (quick)" if quick else ""))
+    console.print(
+        f"kdbench bench: backend={K.backend()}, torch threads={torch.get_num_threads()}"
+        + (" (quick)" if quick else "")
+    )
     rows = run_bench(quick=quick, json_path=json)
     if rows:
         console.print(f"measured copy bandwidth: {rows[0]['bandwidth_GBps']:.1f} GB/s")

@@ -124,9 +124,7 @@ def mdistiller_dkd_loss(logits_student, logits_teacher, target, alpha, beta, tem
     pred_student = cat_mask(pred_student, gt_mask, other_mask)
     pred_teacher = cat_mask(pred_teacher, gt_mask, other_mask)
     log_pred_student = torch.log(pred_student)
-    tckd_loss = (
-        F.kl_div(log_pred_student, pred_teacher, reduction="sum") * (temperature**2) / target.shape[0]
-    )
+    tckd_loss = F.kl_div(log_pred_student, pred_teacher, reduction="sum") * (temperature**2) / target.shape[0]
     pred_teacher_part2 = F.softmax(logits_teacher / temperature - 1000.0 * gt_mask, dim=1)
     log_pred_student_part2 = F.log_softmax(logits_student / temperature - 1000.0 * gt_mask, dim=1)
     nckd_loss = (
@@ -171,7 +169,16 @@ def test_dkd_large_magnitude_and_teacher_grad(backend, B, C):
     # The float32 fallback works with log-probabilities of magnitude ~1e3 here, so its
     # gradients carry ~1e-4 relative rounding error; the native kernel stays at ~1e-6.
     _assert_matches_float64(
-        K.dkd_loss, reference.dkd_loss, s, t, y, 1.0, 8.0, 4.0, grad_scale=9 * 4.0 / B, teacher_grad=True,
+        K.dkd_loss,
+        reference.dkd_loss,
+        s,
+        t,
+        y,
+        1.0,
+        8.0,
+        4.0,
+        grad_scale=9 * 4.0 / B,
+        teacher_grad=True,
         slack=1.0 if backend == "native" else 100.0,
     )
     s, t, y = _logits(B, C, torch.float64)
@@ -195,8 +202,10 @@ def test_gradcheck_losses(backend, B, C):
 @pytest.mark.parametrize("unbiased", [False, True])
 def test_gradcheck_cka(backend, unbiased):
     g = torch.Generator().manual_seed(1)
-    xs = [torch.randn(6, 3, 2, generator=g, dtype=torch.float64).requires_grad_(True),
-          torch.randn(6, 4, generator=g, dtype=torch.float64).requires_grad_(True)]
+    xs = [
+        torch.randn(6, 3, 2, generator=g, dtype=torch.float64).requires_grad_(True),
+        torch.randn(6, 4, generator=g, dtype=torch.float64).requires_grad_(True),
+    ]
     ys = [torch.randn(6, 5, generator=g, dtype=torch.float64).requires_grad_(True)]
     assert torch.autograd.gradcheck(lambda *z: K.cka_matrix(z[:2], z[2:], unbiased), (*xs, *ys))
     frozen = [y.detach() for y in ys]
@@ -230,7 +239,12 @@ def independent_cka(x, y, unbiased):
 
 
 CKA_SHAPES = [  # (n, L_x, L_y, d)
-    (4, 1, 1, 1), (7, 2, 3, 10), (64, 3, 2, 100), (64, 1, 4, 1000), (256, 2, 2, 64), (7, 1, 1, 4096),
+    (4, 1, 1, 1),
+    (7, 2, 3, 10),
+    (64, 3, 2, 100),
+    (64, 1, 4, 1000),
+    (256, 2, 2, 64),
+    (7, 1, 1, 4096),
 ]
 
 
@@ -294,7 +308,8 @@ def test_non_contiguous_inputs(backend):
         torch.testing.assert_close(got[0], want[0])
         torch.testing.assert_close(got[1], want[1])
     x = torch.randn(10, 6, 5)
-    torch.testing.assert_close(K.cka_matrix([x.transpose(1, 2)], [x]), K.cka_matrix([x.transpose(1, 2).contiguous()], [x]))
+    want_cka = K.cka_matrix([x.transpose(1, 2).contiguous()], [x])
+    torch.testing.assert_close(K.cka_matrix([x.transpose(1, 2)], [x]), want_cka)
 
 
 def test_mixed_dtypes_are_promoted(backend):

@@ -33,7 +33,7 @@ def _forced_reference() -> bool:
 
 
 def backend() -> str:
-    """"native" when the compiled extension is in use, else "reference"."""
+    """ "native" when the compiled extension is in use, else "reference"."""
     return "native" if ops.AVAILABLE and not _forced_reference() else "reference"
 
 

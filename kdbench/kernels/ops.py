@@ -116,12 +116,8 @@ if AVAILABLE:
         grad_t = _scaled(grad_t, g_loss) if ctx.teacher_grad else None
         return _scaled(grad_s, g_loss), grad_t, None, None, None, None, None
 
-    torch.library.register_autograd(
-        "kdbench::kd_loss_fwd", _kd_backward, setup_context=_loss_setup_context
-    )
-    torch.library.register_autograd(
-        "kdbench::dkd_loss_fwd", _dkd_backward, setup_context=_loss_setup_context
-    )
+    torch.library.register_autograd("kdbench::kd_loss_fwd", _kd_backward, setup_context=_loss_setup_context)
+    torch.library.register_autograd("kdbench::dkd_loss_fwd", _dkd_backward, setup_context=_loss_setup_context)
 
     def _cka_setup_context(ctx, inputs, output) -> None:
         xs, ys, unbiased = inputs
@@ -162,9 +158,7 @@ def kd_loss(s: Tensor, t: Tensor, T: float) -> Tensor:
 def dkd_loss(s: Tensor, t: Tensor, target: Tensor, alpha: float, beta: float, T: float) -> Tensor:
     """Native decoupled KD loss; inputs already validated (see kdbench.kernels.dkd_loss)."""
     teacher_grad = t.requires_grad and torch.is_grad_enabled()
-    return torch.ops.kdbench.dkd_loss_fwd(
-        s, t, target, float(alpha), float(beta), float(T), teacher_grad
-    )[0]
+    return torch.ops.kdbench.dkd_loss_fwd(s, t, target, float(alpha), float(beta), float(T), teacher_grad)[0]
 
 
 def cka_matrix(xs: list[Tensor], ys: list[Tensor], unbiased: bool) -> Tensor:
