@@ -26,10 +26,14 @@ def digest(obj: Any, n: int = 16) -> str:
     return hashlib.sha256(canonical(obj).encode()).hexdigest()[:n]
 
 
+def _short(v: Any) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
 def method_label(ref: PluginRef) -> str:
     """Leaderboard row name: the method name, plus the parameters the grid set explicitly."""
-    args = ",".join(f"{k}={ref.params[k]}" for k in ref.given if k != "weights")
-    extra = ",".join(f"w.{k}={v}" for k, v in sorted((ref.params.get("weights") or {}).items()))
+    args = ",".join(f"{k}={_short(ref.params[k])}" for k in ref.given if k != "weights")
+    extra = ",".join(f"w.{k}={_short(v)}" for k, v in sorted((ref.params.get("weights") or {}).items()))
     inner = ",".join(p for p in (args, extra) if p)
     return f"{ref.name}({inner})" if inner else ref.name
 

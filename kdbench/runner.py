@@ -109,7 +109,7 @@ def execute(p: Plan, workers: int | None = None, console: Console | None = None)
             console.print(f"[dim]{counts['skipped']} of {len(p.cells)} cells already done; skipping them[/dim]")
         n_workers = max(1, workers or p.grid.config.executor.workers)
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      console=console, transient=False) as bar:
+                      console=console, transient=False, disable=not console.is_terminal) as bar:
             overall = bar.add_task("cells", total=len(todo))
             attempts = {c["id"]: before[c["id"]]["attempts"] + 1 for c in todo}
             if n_workers == 1 or len(todo) <= 1:
@@ -148,7 +148,10 @@ def _run_inline(todo, run_dir, store, bar, overall, attempts, counts) -> None:
         def on_epoch(row: dict, desc: str = desc) -> None:
             acc = row.get("test_top1")
             extra = f" acc {acc:.2f}" if acc is not None else ""
-            bar.update(overall, description=f"{desc} [{row['stage']} {row['epoch']}/{row['epochs']}{extra}]")
+            line = f"{desc} [{row['stage']} {row['epoch']}/{row['epochs']}{extra}]"
+            if bar.disable:  # not a terminal (CI logs, pipes): one line per epoch
+                bar.console.print(f"  {escape(line)}", highlight=False)
+            bar.update(overall, description=line)
 
         result = run_cell(c, run_dir, on_epoch, attempts[c["id"]])
         _tally(result, store, counts, bar.console)

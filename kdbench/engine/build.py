@@ -53,6 +53,11 @@ def build_model(ref: dict[str, Any], num_classes: int, in_channels: int) -> tupl
     return model, spec
 
 
-def build_augmenter(ref: dict[str, Any]) -> Any:
+def build_augmenter(ref: dict[str, Any], split: Any = None) -> Any:
+    """An augmenter; ``mean``/``std`` it accepts but the grid left unset come from the data."""
     cls = registry.load("augmenters", ref["name"])
-    return cls(**ref.get("params", {}))
+    params = dict(ref.get("params", {}))
+    for stat in ("mean", "std"):
+        if params.get(stat) is None and _accepts(cls, stat) and hasattr(split, stat):
+            params[stat] = list(getattr(split, stat))
+    return cls(**params)

@@ -121,7 +121,7 @@ def _make_teacher(spec: dict, tdir: Path, device: torch.device, data: _Data, pro
         setup = TrainSetup(
             student=m, student_reader=reader, train_cfg=spec["train"],
             train_data=Batches(data.train.data, spec["train"]["batch_size"]), test_data=data.test,
-            device=device, seed=spec["seed"], augment=build_augmenter(spec["augment"]).__call__, workdir=work,
+            device=device, seed=spec["seed"], augment=build_augmenter(spec["augment"], data.train.data).__call__, workdir=work,
             progress=(lambda r: progress({**r, "stage": "teacher"})) if progress else None,
         )
         return train(setup)
@@ -200,10 +200,10 @@ def _run(cell: dict, run_dir: Path, cdir: Path, progress: Progress | None,
     if teacher is not None:
         teacher_reader = FeatureReader(teacher, tspec, distiller.taps.teacher or ("logits",))
 
-    views = {name: build_augmenter(ref).__call__ for name, ref in cell["views"].items()}
+    views = {name: build_augmenter(ref, data.train.data).__call__ for name, ref in cell["views"].items()}
     setup = TrainSetup(
         student=student, student_reader=student_reader, train_cfg=tr, train_data=data.train,
-        test_data=data.test, device=device, seed=cell["seed"], augment=build_augmenter(cell["augment"]).__call__,
+        test_data=data.test, device=device, seed=cell["seed"], augment=build_augmenter(cell["augment"], data.train.data).__call__,
         ece_bins=cell["eval"]["ece_bins"], distiller=distiller, teacher_reader=teacher_reader, views=views,
         weights=cell["method"]["weights"], workdir=cdir, progress=progress,
     )

@@ -166,7 +166,7 @@ def _stage(setup: TrainSetup, epochs: int, params: list[nn.Parameter], loss_fn: 
                           "data_gen": data_gen.get_state(), "aug_gen": aug_gen.get_state(),
                           "torch_rng": torch.get_rng_state()}, ckpt)
         if setup.progress:
-            setup.progress({"stage": tag, "epoch": epoch + 1, "epochs": epochs, **row})
+            setup.progress({**row, "stage": tag, "epoch": epoch + 1, "epochs": epochs})
         state_extra.clear()
 
 
