@@ -14,7 +14,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
-#include <vector>
+#include <memory>
 
 #include "kd_math.h"
 
@@ -170,10 +170,12 @@ void loss_rows(const scalar_t* s, const scalar_t* t, const int64_t* target, scal
   const double scale = T / static_cast<double>(B);
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1));
   at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
-    std::vector<scalar_t> eb(static_cast<size_t>(C));
+    // A plain heap buffer rather than std::vector: inline library code instantiated in this
+    // ISA-specific translation unit could be shared with (and picked for) the portable build.
+    const std::unique_ptr<scalar_t[]> eb(new scalar_t[static_cast<size_t>(C)]);
     for (int64_t b = begin; b < end; ++b) {
       row_loss[b] = loss_row(s + b * C, t + b * C, target ? target + b : nullptr, gs + b * C,
-                             gt ? gt + b * C : nullptr, eb.data(), C, T, alpha, beta, scale);
+                             gt ? gt + b * C : nullptr, eb.get(), C, T, alpha, beta, scale);
     }
   });
 }

@@ -4,8 +4,8 @@
 // One row per warp (small C, several rows per block) or per block (large C). Each thread
 // keeps its ITEMS elements of the row in registers, so the row is read from global memory
 // once, exp is evaluated twice per element, and the gradient is written once; there are
-// no B x C temporaries. Rows longer than TPR * ITEMS use the streaming variant (ITEMS == 0),
-// which re-reads the row and recomputes the exponentials. The per-row formulas are the
+// no B x C temporaries. Rows longer than 16384 (float) / 8192 (double) classes use the
+// streaming variant (ITEMS == 0), which re-reads the row and recomputes the exponentials. The per-row formulas are the
 // ones the CPU kernels use (kd_math.h).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -48,8 +48,13 @@ __device__ double row_reduce(double v, Op op, double* smem) {
   return v;
 }
 
+template <int TPR>
+constexpr int block_threads() {
+  return TPR >= 256 ? TPR : 256;
+}
+
 template <typename scalar_t, int TPR, int ITEMS>
-__global__ void loss_rows_kernel(const scalar_t* __restrict__ s, const scalar_t* __restrict__ t,
+__global__ void __launch_bounds__(block_threads<TPR>()) loss_rows_kernel(const scalar_t* __restrict__ s, const scalar_t* __restrict__ t,
                                  const int64_t* __restrict__ target, scalar_t* __restrict__ gs,
                                  scalar_t* __restrict__ gt, double* __restrict__ row_loss,
                                  int64_t B, int64_t C, double T, double alpha, double beta,
@@ -188,21 +193,23 @@ void launch_rows(const scalar_t* s, const scalar_t* t, const int64_t* target, sc
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// Row-cache sizes keep the cached values within 64 32-bit registers per thread (half as
+// many items for double), so every configuration fits its block size without spilling.
 template <typename scalar_t>
 void loss_rows_cuda(const scalar_t* s, const scalar_t* t, const int64_t* target, scalar_t* gs,
                     scalar_t* gt, double* row_loss, int64_t B, int64_t C, double T,
                     double alpha, double beta) {
+  constexpr int kWide = sizeof(scalar_t) == 4 ? 32 : 16;  // items per thread, large rows
   if (C <= 128) {
     launch_rows<scalar_t, 32, 4>(s, t, target, gs, gt, row_loss, B, C, T, alpha, beta);
-  } else if (C <= 1024) {
-    launch_rows<scalar_t, 32, 32>(s, t, target, gs, gt, row_loss, B, C, T, alpha, beta);
-  } else if (C <= 4096) {
+  } else if (C <= 32 * kWide) {
+    launch_rows<scalar_t, 32, kWide>(s, t, target, gs, gt, row_loss, B, C, T, alpha, beta);
+  } else if (C <= 256 * 16) {
     launch_rows<scalar_t, 256, 16>(s, t, target, gs, gt, row_loss, B, C, T, alpha, beta);
-  } else if (C <= 16384) {
-    launch_rows<scalar_t, 1024, 16>(s, t, target, gs, gt, row_loss, B, C, T, alpha, beta);
-  } else if (C <= 32768) {
-    launch_rows<scalar_t, 1024, 32>(s, t, target, gs, gt, row_loss, B, C, T, alpha, beta);
+  } else if (C <= 512 * kWide) {
+    launch_rows<scalar_t, 512, kWide>(s, t, target, gs, gt, row_loss, B, C, T, alpha, beta);
   } else {
+    // longer rows: re-read the row (from L2) and recompute the exponentials
     launch_rows<scalar_t, 1024, 0>(s, t, target, gs, gt, row_loss, B, C, T, alpha, beta);
   }
 }
