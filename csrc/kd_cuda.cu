@@ -71,8 +71,7 @@ __global__ void __launch_bounds__(block_threads<TPR>()) loss_rows_kernel(const s
   scalar_t* gtr = gt != nullptr ? gt + row * C : nullptr;
   int64_t g = -1;
   if (target != nullptr) {
-    g = target[row];
-    CUDA_KERNEL_ASSERT(g >= 0 && g < C);
+    g = target[row];  // range-checked by the host wrapper
   }
   const scalar_t neg_inf = static_cast<scalar_t>(-INFINITY);
   const scalar_t inv_T = static_cast<scalar_t>(1.0 / T);
@@ -253,6 +252,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dkd_loss_fwd_cuda(
     double beta, double T, bool teacher_grad) {
   check_logits(s, t, T);
   check_target(target, s);
+  // Checked here (one small reduction and a sync) so a bad label is a clear error rather
+  // than a device-side assert that poisons the CUDA context.
+  const int64_t C = s.size(1);
+  TORCH_CHECK(((target >= 0) & (target < C)).all().item<bool>(),
+              "kdbench: target holds a value that is not a class index in [0, ", C, ")");
   return loss_fwd_cuda(s, t, &target, T, alpha, beta, teacher_grad);
 }
 
