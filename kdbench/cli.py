@@ -99,7 +99,8 @@ def bench(
 def main() -> None:
     """Entry point: user errors print without a traceback."""
     try:
-        app(standalone_mode=False)
+        rc = app(standalone_mode=False)  # returns the exit code of typer.Exit instead of raising
+        sys.exit(rc if isinstance(rc, int) else 0)
     except KdbenchError as e:
         from rich.markup import escape
 

@@ -39,6 +39,8 @@ class TrainConfig(_Strict):
     milestones: list[float] = Field(default_factory=lambda: [0.625, 0.75, 0.875])
     gamma: float = Field(0.1, gt=0)
     warmup_epochs: int = Field(0, ge=0)
+    #: learning rate of a method's initialisation stage (AB, FT, FSP); None = ``lr``
+    init_lr: float | None = Field(None, gt=0)
     augment: Any = "none"
     views: dict[str, Any] = Field(default_factory=lambda: {"strong": "randaugment"})
     device: str = "auto"

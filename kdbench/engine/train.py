@@ -122,6 +122,8 @@ def _stage(setup: TrainSetup, epochs: int, params: list[nn.Parameter], loss_fn: 
            start_epoch: int, ckpt: Path | None, state_extra: dict) -> None:
     """Run ``epochs`` epochs of ``loss_fn``; resumable from ``ckpt``."""
     cfg = {**setup.train_cfg, "epochs": epochs}
+    if tag == "init" and cfg.get("init_lr"):
+        cfg["lr"] = cfg["init_lr"]
     opt = make_optimizer(params, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: lr_factor(cfg, e))
     data_gen = torch.Generator().manual_seed(setup.seed * 1000003 + (1 if tag == "init" else 0))
