@@ -282,6 +282,8 @@ class Grid(BaseModel):
     train_augment: PluginRef
     teacher_augment: PluginRef
     views: dict[str, PluginRef]
+    #: the ``train`` keys the grid set itself (presets only fill the others)
+    train_given: list[str] = Field(default_factory=list)
 
     @property
     def run_dir(self) -> Path:
@@ -297,6 +299,7 @@ def load_grid(path: str | Path) -> Grid:
         problems.add((), "a grid must be a mapping with keys name, datasets, pairs, methods, ...")
         problems.raise_if_any()
     data = dict(data)
+    train_given = sorted(data["train"]) if isinstance(data.get("train"), dict) else []
     for key in ("train", "teacher_train"):
         if key in data and not isinstance(data[key], dict):
             problems.add((key,), f"expected a mapping, got {data[key]!r}")
@@ -347,7 +350,8 @@ def load_grid(path: str | Path) -> Grid:
         problems.add(("seeds",), "seeds repeat; list each seed once")
     problems.raise_if_any()
     return Grid(file=str(path), config=cfg, datasets=datasets, pairs=pairs, methods=methods,
-                train_augment=augs["train"], teacher_augment=augs["teacher_train"], views=views)
+                train_augment=augs["train"], teacher_augment=augs["teacher_train"], views=views,
+                train_given=train_given)
 
 
 def _check_weights(m: PluginRef, path: tuple, problems: Problems) -> None:

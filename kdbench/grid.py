@@ -39,11 +39,28 @@ def method_label(ref: PluginRef) -> str:
 
 
 def model_label(ref: PluginRef) -> str:
+    """Column name of a model: the plugin (or source:name) plus the parameters the grid set."""
+    hidden = {"taps"}
+    base = ref.name
     if ref.name in ("torchvision", "timm"):
-        return f"{ref.name}:{ref.params.get('name')}"
-    if ref.name == "hf":
-        return f"hf:{ref.params.get('path')}"
-    return ref.name
+        base, hidden = f"{ref.name}:{ref.params.get('name')}", hidden | {"name"}
+    elif ref.name == "hf":
+        base, hidden = f"hf:{ref.params.get('path')}", hidden | {"path"}
+    args = ",".join(f"{k}={_short(ref.params[k])}" for k in ref.given if k not in hidden)
+    return f"{base}({args})" if args else base
+
+
+#: RepDistiller trains these students with lr 0.01 instead of 0.05
+REPDISTILLER_LOW_LR = {"mobilenetv2", "shufflev1", "shufflev2"}
+
+
+def student_train(grid: Grid, student: PluginRef) -> dict:
+    """The student's training recipe; presets may depend on the student architecture."""
+    train = grid.config.train.model_dump(mode="json", exclude={"seed"})
+    if (grid.config.train.preset == "repdistiller" and "lr" not in grid.train_given
+            and student.name in REPDISTILLER_LOW_LR):
+        train["lr"] = 0.01
+    return train
 
 
 def teacher_spec(grid: Grid, dataset: dict, teacher: PluginRef, source: PluginRef,
@@ -71,7 +88,6 @@ def teacher_spec(grid: Grid, dataset: dict, teacher: PluginRef, source: PluginRe
 def expand(grid: Grid, dataset_fingerprints: list[dict], source_fingerprints: list[dict]) -> list[dict]:
     """All cells of the grid in a stable order (dataset, pair, method, seed)."""
     cells = []
-    train = grid.config.train.model_dump(mode="json", exclude={"seed"})
     evalc = grid.config.eval.model_dump(mode="json")
     for (d_i, ds), (p_i, (t, s, src)), m, seed in itertools.product(
         enumerate(grid.datasets), enumerate(grid.pairs), grid.methods, grid.config.seeds
@@ -92,7 +108,7 @@ def expand(grid: Grid, dataset_fingerprints: list[dict], source_fingerprints: li
             "method": {"name": m.name, "label": method_label(m), "params": params,
                        "weights": m.params.get("weights") or {}},
             "seed": seed,
-            "train": train,
+            "train": student_train(grid, s),
             "augment": grid.train_augment.key(),
             "views": {k: v.key() for k, v in sorted(grid.views.items())},
             "eval": evalc,

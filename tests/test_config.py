@@ -111,3 +111,23 @@ def test_cli_missing_file_exit_2(tmp_path: Path):
     r = kdbench_cli("run", str(tmp_path / "absent.yaml"))
     assert r.returncode == 2
     assert "file not found" in r.stderr
+
+
+def test_repdistiller_preset_and_student_specific_lr(tmp_path: Path):
+    from kdbench.grid import expand
+
+    f = write_grid(tmp_path / "g.yaml", """\
+name: rd
+datasets: [digits]
+pairs:
+  - {teacher: resnet32x4, student: resnet8x4}
+  - {teacher: resnet32x4, student: shufflev2}
+methods: [kd]
+train: {preset: repdistiller, epochs: 2}
+""")
+    grid = load_grid(f)
+    assert grid.config.train.milestones == [150, 180, 210] and grid.config.train.weight_decay == 5e-4
+    assert grid.config.train.epochs == 2  # what the grid sets wins over the preset
+    cells = expand(grid, [{}], [{}, {}])
+    lrs = {c["student"]["name"]: c["train"]["lr"] for c in cells}
+    assert lrs == {"resnet8x4": 0.05, "shufflev2": 0.01}
