@@ -19,8 +19,12 @@ from rich.table import Table
 from kdbench import registry
 from kdbench.errors import KdbenchError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="kdbench: knowledge-distillation sweeps, leaderboards and kernels.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="kdbench: knowledge-distillation sweeps, leaderboards and kernels.",
+)
 err = Console(stderr=True)
 out = Console()
 
@@ -28,7 +32,9 @@ out = Console()
 @app.command()
 def run(
     grid: Annotated[Path, typer.Argument(help="the grid YAML file")],
-    out_dir: Annotated[Path | None, typer.Option("--out", help="run directory (default: output/name)")] = None,
+    out_dir: Annotated[
+        Path | None, typer.Option("--out", help="run directory (default: output/name)")
+    ] = None,
     workers: Annotated[int | None, typer.Option("--workers", min=1, help="parallel local workers")] = None,
 ) -> None:
     """Run (or resume) a sweep, then print its leaderboard."""
@@ -38,11 +44,14 @@ def run(
 
     t0 = time.perf_counter()
     p = plan(load_grid(grid), out_dir)
-    err.print(f"[bold]{p.grid.config.name}[/bold]: {len(p.cells)} cells, {len(p.teachers)} teacher(s) "
-              f"→ {p.run_dir}")
+    err.print(
+        f"[bold]{p.grid.config.name}[/bold]: {len(p.cells)} cells, {len(p.teachers)} teacher(s) → {p.run_dir}"
+    )
     counts = execute(p, workers, err)
-    err.print(f"done {counts['done']}, skipped {counts['skipped']}, failed {counts['failed']} "
-              f"in {time.perf_counter() - t0:.1f} s")
+    err.print(
+        f"done {counts['done']}, skipped {counts['skipped']}, failed {counts['failed']} "
+        f"in {time.perf_counter() - t0:.1f} s"
+    )
     out.print(report(p.run_dir), markup=False, highlight=False)
     if counts["failed"]:
         raise typer.Exit(1)
@@ -52,10 +61,12 @@ def run(
 def report_cmd(
     run_dir: Annotated[Path, typer.Argument(help="a run directory (holds results.sqlite)")],
     fmt: Annotated[str, typer.Option("--format", help="github | latex | csv | json")] = "github",
-    metric: Annotated[str, typer.Option(help="leaderboard metric: top1, top5, agreement, ece, nll, wall_s")]
-    = "top1",
-    details: Annotated[bool, typer.Option("--details", help="also every metric per cell (github format)")]
-    = False,
+    metric: Annotated[
+        str, typer.Option(help="leaderboard metric: top1, top5, agreement, ece, nll, wall_s")
+    ] = "top1",
+    details: Annotated[
+        bool, typer.Option("--details", help="also every metric per cell (github format)")
+    ] = False,
 ) -> None:
     """Print the leaderboard of a run from its results store."""
     from kdbench.report import report
@@ -65,16 +76,19 @@ def report_cmd(
 
 @app.command("list")
 def list_cmd(
-    kind: Annotated[str | None, typer.Argument(help="models | teachers | losses | augmenters | datasets")]
-    = None,
+    kind: Annotated[
+        str | None, typer.Argument(help="models | teachers | losses | augmenters | datasets")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
 ) -> None:
     """List registered plugins and the distribution providing each (nothing is imported)."""
     kinds = [kind] if kind else registry.kinds()
     for k in kinds:
         if k not in registry.GROUPS:
-            raise KdbenchError(f"unknown plugin kind {k!r}{registry.did_you_mean(k, registry.kinds())}; "
-                               f"choose one of: {', '.join(registry.kinds())}")
+            raise KdbenchError(
+                f"unknown plugin kind {k!r}{registry.did_you_mean(k, registry.kinds())}; "
+                f"choose one of: {', '.join(registry.kinds())}"
+            )
     infos = [registry.info(k, n) for k in kinds for n in registry.names(k)]
     if as_json:
         out.print_json(json.dumps([i.to_dict() for i in infos]))

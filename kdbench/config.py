@@ -51,13 +51,31 @@ class TrainConfig(_Strict):
 #: protocol presets; fields a grid sets explicitly win over the preset
 PRESETS: dict[str, dict[str, Any]] = {
     # RepDistiller CIFAR-100: SGD 0.9, lr 0.05, x0.1 at 150/180/210 of 240, wd 5e-4, batch 64
-    "repdistiller": {"epochs": 240, "batch_size": 64, "optimizer": "sgd", "lr": 0.05, "momentum": 0.9,
-                     "weight_decay": 5e-4, "schedule": "step", "milestones": [150, 180, 210],
-                     "gamma": 0.1, "augment": "flip_crop"},
+    "repdistiller": {
+        "epochs": 240,
+        "batch_size": 64,
+        "optimizer": "sgd",
+        "lr": 0.05,
+        "momentum": 0.9,
+        "weight_decay": 5e-4,
+        "schedule": "step",
+        "milestones": [150, 180, 210],
+        "gamma": 0.1,
+        "augment": "flip_crop",
+    },
     # mdistiller CIFAR-100: same schedule and batch size
-    "mdistiller": {"epochs": 240, "batch_size": 64, "optimizer": "sgd", "lr": 0.05, "momentum": 0.9,
-                   "weight_decay": 5e-4, "schedule": "step", "milestones": [150, 180, 210],
-                   "gamma": 0.1, "augment": "flip_crop"},
+    "mdistiller": {
+        "epochs": 240,
+        "batch_size": 64,
+        "optimizer": "sgd",
+        "lr": 0.05,
+        "momentum": 0.9,
+        "weight_decay": 5e-4,
+        "schedule": "step",
+        "milestones": [150, 180, 210],
+        "gamma": 0.1,
+        "augment": "flip_crop",
+    },
     "quick": {"epochs": 3, "batch_size": 128, "lr": 0.05, "schedule": "cosine"},
 }
 
@@ -216,8 +234,11 @@ def signature_model(obj: Callable, skip: set[str] = _ENGINE_ARGS) -> type[BaseMo
             return None
         ann = hints.get(p.name, Any)
         fields[p.name] = (ann, ... if p.default is p.empty else p.default)
-    return create_model(f"{getattr(obj, '__name__', 'plugin')}Params",
-                        __config__=ConfigDict(extra="forbid", arbitrary_types_allowed=True), **fields)
+    return create_model(
+        f"{getattr(obj, '__name__', 'plugin')}Params",
+        __config__=ConfigDict(extra="forbid", arbitrary_types_allowed=True),
+        **fields,
+    )
 
 
 def validate_params(ref: PluginRef, path: tuple, problems: Problems, reserved: tuple[str, ...] = ()) -> None:
@@ -349,9 +370,17 @@ def load_grid(path: str | Path) -> Grid:
     if len(set(cfg.seeds)) != len(cfg.seeds):
         problems.add(("seeds",), "seeds repeat; list each seed once")
     problems.raise_if_any()
-    return Grid(file=str(path), config=cfg, datasets=datasets, pairs=pairs, methods=methods,
-                train_augment=augs["train"], teacher_augment=augs["teacher_train"], views=views,
-                train_given=train_given)
+    return Grid(
+        file=str(path),
+        config=cfg,
+        datasets=datasets,
+        pairs=pairs,
+        methods=methods,
+        train_augment=augs["train"],
+        teacher_augment=augs["teacher_train"],
+        views=views,
+        train_given=train_given,
+    )
 
 
 def _check_weights(m: PluginRef, path: tuple, problems: Problems) -> None:
@@ -365,11 +394,14 @@ def _check_weights(m: PluginRef, path: tuple, problems: Problems) -> None:
     known = {"ce", *getattr(registry.load("losses", m.name), "default_weights", {})}
     for term in w:
         if term not in known:
-            problems.add(path + (term,), f"{m.name} has no loss term {term!r}; its terms: {', '.join(sorted(known))}")
+            problems.add(
+                path + (term,), f"{m.name} has no loss term {term!r}; its terms: {', '.join(sorted(known))}"
+            )
 
 
-def _refs(raws: list[Any], kind: str, path: tuple, problems: Problems,
-          reserved: tuple[str, ...] = ()) -> list[PluginRef]:
+def _refs(
+    raws: list[Any], kind: str, path: tuple, problems: Problems, reserved: tuple[str, ...] = ()
+) -> list[PluginRef]:
     out = []
     seen: set[str] = set()
     for i, raw in enumerate(raws):

@@ -126,7 +126,9 @@ class FeatureReader:
                     self._hook_input(path, i, self._preact)
         if "pooled" in wanted:
             if not spec.classifier:
-                raise ConfigError(f"{type(model).__name__} has no classifier tap to read pooled features from")
+                raise ConfigError(
+                    f"{type(model).__name__} has no classifier tap to read pooled features from"
+                )
             mod = self._module(spec.classifier)
             self._handles.append(mod.register_forward_pre_hook(self._pooled_hook))
 

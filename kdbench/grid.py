@@ -57,14 +57,18 @@ REPDISTILLER_LOW_LR = {"mobilenetv2", "shufflev1", "shufflev2"}
 def student_train(grid: Grid, student: PluginRef) -> dict:
     """The student's training recipe; presets may depend on the student architecture."""
     train = grid.config.train.model_dump(mode="json", exclude={"seed"})
-    if (grid.config.train.preset == "repdistiller" and "lr" not in grid.train_given
-            and student.name in REPDISTILLER_LOW_LR):
+    if (
+        grid.config.train.preset == "repdistiller"
+        and "lr" not in grid.train_given
+        and student.name in REPDISTILLER_LOW_LR
+    ):
         train["lr"] = 0.01
     return train
 
 
-def teacher_spec(grid: Grid, dataset: dict, teacher: PluginRef, source: PluginRef,
-                 source_fingerprint: dict, seed: int) -> dict:
+def teacher_spec(
+    grid: Grid, dataset: dict, teacher: PluginRef, source: PluginRef, source_fingerprint: dict, seed: int
+) -> dict:
     """Everything that determines a trained teacher; its hash is the teacher id."""
     tt = grid.config.teacher_train
     tseed = seed if tt.seed == "per_cell" else (0 if tt.seed is None else tt.seed)
@@ -77,9 +81,14 @@ def teacher_spec(grid: Grid, dataset: dict, teacher: PluginRef, source: PluginRe
         "train": tt.model_dump(mode="json", exclude={"seed"}),
         "augment": grid.teacher_augment.key(),
         "seed": tseed,
-        "plugins": registry.versions([("models", teacher.name), ("teachers", source.name),
-                                      ("datasets", dataset["name"]),
-                                      ("augmenters", grid.teacher_augment.name)]),
+        "plugins": registry.versions(
+            [
+                ("models", teacher.name),
+                ("teachers", source.name),
+                ("datasets", dataset["name"]),
+                ("augmenters", grid.teacher_augment.name),
+            ]
+        ),
     }
     spec["id"] = digest(spec)
     return spec
@@ -105,16 +114,25 @@ def expand(grid: Grid, dataset_fingerprints: list[dict], source_fingerprints: li
             "student": {**s.key(), "label": model_label(s)},
             "teacher": teacher_spec(grid, dataset, t, src, source_fingerprints[p_i], seed),
             "uses_teacher": bool(needs_teacher),
-            "method": {"name": m.name, "label": method_label(m), "params": params,
-                       "weights": m.params.get("weights") or {}},
+            "method": {
+                "name": m.name,
+                "label": method_label(m),
+                "params": params,
+                "weights": m.params.get("weights") or {},
+            },
             "seed": seed,
             "train": student_train(grid, s),
             "augment": grid.train_augment.key(),
             "views": {k: v.key() for k, v in sorted(grid.views.items())},
             "eval": evalc,
             "plugins": registry.versions(
-                [("datasets", ds.name), ("models", s.name), ("models", t.name), ("losses", m.name),
-                 ("augmenters", grid.train_augment.name)]
+                [
+                    ("datasets", ds.name),
+                    ("models", s.name),
+                    ("models", t.name),
+                    ("losses", m.name),
+                    ("augmenters", grid.train_augment.name),
+                ]
                 + [("augmenters", v.name) for v in grid.views.values()]
             ),
         }

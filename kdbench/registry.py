@@ -36,8 +36,13 @@ class PluginInfo:
     version: str
 
     def to_dict(self) -> dict[str, str]:
-        return {"kind": self.kind, "name": self.name, "value": self.value, "dist": self.dist,
-                "version": self.version}
+        return {
+            "kind": self.kind,
+            "name": self.name,
+            "value": self.value,
+            "dist": self.dist,
+            "version": self.version,
+        }
 
 
 def _dist_of(ep: md.EntryPoint) -> tuple[str, str]:

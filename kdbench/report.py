@@ -61,8 +61,11 @@ class Board:
 
     def best(self, column: str, metric: str = "top1") -> str | None:
         higher = METRICS.get(metric, True)
-        cands = [(r, self.stats[r][column][metric].mean) for r in self.rows
-                 if r != TEACHER_ROW and column in self.stats[r] and metric in self.stats[r][column]]
+        cands = [
+            (r, self.stats[r][column][metric].mean)
+            for r in self.rows
+            if r != TEACHER_ROW and column in self.stats[r] and metric in self.stats[r][column]
+        ]
         if not cands:
             return None
         return (max if higher else min)(cands, key=lambda rv: rv[1])[0]
@@ -108,8 +111,11 @@ def build_board(store: Store) -> Board:
                 if t.get("wall_s") is not None:
                     stats[TEACHER_ROW][col]["wall_s"].values.append(float(t["wall_s"]))
     # reference rows first: teacher, then the teacher-free student, then methods in grid order
-    order = ([TEACHER_ROW] if TEACHER_ROW in stats else []) + [r for r in rows if r == "ce"] + \
-        [r for r in rows if r != "ce"]
+    order = (
+        ([TEACHER_ROW] if TEACHER_ROW in stats else [])
+        + [r for r in rows if r == "ce"]
+        + [r for r in rows if r != "ce"]
+    )
     return Board(order, columns, stats, failed, pending)
 
 
@@ -135,8 +141,15 @@ def _table(board: Board, metric: str, bold: str, esc=lambda s: s) -> list[list[s
 
 
 def _latex_escape(s: str) -> str:
-    for a, b in (("\\", r"\textbackslash{}"), ("_", r"\_"), ("%", r"\%"), ("&", r"\&"), ("#", r"\#"),
-                 ("→", r"$\rightarrow$"), ("±", r"$\pm$")):
+    for a, b in (
+        ("\\", r"\textbackslash{}"),
+        ("_", r"\_"),
+        ("%", r"\%"),
+        ("&", r"\&"),
+        ("#", r"\#"),
+        ("→", r"$\rightarrow$"),
+        ("±", r"$\pm$"),
+    ):
         s = s.replace(a, b)
     return s
 
@@ -152,14 +165,27 @@ def render(board: Board, fmt: str = "github", metric: str = "top1") -> str:
         w.writerow(["method", "column", "metric", "mean", "std", "n", "best"])
         for rec in to_records(board):
             for m, s in rec["metrics"].items():
-                w.writerow([rec["method"], rec["column"], m, f"{s['mean']:.6g}", f"{s['std']:.6g}", s["n"],
-                            int(rec["best"] and m == metric)])
+                w.writerow(
+                    [
+                        rec["method"],
+                        rec["column"],
+                        m,
+                        f"{s['mean']:.6g}",
+                        f"{s['std']:.6g}",
+                        s["n"],
+                        int(rec["best"] and m == metric),
+                    ]
+                )
         return buf.getvalue()
     if fmt == "latex":
         rows = _table(board, metric, r"\textbf{{{}}}", _latex_escape)
         head = ["Method"] + [_latex_escape(c) for c in board.columns]
-        lines = [r"\begin{tabular}{l" + "c" * len(board.columns) + "}", r"\toprule",
-                 " & ".join(head) + r" \\", r"\midrule"]
+        lines = [
+            r"\begin{tabular}{l" + "c" * len(board.columns) + "}",
+            r"\toprule",
+            " & ".join(head) + r" \\",
+            r"\midrule",
+        ]
         for i, r in enumerate(rows):
             lines.append(" & ".join(r) + r" \\")
             refs = (TEACHER_ROW, "ce")
@@ -197,8 +223,14 @@ def to_records(board: Board, metric: str = "top1") -> list[dict[str, Any]]:
             st = board.stats.get(r, {}).get(c, {})
             if not st:
                 continue
-            out.append({"method": r, "column": c, "best": r == best,
-                        "metrics": {m: {"mean": s.mean, "std": s.std, "n": s.n} for m, s in st.items() if s.n}})
+            out.append(
+                {
+                    "method": r,
+                    "column": c,
+                    "best": r == best,
+                    "metrics": {m: {"mean": s.mean, "std": s.std, "n": s.n} for m, s in st.items() if s.n},
+                }
+            )
     return out
 
 

@@ -106,10 +106,19 @@ def execute(p: Plan, workers: int | None = None, console: Console | None = None)
         todo = [c for c in p.cells if before[c["id"]]["status"] != "done"]
         counts = {"total": len(p.cells), "skipped": len(p.cells) - len(todo), "done": 0, "failed": 0}
         if counts["skipped"]:
-            console.print(f"[dim]{counts['skipped']} of {len(p.cells)} cells already done; skipping them[/dim]")
+            console.print(
+                f"[dim]{counts['skipped']} of {len(p.cells)} cells already done; skipping them[/dim]"
+            )
         n_workers = max(1, workers or p.grid.config.executor.workers)
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      console=console, transient=False, disable=not console.is_terminal) as bar:
+        with Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+            transient=False,
+            disable=not console.is_terminal,
+        ) as bar:
             overall = bar.add_task("cells", total=len(todo))
             attempts = {c["id"]: before[c["id"]]["attempts"] + 1 for c in todo}
             if n_workers == 1 or len(todo) <= 1:
@@ -123,19 +132,25 @@ def execute(p: Plan, workers: int | None = None, console: Console | None = None)
 
 
 def _describe(cell: dict) -> str:
-    return (f"{cell['method']['label']} {cell['teacher']['label']}→{cell['student']['label']} "
-            f"{cell['dataset']['name']} seed {cell['seed']}")
+    return (
+        f"{cell['method']['label']} {cell['teacher']['label']}→{cell['student']['label']} "
+        f"{cell['dataset']['name']} seed {cell['seed']}"
+    )
 
 
 def _tally(result: dict, store: Store, counts: dict, console: Console) -> None:
     store.record(result)
     counts[result["status"]] += 1
     if result["status"] == "failed":
-        console.print(f"[red]failed[/red] {escape(_describe(result['cell']))}: {escape(str(result.get('error')))}")
+        console.print(
+            f"[red]failed[/red] {escape(_describe(result['cell']))}: {escape(str(result.get('error')))}"
+        )
     else:
         m = result["metrics"]
-        console.print(f"[green]done[/green] {escape(_describe(result['cell']))}: top-1 {m['top1']:.2f}"
-                      f" ({result['wall_s']:.1f} s)")
+        console.print(
+            f"[green]done[/green] {escape(_describe(result['cell']))}: top-1 {m['top1']:.2f}"
+            f" ({result['wall_s']:.1f} s)"
+        )
 
 
 def _run_inline(todo, run_dir, store, bar, overall, attempts, counts) -> None:
@@ -172,8 +187,12 @@ def _run_pool(todo, run_dir, store, bar, overall, attempts, counts, n_workers) -
                         result = f.result()
                     except Exception as e:  # a worker died (OOM, segfault): record, keep going
                         cell = futures[f]
-                        result = {"cell": cell, "status": "failed", "error": f"worker died: {e}",
-                                  "attempt": attempts[cell["id"]]}
+                        result = {
+                            "cell": cell,
+                            "status": "failed",
+                            "error": f"worker died: {e}",
+                            "attempt": attempts[cell["id"]],
+                        }
                     _tally(result, store, counts, bar.console)
                     bar.advance(overall)
         except KeyboardInterrupt:

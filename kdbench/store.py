@@ -100,9 +100,16 @@ class Store:
                      metrics=excluded.metrics, env=excluded.env, error=excluded.error,
                      wall_s=excluded.wall_s, attempts=excluded.attempts,
                      updated=strftime('%s','now')""",
-                (cell["id"], result["status"], json.dumps(cell, sort_keys=True),
-                 json.dumps(result.get("metrics")), json.dumps(result.get("env")),
-                 result.get("error"), result.get("wall_s"), result.get("attempt", 1)),
+                (
+                    cell["id"],
+                    result["status"],
+                    json.dumps(cell, sort_keys=True),
+                    json.dumps(result.get("metrics")),
+                    json.dumps(result.get("env")),
+                    result.get("error"),
+                    result.get("wall_s"),
+                    result.get("attempt", 1),
+                ),
             )
 
     def record_teacher(self, spec: dict, metrics: dict, env: dict, wall_s: float) -> None:
@@ -122,13 +129,28 @@ class Store:
         rows = self.db.execute(q + (" WHERE status = ?" if status else ""), (status,) if status else ())
         out = []
         for r in rows:
-            out.append({"id": r[0], "status": r[1], "config": json.loads(r[2]),
-                        "metrics": json.loads(r[3]) if r[3] else None,
-                        "env": json.loads(r[4]) if r[4] else None, "error": r[5], "wall_s": r[6],
-                        "attempts": r[7]})
+            out.append(
+                {
+                    "id": r[0],
+                    "status": r[1],
+                    "config": json.loads(r[2]),
+                    "metrics": json.loads(r[3]) if r[3] else None,
+                    "env": json.loads(r[4]) if r[4] else None,
+                    "error": r[5],
+                    "wall_s": r[6],
+                    "attempts": r[7],
+                }
+            )
         return out
 
     def teachers(self) -> list[dict]:
         rows = self.db.execute("SELECT id, config, metrics, wall_s FROM teachers")
-        return [{"id": r[0], "config": json.loads(r[1]), "metrics": json.loads(r[2]) if r[2] else None,
-                 "wall_s": r[3]} for r in rows]
+        return [
+            {
+                "id": r[0],
+                "config": json.loads(r[1]),
+                "metrics": json.loads(r[2]) if r[2] else None,
+                "wall_s": r[3],
+            }
+            for r in rows
+        ]

@@ -18,12 +18,19 @@ def write_grid(path: Path, body: str) -> Path:
     return path
 
 
-def kdbench_cli(*args: str, cwd: Path | None = None, env: dict | None = None,
-                timeout: float = 600) -> subprocess.CompletedProcess:
+def kdbench_cli(
+    *args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess:
     """Run the installed CLI in a fresh interpreter (as a user would)."""
     full_env = {**os.environ, "COLUMNS": "200", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "kdbench.cli", *args], cwd=cwd, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "kdbench.cli", *args],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 TINY_GRID = """
@@ -45,6 +52,9 @@ eval: {{batch_size: 500}}
 @pytest.fixture
 def tiny_grid(tmp_path: Path):
     def make(methods: str = "[ce, kd]", seeds: str = "[0]", epochs: int = 1, name: str = "grid.yaml") -> Path:
-        return write_grid(tmp_path / name, TINY_GRID.format(out=tmp_path / "runs", methods=methods,
-                                                            seeds=seeds, epochs=epochs))
+        return write_grid(
+            tmp_path / name,
+            TINY_GRID.format(out=tmp_path / "runs", methods=methods, seeds=seeds, epochs=epochs),
+        )
+
     return make

@@ -30,7 +30,9 @@ def test_malformed_yaml_names_file_and_line(tmp_path: Path):
 
 
 def test_all_problems_listed_at_once_with_lines_and_paths(tmp_path: Path):
-    f = write_grid(tmp_path / "g.yaml", """\
+    f = write_grid(
+        tmp_path / "g.yaml",
+        """\
 name: bad
 datasets:
   - mnist5kk
@@ -45,7 +47,8 @@ seeds: [0, 1]
 train:
   epochs: three
   colour: blue
-""")
+""",
+    )
     with pytest.raises(ConfigError) as e:
         load_grid(f)
     problems = e.value.problems
@@ -58,7 +61,9 @@ train:
 
 
 def test_plugin_params_checked_against_signature(tmp_path: Path):
-    f = write_grid(tmp_path / "g.yaml", """\
+    f = write_grid(
+        tmp_path / "g.yaml",
+        """\
 name: bad
 datasets: [mnist5k]
 pairs:
@@ -66,7 +71,8 @@ pairs:
 methods:
   - {dkd: {beta: eight}}
   - {kd: {temperature: 4}}
-""")
+""",
+    )
     with pytest.raises(ConfigError) as e:
         load_grid(f)
     text = "\n".join(e.value.problems)
@@ -76,7 +82,9 @@ methods:
 
 
 def test_unknown_dataset_root_is_a_config_error(tmp_path: Path):
-    f = write_grid(tmp_path / "g.yaml", f"""\
+    f = write_grid(
+        tmp_path / "g.yaml",
+        f"""\
 name: bad
 output: {tmp_path / "runs"}
 datasets:
@@ -84,7 +92,8 @@ datasets:
 pairs:
   - {{teacher: resnet8, student: resnet8}}
 methods: [ce]
-""")
+""",
+    )
     with pytest.raises(ConfigError) as e:
         plan(load_grid(f))
     assert f"{f}:4: datasets[0]:" in str(e.value) and "nowhere" in str(e.value)
@@ -92,14 +101,17 @@ methods: [ce]
 
 def test_cli_exit_code_2_and_nothing_written(tmp_path: Path):
     out = tmp_path / "runs"
-    f = write_grid(tmp_path / "g.yaml", f"""\
+    f = write_grid(
+        tmp_path / "g.yaml",
+        f"""\
 name: bad
 output: {out}
 datasets: [mnist5k]
 pairs:
   - {{teacher: smallcnn_wide, student: smallcnn_thin}}
 methods: [kd, dkdd]
-""")
+""",
+    )
     r = kdbench_cli("run", str(f))
     assert r.returncode == 2, r.stderr
     assert "dkdd" in r.stderr and "did you mean 'dkd'" in r.stderr
@@ -116,7 +128,9 @@ def test_cli_missing_file_exit_2(tmp_path: Path):
 def test_repdistiller_preset_and_student_specific_lr(tmp_path: Path):
     from kdbench.grid import expand
 
-    f = write_grid(tmp_path / "g.yaml", """\
+    f = write_grid(
+        tmp_path / "g.yaml",
+        """\
 name: rd
 datasets: [digits]
 pairs:
@@ -124,7 +138,8 @@ pairs:
   - {teacher: resnet32x4, student: shufflev2}
 methods: [kd]
 train: {preset: repdistiller, epochs: 2}
-""")
+""",
+    )
     grid = load_grid(f)
     assert grid.config.train.milestones == [150, 180, 210] and grid.config.train.weight_decay == 5e-4
     assert grid.config.train.epochs == 2  # what the grid sets wins over the preset

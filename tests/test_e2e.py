@@ -69,8 +69,12 @@ def test_sigkill_mid_sweep_then_resume_records_each_cell_once(tiny_grid, tmp_pat
     grid = tiny_grid(methods="[ce, kd, fitnet]", seeds="[0, 1]", epochs=3)
     run_dir = tmp_path / "runs" / "tiny"
     env = {**os.environ, "COLUMNS": "200"}
-    proc = subprocess.Popen([sys.executable, "-m", "kdbench.cli", "run", str(grid)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kdbench.cli", "run", str(grid)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     # kill it once at least one cell is done and another is part-way (an epoch checkpoint exists)
     deadline = time.time() + 300
     while time.time() < deadline:

@@ -42,8 +42,10 @@ def test_builtins_are_registered_through_entry_points():
 
 
 def test_listing_imports_nothing():
-    code = ("import sys; from kdbench import registry; registry.scan(); "
-            "print(any(m.startswith('kdbench.methods.') or m.startswith('torch') for m in sys.modules))")
+    code = (
+        "import sys; from kdbench import registry; registry.scan(); "
+        "print(any(m.startswith('kdbench.methods.') or m.startswith('torch') for m in sys.modules))"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert r.stdout.strip() == "False"
 
@@ -77,9 +79,23 @@ def test_two_plugins_claiming_one_name_is_an_error_naming_both(tmp_path, monkeyp
 @pytest.fixture(scope="module")
 def example_plugin_site(tmp_path_factory) -> Path:
     target = tmp_path_factory.mktemp("site")
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                    "--target", str(target), str(ROOT / "plugins" / "kdbench-logit-mse")],
-                   check=True, capture_output=True, text=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(target),
+            str(ROOT / "plugins" / "kdbench-logit-mse"),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     return target
 
 

@@ -13,9 +13,15 @@ from kdbench.store import Store
 
 
 def cell(method: str, seed: int, dataset: str = "digits", teacher_id: str = "t1", uses_teacher: bool = True):
-    return {"id": f"{method}-{dataset}-{seed}", "dataset": {"name": dataset},
-            "teacher": {"id": teacher_id, "label": "big"}, "student": {"label": "small"},
-            "method": {"name": method, "label": method}, "seed": seed, "uses_teacher": uses_teacher}
+    return {
+        "id": f"{method}-{dataset}-{seed}",
+        "dataset": {"name": dataset},
+        "teacher": {"id": teacher_id, "label": "big"},
+        "student": {"label": "small"},
+        "method": {"name": method, "label": method},
+        "seed": seed,
+        "uses_teacher": uses_teacher,
+    }
 
 
 @pytest.fixture
@@ -25,8 +31,14 @@ def store(tmp_path):
     for method, values in acc.items():
         for seed, v in enumerate(values):
             c = cell(method, seed, uses_teacher=method != "ce")
-            s.record({"cell": c, "status": "done", "metrics": {"top1": v, "ece": 5.0 - seed, "wall_s": 1.0},
-                      "wall_s": 1.0})
+            s.record(
+                {
+                    "cell": c,
+                    "status": "done",
+                    "metrics": {"top1": v, "ece": 5.0 - seed, "wall_s": 1.0},
+                    "wall_s": 1.0,
+                }
+            )
     s.record({"cell": cell("fitnet", 0), "status": "failed", "error": "boom"})
     s.record_teacher({"id": "t1"}, {"top1": 97.5}, {}, 12.0)
     yield s

@@ -23,7 +23,9 @@ INCOMPATIBLE = {
 def test_every_method_on_two_pairs(tmp_path):
     methods = [m for m in registry.names("losses") if m != "logit_mse"]
     assert len(methods) >= 24
-    grid = write_grid(tmp_path / "zoo.yaml", f"""
+    grid = write_grid(
+        tmp_path / "zoo.yaml",
+        f"""
 name: zoo
 output: {tmp_path / "runs"}
 datasets:
@@ -36,7 +38,8 @@ seeds: [0]
 train: {{epochs: 1, batch_size: 32, lr: 0.01, views: {{strong: {{randaugment: {{num_ops: 1}}}}}}}}
 teacher_train: {{epochs: 1, batch_size: 32, lr: 0.01}}
 eval: {{batch_size: 512}}
-""")
+""",
+    )
     r = kdbench_cli("run", str(grid), timeout=1800)
     db = sqlite3.connect(tmp_path / "runs" / "zoo" / "results.sqlite")
     rows = db.execute("SELECT config, status, error FROM cells").fetchall()

@@ -43,11 +43,16 @@ def build_model(ref: dict[str, Any], num_classes: int, in_channels: int) -> tupl
     if _accepts(factory, "in_channels"):
         params["in_channels"] = in_channels
     elif in_channels != 3:
-        raise ConfigError(f"model {ref['name']!r} takes no in_channels and the data has {in_channels} channels")
+        raise ConfigError(
+            f"model {ref['name']!r} takes no in_channels and the data has {in_channels} channels"
+        )
     model = factory(num_classes=num_classes, **params)
     if taps:
-        spec = TapSpec(stages=tuple(taps.get("stages", ())), preact=tuple(taps.get("preact", ())),
-                       classifier=taps.get("classifier", ""))
+        spec = TapSpec(
+            stages=tuple(taps.get("stages", ())),
+            preact=tuple(taps.get("preact", ())),
+            classifier=taps.get("classifier", ""),
+        )
     else:
         spec = discover_taps(model)
     return model, spec

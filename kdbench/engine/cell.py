@@ -45,15 +45,30 @@ def seed_everything(seed: int) -> None:
 def environment() -> dict[str, Any]:
     """Versions and host facts recorded with every result."""
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).parent).stdout.strip() or None
+        sha = (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"],
+                capture_output=True,
+                text=True,
+                timeout=5,
+                cwd=Path(__file__).parent,
+            ).stdout.strip()
+            or None
+        )
     except Exception:
         sha = None
     from kdbench import kernels
 
-    return {"kdbench": __version__, "torch": torch.__version__, "python": platform.python_version(),
-            "host": platform.node(), "git_sha": sha, "kernels": kernels.backend(),
-            "threads": torch.get_num_threads(), "cuda": torch.cuda.is_available()}
+    return {
+        "kdbench": __version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "host": platform.node(),
+        "git_sha": sha,
+        "kernels": kernels.backend(),
+        "threads": torch.get_num_threads(),
+        "cuda": torch.cuda.is_available(),
+    }
 
 
 @contextmanager
@@ -90,8 +105,9 @@ class _Data:
         self.in_channels = self.ds.in_channels
 
 
-def obtain_teacher(spec: dict, run_dir: Path, device: torch.device, data: _Data,
-                   progress: Progress | None = None) -> nn.Module:
+def obtain_teacher(
+    spec: dict, run_dir: Path, device: torch.device, data: _Data, progress: Progress | None = None
+) -> nn.Module:
     """The trained teacher for ``spec``, from the cache or obtained now (once, under a lock)."""
     tdir = run_dir / "teachers"
     weights = tdir / f"{spec['id']}.pt"
@@ -106,7 +122,9 @@ def obtain_teacher(spec: dict, run_dir: Path, device: torch.device, data: _Data,
     return model
 
 
-def _make_teacher(spec: dict, tdir: Path, device: torch.device, data: _Data, progress: Progress | None) -> None:
+def _make_teacher(
+    spec: dict, tdir: Path, device: torch.device, data: _Data, progress: Progress | None
+) -> None:
     t0 = time.perf_counter()
     work = tdir / spec["id"]
     work.mkdir(parents=True, exist_ok=True)
@@ -119,9 +137,15 @@ def _make_teacher(spec: dict, tdir: Path, device: torch.device, data: _Data, pro
 
     def recipe(m: nn.Module) -> dict:
         setup = TrainSetup(
-            student=m, student_reader=reader, train_cfg=spec["train"],
-            train_data=Batches(data.train.data, spec["train"]["batch_size"]), test_data=data.test,
-            device=device, seed=spec["seed"], augment=build_augmenter(spec["augment"], data.train.data).__call__, workdir=work,
+            student=m,
+            student_reader=reader,
+            train_cfg=spec["train"],
+            train_data=Batches(data.train.data, spec["train"]["batch_size"]),
+            test_data=data.test,
+            device=device,
+            seed=spec["seed"],
+            augment=build_augmenter(spec["augment"], data.train.data).__call__,
+            workdir=work,
             progress=(lambda r: progress({**r, "stage": "teacher"})) if progress else None,
         )
         return train(setup)
@@ -145,8 +169,15 @@ def run_cell(cell: dict, run_dir: Path, progress: Progress | None = None, attemp
     cdir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(cdir / "config.json", cell)
     log = _logger(cdir / "log.txt")
-    log.info("cell %s attempt %d: %s %s→%s seed %s", cell["id"], attempt, cell["method"]["label"],
-             cell["teacher"]["label"], cell["student"]["label"], cell["seed"])
+    log.info(
+        "cell %s attempt %d: %s %s→%s seed %s",
+        cell["id"],
+        attempt,
+        cell["method"]["label"],
+        cell["teacher"]["label"],
+        cell["student"]["label"],
+        cell["seed"],
+    )
     t0 = time.perf_counter()
     result: dict[str, Any] = {"cell": cell, "attempt": attempt, "env": environment()}
     try:
@@ -165,8 +196,9 @@ def run_cell(cell: dict, run_dir: Path, progress: Progress | None = None, attemp
     return result
 
 
-def _run(cell: dict, run_dir: Path, cdir: Path, progress: Progress | None,
-         log: logging.Logger) -> tuple[dict, dict]:
+def _run(
+    cell: dict, run_dir: Path, cdir: Path, progress: Progress | None, log: logging.Logger
+) -> tuple[dict, dict]:
     device = resolve_device(cell["train"]["device"])
     tr = cell["train"]
     data = _Data(cell["dataset"], tr["batch_size"], cell["eval"]["batch_size"])
@@ -188,10 +220,17 @@ def _run(cell: dict, run_dir: Path, cdir: Path, progress: Progress | None,
     t_probe = _probe(teacher, tspec, probe_x) if teacher is not None else None
     classifier = teacher.get_submodule(tspec.classifier) if teacher is not None and tspec.classifier else None
     ctx = MethodContext(
-        num_classes=data.num_classes, num_train=len(data.train), epochs=tr["epochs"],
-        batch_size=tr["batch_size"], student_shapes=s_probe.shapes(),
-        teacher_shapes=t_probe.shapes() if t_probe else {}, student_probe=s_probe, teacher_probe=t_probe,
-        teacher_classifier=classifier, train_targets=data.train.targets().to(device), device=device,
+        num_classes=data.num_classes,
+        num_train=len(data.train),
+        epochs=tr["epochs"],
+        batch_size=tr["batch_size"],
+        student_shapes=s_probe.shapes(),
+        teacher_shapes=t_probe.shapes() if t_probe else {},
+        student_probe=s_probe,
+        teacher_probe=t_probe,
+        teacher_classifier=classifier,
+        train_targets=data.train.targets().to(device),
+        device=device,
     )
     distiller = method_cls(ctx, **cell["method"]["params"]).to(device)
     # taps are read from the built method: a method's mode may change what it reads
@@ -202,10 +241,21 @@ def _run(cell: dict, run_dir: Path, cdir: Path, progress: Progress | None,
 
     views = {name: build_augmenter(ref, data.train.data).__call__ for name, ref in cell["views"].items()}
     setup = TrainSetup(
-        student=student, student_reader=student_reader, train_cfg=tr, train_data=data.train,
-        test_data=data.test, device=device, seed=cell["seed"], augment=build_augmenter(cell["augment"], data.train.data).__call__,
-        ece_bins=cell["eval"]["ece_bins"], distiller=distiller, teacher_reader=teacher_reader, views=views,
-        weights=cell["method"]["weights"], workdir=cdir, progress=progress,
+        student=student,
+        student_reader=student_reader,
+        train_cfg=tr,
+        train_data=data.train,
+        test_data=data.test,
+        device=device,
+        seed=cell["seed"],
+        augment=build_augmenter(cell["augment"], data.train.data).__call__,
+        ece_bins=cell["eval"]["ece_bins"],
+        distiller=distiller,
+        teacher_reader=teacher_reader,
+        views=views,
+        weights=cell["method"]["weights"],
+        workdir=cdir,
+        progress=progress,
     )
     t_train = time.perf_counter()
     train(setup)
@@ -228,8 +278,12 @@ def _run(cell: dict, run_dir: Path, cdir: Path, progress: Progress | None,
 
 def _probe(model: nn.Module, spec, x: torch.Tensor):
     """Detached features of every tap ``spec`` provides, in eval mode."""
-    wanted = ["logits"] + (["stages"] if spec.stages else []) + \
-        (["preact"] if any(spec.preact) else []) + (["pooled"] if spec.classifier else [])
+    wanted = (
+        ["logits"]
+        + (["stages"] if spec.stages else [])
+        + (["preact"] if any(spec.preact) else [])
+        + (["pooled"] if spec.classifier else [])
+    )
     reader = FeatureReader(model, spec, wanted)
     was = model.training
     model.eval()
@@ -247,4 +301,3 @@ def _take(batches: Batches, n: int):
         got += len(x)
         if got >= n:
             return
-

@@ -51,20 +51,26 @@ class Batches:
             return torch.as_tensor(t).long()
         return torch.tensor([int(self.data[i][1]) for i in range(len(self))])
 
-    def iterate(self, generator: torch.Generator | None = None, drop_singletons: bool = True
-                ) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+    def iterate(
+        self, generator: torch.Generator | None = None, drop_singletons: bool = True
+    ) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
         n = len(self)
         order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
         if self.indexable:
             for start in range(0, n, self.batch_size):
-                idx = order[start:start + self.batch_size]
+                idx = order[start : start + self.batch_size]
                 if drop_singletons and len(idx) < 2 and n > 1:
                     continue  # BatchNorm cannot train on one sample
                 x, y = self.data[idx]
                 yield x.float(), torch.as_tensor(y).long(), idx
             return
-        loader = DataLoader(_Indexed(self.data), batch_size=self.batch_size, sampler=order.tolist(),
-                            num_workers=self.workers, persistent_workers=False)
+        loader = DataLoader(
+            _Indexed(self.data),
+            batch_size=self.batch_size,
+            sampler=order.tolist(),
+            num_workers=self.workers,
+            persistent_workers=False,
+        )
         for x, y, idx in loader:
             if drop_singletons and len(idx) < 2 and n > 1:
                 continue

@@ -29,8 +29,9 @@ def expected_calibration_error(probs: Tensor, y: Tensor, bins: int = 15) -> floa
     return float(ece)
 
 
-def classification_metrics(logits: Tensor, y: Tensor, ece_bins: int = 15,
-                           teacher_logits: Tensor | None = None) -> dict[str, float]:
+def classification_metrics(
+    logits: Tensor, y: Tensor, ece_bins: int = 15, teacher_logits: Tensor | None = None
+) -> dict[str, float]:
     """top1/top5 (top5 only with more than 5 classes), NLL, ECE, and teacher agreement."""
     logits = logits.float()
     n = len(y)

@@ -94,8 +94,12 @@ def _truncate_metrics(path: Path, epochs_done: int) -> None:
 
 
 @torch.no_grad()
-def predict_all(reader: FeatureReader, data: Batches, device: torch.device,
-                head: Callable[[Features], Tensor] | None = None) -> tuple[Tensor, Tensor]:
+def predict_all(
+    reader: FeatureReader,
+    data: Batches,
+    device: torch.device,
+    head: Callable[[Features], Tensor] | None = None,
+) -> tuple[Tensor, Tensor]:
     """Logits (through ``head`` if given) and labels of a whole split, in order."""
     was = reader.model.training
     reader.model.eval()
@@ -118,8 +122,16 @@ def evaluate(setup: TrainSetup, teacher_logits: Tensor | None = None) -> dict[st
     return classification_metrics(logits, y, setup.ece_bins, teacher_logits)
 
 
-def _stage(setup: TrainSetup, epochs: int, params: list[nn.Parameter], loss_fn: Callable, tag: str,
-           start_epoch: int, ckpt: Path | None, state_extra: dict) -> None:
+def _stage(
+    setup: TrainSetup,
+    epochs: int,
+    params: list[nn.Parameter],
+    loss_fn: Callable,
+    tag: str,
+    start_epoch: int,
+    ckpt: Path | None,
+    state_extra: dict,
+) -> None:
     """Run ``epochs`` epochs of ``loss_fn``; resumable from ``ckpt``."""
     cfg = {**setup.train_cfg, "epochs": epochs}
     if tag == "init" and cfg.get("init_lr"):
@@ -146,8 +158,10 @@ def _stage(setup: TrainSetup, epochs: int, params: list[nn.Parameter], loss_fn: 
             terms = loss_fn(x, y, idx.to(setup.device), epoch, epochs, step, aug_gen)
             loss = sum(terms.values())
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"{tag} loss is {float(loss)} at epoch {epoch + 1} step {step}; "
-                                         "lower the lr or the method's weights")
+                raise FloatingPointError(
+                    f"{tag} loss is {float(loss)} at epoch {epoch + 1} step {step}; "
+                    "lower the lr or the method's weights"
+                )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -155,18 +169,31 @@ def _stage(setup: TrainSetup, epochs: int, params: list[nn.Parameter], loss_fn: 
                 totals[k] = totals.get(k, 0.0) + float(v.detach())
             n_batches += 1
         sched.step()
-        row = {"stage": tag, "epoch": epoch, "lr": opt.param_groups[0]["lr"],
-               "train_s": round(time.perf_counter() - t0, 3),
-               **{f"loss_{k}": v / max(n_batches, 1) for k, v in totals.items()}}
+        row = {
+            "stage": tag,
+            "epoch": epoch,
+            "lr": opt.param_groups[0]["lr"],
+            "train_s": round(time.perf_counter() - t0, 3),
+            **{f"loss_{k}": v / max(n_batches, 1) for k, v in totals.items()},
+        }
         if tag == "train":
             row.update({f"test_{k}": v for k, v in evaluate(setup).items()})
         _append_metrics(metrics_path, row)
         if ckpt is not None and setup.train_cfg.get("checkpoint_every", 1) and epoch + 1 < epochs:
-            _save_atomic({"tag": tag, "epoch": epoch + 1, "student": setup.student.state_dict(),
-                          "distiller": setup.distiller.state_dict() if setup.distiller else None,
-                          "opt": opt.state_dict(), "sched": sched.state_dict(),
-                          "data_gen": data_gen.get_state(), "aug_gen": aug_gen.get_state(),
-                          "torch_rng": torch.get_rng_state()}, ckpt)
+            _save_atomic(
+                {
+                    "tag": tag,
+                    "epoch": epoch + 1,
+                    "student": setup.student.state_dict(),
+                    "distiller": setup.distiller.state_dict() if setup.distiller else None,
+                    "opt": opt.state_dict(),
+                    "sched": sched.state_dict(),
+                    "data_gen": data_gen.get_state(),
+                    "aug_gen": aug_gen.get_state(),
+                    "torch_rng": torch.get_rng_state(),
+                },
+                ckpt,
+            )
         if setup.progress:
             setup.progress({**row, "stage": tag, "epoch": epoch + 1, "epochs": epochs})
         state_extra.clear()
@@ -211,6 +238,7 @@ def train(setup: TrainSetup) -> dict[str, float]:
     if d is not None and d.init_epochs > 0:
         done_init = resume.get("tag") == "train"
         if not done_init:
+
             def init_terms(x, y, idx, epoch, epochs, step, gen):
                 xs = setup.augment(x, gen)
                 s = setup.student_reader.read(xs)
@@ -220,13 +248,29 @@ def train(setup: TrainSetup) -> dict[str, float]:
 
             params = _unique(d.init_parameters(setup.student))
             start = resume.get("epoch", 0) if resume.get("tag") == "init" else 0
-            _stage(setup, d.init_epochs, params, init_terms, "init", start, ckpt,
-                   resume if resume.get("tag") == "init" else {})
+            _stage(
+                setup,
+                d.init_epochs,
+                params,
+                init_terms,
+                "init",
+                start,
+                ckpt,
+                resume if resume.get("tag") == "init" else {},
+            )
             resume = {}
     params = _unique(list(setup.student.parameters()) + (list(d.parameters()) if d else []))
     start = resume.get("epoch", 0) if resume.get("tag") == "train" else 0
-    _stage(setup, setup.train_cfg["epochs"], params, student_terms, "train", start, ckpt,
-           resume if resume.get("tag") == "train" else {})
+    _stage(
+        setup,
+        setup.train_cfg["epochs"],
+        params,
+        student_terms,
+        "train",
+        start,
+        ckpt,
+        resume if resume.get("tag") == "train" else {},
+    )
     if ckpt is not None:
         ckpt.unlink(missing_ok=True)
     return evaluate(setup)
