@@ -140,3 +140,43 @@ def test_report_formats_from_store(tiny_grid, tmp_path):
     assert csv_text.splitlines()[0] == "method,column,metric,mean,std,n,best"
     bad = kdbench_cli("report", str(run_dir), "--format", "xml")
     assert bad.returncode == 2
+
+
+def test_teacher_from_checkpoint_with_pinned_hash(tmp_path):
+    import torch
+
+    from kdbench.models.smallcnn import smallcnn
+    from kdbench.teachers import file_sha256
+    from tests.conftest import write_grid
+
+    torch.manual_seed(0)
+    ckpt = tmp_path / "teacher.pt"
+    torch.save({"model": smallcnn(10, 1, 8).state_dict()}, ckpt)
+    sha = file_sha256(ckpt)
+
+    def grid(pin: str) -> Path:
+        return write_grid(
+            tmp_path / "g.yaml",
+            f"""
+name: ckpt
+output: {tmp_path / "runs"}
+datasets: [{{digits: {{limit: 200}}}}]
+pairs:
+  - teacher: {{smallcnn: {{width: 8}}}}
+    student: {{smallcnn: {{width: 4}}}}
+    source: {{checkpoint: {{path: {ckpt}, sha256: {pin}}}}}
+methods: [kd]
+train: {{epochs: 1, views: {{}}}}
+""",
+        )
+
+    bad = kdbench_cli("run", str(grid("0" * 64)))
+    assert bad.returncode == 2 and "sha256" in bad.stderr and not (tmp_path / "runs").exists()
+    ok = kdbench_cli("run", str(grid(sha)))
+    assert ok.returncode == 0, ok.stderr
+    teacher_result = next((tmp_path / "runs" / "ckpt" / "teachers").glob("*/result.json"))
+    rec = json.loads(teacher_result.read_text())
+    assert rec["teacher"]["source"]["fingerprint"]["sha256"] == sha
+    assert "teacher" in ok.stdout
+    # the untrained checkpoint is evaluated, not trained: nothing in its metrics file
+    assert not (teacher_result.parent / "metrics.jsonl").exists()

@@ -29,6 +29,7 @@ from kdbench.engine.build import build_augmenter, build_dataset, build_model, re
 from kdbench.engine.data import Batches
 from kdbench.engine.metrics import classification_metrics
 from kdbench.engine.train import Progress, TrainSetup, _save_atomic, predict_all, train
+from kdbench.errors import KdbenchError
 from kdbench.features import FeatureReader
 from kdbench.methods.base import MethodContext
 from kdbench.store import write_json_atomic
@@ -115,7 +116,14 @@ def obtain_teacher(
         if not weights.exists():
             _make_teacher(spec, tdir, device, data, progress)
     model, _ = build_model(spec["model"], data.num_classes, data.in_channels)
-    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    try:
+        model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    except RuntimeError as e:
+        # the architecture's code changed under an unchanged plugin version
+        raise KdbenchError(
+            f"cached teacher {weights} no longer fits model {spec['label']!r} ({e}); "
+            "delete it (and its folder) to train it again"
+        ) from None
     model.to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)
