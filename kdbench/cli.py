@@ -52,7 +52,7 @@ def run(
         f"done {counts['done']}, skipped {counts['skipped']}, failed {counts['failed']} "
         f"in {time.perf_counter() - t0:.1f} s"
     )
-    out.print(report(p.run_dir), markup=False, highlight=False)
+    out.print(report(p.run_dir), markup=False, highlight=False, soft_wrap=True)
     if counts["failed"]:
         raise typer.Exit(1)
 
@@ -67,11 +67,15 @@ def report_cmd(
     details: Annotated[
         bool, typer.Option("--details", help="also every metric per cell (github format)")
     ] = False,
+    everything: Annotated[
+        bool, typer.Option("--all", help="every cell in the store, not only the grid last run here")
+    ] = False,
 ) -> None:
     """Print the leaderboard of a run from its results store."""
     from kdbench.report import report
 
-    out.print(report(run_dir, fmt, metric, details), markup=False, highlight=False, soft_wrap=True)
+    text = report(run_dir, fmt, metric, details, everything)
+    out.print(text, markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command("list")

@@ -75,13 +75,15 @@ def column_label(cfg: dict) -> str:
     return f"{cfg['dataset']['name']}: {cfg['teacher']['label']}→{cfg['student']['label']}"
 
 
-def build_board(store: Store) -> Board:
+def build_board(store: Store, only: set[str] | None = None) -> Board:
+    """Aggregate the store's cells (those with ids in ``only``, when given) into a board."""
     stats: dict[str, dict[str, dict[str, Stat]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(Stat)))
     columns: list[str] = []
     rows: list[str] = []
     teacher_ids: dict[str, set[str]] = defaultdict(set)
     failed = pending = 0
-    for c in sorted(store.cells(), key=lambda c: (c["config"]["dataset"]["name"], c["config"]["seed"])):
+    cells = [c for c in store.cells() if only is None or c["id"] in only]
+    for c in sorted(cells, key=lambda c: (c["config"]["dataset"]["name"], c["config"]["seed"])):
         cfg = c["config"]
         col = column_label(cfg)
         if col not in columns:
@@ -234,10 +236,23 @@ def to_records(board: Board, metric: str = "top1") -> list[dict[str, Any]]:
     return out
 
 
-def report(run_dir: Path, fmt: str = "github", metric: str = "top1", details: bool = False) -> str:
+def current_cells(run_dir: Path) -> set[str] | None:
+    """Ids of the cells of the grid last run in ``run_dir`` (None if unknown)."""
+    f = Path(run_dir) / "cells.json"
+    return set(json.loads(f.read_text())) if f.exists() else None
+
+
+def report(
+    run_dir: Path, fmt: str = "github", metric: str = "top1", details: bool = False, everything: bool = False
+) -> str:
+    """The leaderboard of the grid last run in ``run_dir`` (``everything``: every cell ever stored).
+
+    Cells of an earlier version of the grid (other epochs, say) share row and column names
+    with the current ones, so mixing them would average different experiments.
+    """
     store = Store.open_existing(Path(run_dir) / "results.sqlite")
     try:
-        board = build_board(store)
+        board = build_board(store, None if everything else current_cells(run_dir))
     finally:
         store.close()
     if not board.columns:

@@ -83,3 +83,15 @@ def test_json_and_csv(store):
 def test_report_needs_a_store(tmp_path):
     with pytest.raises(KdbenchError, match="kdbench run"):
         report(tmp_path)
+
+
+def test_report_shows_only_the_grid_last_run(store, tmp_path):
+    # an earlier version of the grid left a cell with the same row/column names
+    old = cell("kd", 0)
+    old["id"] = "kd-old-config"
+    store.record({"cell": old, "status": "done", "metrics": {"top1": 10.0}, "wall_s": 1.0})
+    current = [c["id"] for c in store.cells() if c["id"] != "kd-old-config"]
+    (tmp_path / "cells.json").write_text(json.dumps(current))
+    text = report(tmp_path)
+    assert "93.75 ± 1.06 (2)" in text  # kd over its two current seeds only
+    assert "(3)" in report(tmp_path, everything=True)

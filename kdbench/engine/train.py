@@ -84,12 +84,18 @@ def _append_metrics(path: Path | None, row: dict[str, Any]) -> None:
         f.flush()
 
 
-def _truncate_metrics(path: Path, epochs_done: int) -> None:
-    """Keep only the rows of epochs the checkpoint covers (a killed run may have written more)."""
+def _truncate_metrics(path: Path, stage: str, epochs_done: int) -> None:
+    """Keep only the rows the checkpoint covers (a killed run may have written more)."""
     if not path.exists():
         return
-    rows = [ln for ln in path.read_text().splitlines() if ln.strip()]
-    keep = [ln for ln in rows if json.loads(ln).get("epoch", 0) < epochs_done]
+    rows = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+
+    def covered(r: dict) -> bool:
+        if r.get("stage") == stage:
+            return r.get("epoch", 0) < epochs_done
+        return stage == "train" and r.get("stage") == "init"  # the init stage finished before
+
+    keep = [json.dumps(r) for r in rows if covered(r)]
     path.write_text("".join(ln + "\n" for ln in keep))
 
 
@@ -213,7 +219,8 @@ def train(setup: TrainSetup) -> dict[str, float]:
         if setup.distiller is not None and resume.get("distiller") is not None:
             setup.distiller.load_state_dict(resume["distiller"])
         torch.set_rng_state(resume["torch_rng"])
-        _truncate_metrics(setup.workdir / "metrics.jsonl", resume["epoch"]) if setup.workdir else None
+        if setup.workdir is not None:
+            _truncate_metrics(setup.workdir / "metrics.jsonl", resume["tag"], resume["epoch"])
     elif setup.workdir is not None:
         (setup.workdir / "metrics.jsonl").unlink(missing_ok=True)
     d = setup.distiller
