@@ -180,3 +180,16 @@ train: {{epochs: 1, views: {{}}}}
     assert "teacher" in ok.stdout
     # the untrained checkpoint is evaluated, not trained: nothing in its metrics file
     assert not (teacher_result.parent / "metrics.jsonl").exists()
+
+
+def test_parallel_local_workers_match_inline(tiny_grid, tmp_path):
+    grid = tiny_grid(methods="[ce, kd, at]", seeds="[0]")
+    r = kdbench_cli("run", str(grid), "--workers", "2", "--out", str(tmp_path / "par"))
+    assert r.returncode == 0, r.stderr
+    assert len(rows(tmp_path / "par")) == 3
+    inline = kdbench_cli("run", str(grid), "--out", str(tmp_path / "seq"))
+    assert inline.returncode == 0
+    par = json.loads(kdbench_cli("report", str(tmp_path / "par"), "--format", "json").stdout)
+    seq = json.loads(kdbench_cli("report", str(tmp_path / "seq"), "--format", "json").stdout)
+    top1 = lambda recs: {r["method"]: r["metrics"]["top1"]["mean"] for r in recs}  # noqa: E731
+    assert top1(par) == top1(seq)  # same cells, same numbers, whichever process ran them
