@@ -10,7 +10,8 @@ from torch import nn
 
 from kdbench import registry
 from kdbench.errors import ConfigError
-from kdbench.features import TapSpec, discover_taps
+from kdbench.features import TapSpec
+from kdbench.models._common import taps_from_params
 
 
 def resolve_device(name: str) -> torch.device:
@@ -47,14 +48,7 @@ def build_model(ref: dict[str, Any], num_classes: int, in_channels: int) -> tupl
             f"model {ref['name']!r} takes no in_channels and the data has {in_channels} channels"
         )
     model = factory(num_classes=num_classes, **params)
-    if taps:
-        spec = TapSpec(
-            stages=tuple(taps.get("stages", ())),
-            preact=tuple(taps.get("preact", ())),
-            classifier=taps.get("classifier", ""),
-        )
-    else:
-        spec = discover_taps(model)
+    spec = taps_from_params(model, taps)
     return model, spec
 
 

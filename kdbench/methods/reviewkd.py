@@ -78,9 +78,9 @@ class ReviewKD(Distiller):
     taps: ClassVar[Taps] = Taps(student=("logits", "stages", "pooled"), teacher=("stages", "pooled"))
     default_weights: ClassVar[dict[str, float]] = {"ce": 1.0, "reviewkd": 1.0}
 
-    def __init__(self, ctx: MethodContext, warmup_epochs: float = 20.0, max_mid_channel: int = 512):
+    def __init__(self, ctx: MethodContext, warmup: float = 20.0, max_mid_channel: int = 512):
         super().__init__(ctx)
-        self.warmup_epochs = warmup_epochs
+        self.warmup = warmup
         s = [_as_map(x) for x in [*ctx.student_shapes["stages"][1:], ctx.student_shapes["pooled"]]]
         t = [_as_map(x) for x in [*ctx.teacher_shapes["stages"][1:], ctx.teacher_shapes["pooled"]]]
         c_mid = min(max_mid_channel, s[-1][0])
@@ -108,4 +108,4 @@ class ReviewKD(Distiller):
 
     def forward(self, s: Features, t: Features, batch: Batch) -> dict[str, Tensor]:
         loss = hcl_loss(self.fuse(s), self._levels(t))
-        return {"reviewkd": warmup_factor(batch, self.warmup_epochs) * loss}
+        return {"reviewkd": warmup_factor(batch, self.warmup) * loss}
