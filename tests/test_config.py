@@ -146,3 +146,26 @@ train: {preset: repdistiller, epochs: 2}
     cells = expand(grid, [{}], [{}, {}])
     lrs = {c["student"]["name"]: c["train"]["lr"] for c in cells}
     assert lrs == {"resnet8x4": 0.05, "shufflev2": 0.01}
+
+
+def test_external_models_are_expressible(tmp_path: Path):
+    """torchvision by name, and the ViT → MobileNetV2 grid of the Transformers KD guide."""
+    vit = tmp_path / "vit-checkpoint"
+    f = write_grid(
+        tmp_path / "g.yaml",
+        f"""\
+name: ext
+datasets: [digits]
+pairs:
+  - {{teacher: "hf:{vit}", student: "torchvision:mobilenet_v2", source: loaded}}
+  - teacher: {{torchvision: {{name: resnet18, taps: {{stages: [layer1, layer2], classifier: fc}}}}}}
+    student: torchvision:resnet18
+methods: [kd]
+""",
+    )
+    grid = load_grid(f)
+    (t0, s0, src0), (t1, s1, _) = grid.pairs
+    assert (t0.name, t0.params["path"]) == ("hf", str(vit))
+    assert (s0.name, s0.params["name"]) == ("torchvision", "mobilenet_v2")
+    assert src0.name == "loaded"
+    assert t1.params["taps"]["stages"] == ["layer1", "layer2"]
