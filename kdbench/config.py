@@ -48,34 +48,25 @@ class TrainConfig(_Strict):
     checkpoint_every: int = Field(1, ge=0)
 
 
+#: RepDistiller CIFAR-100: SGD 0.9, lr 0.05, x0.1 at 150/180/210 of 240, wd 5e-4, batch 64
+_REPDISTILLER: dict[str, Any] = {
+    "epochs": 240,
+    "batch_size": 64,
+    "optimizer": "sgd",
+    "lr": 0.05,
+    "momentum": 0.9,
+    "weight_decay": 5e-4,
+    "schedule": "step",
+    "milestones": [150, 180, 210],
+    "gamma": 0.1,
+    "augment": "flip_crop",
+}
+
 #: protocol presets; fields a grid sets explicitly win over the preset
 PRESETS: dict[str, dict[str, Any]] = {
-    # RepDistiller CIFAR-100: SGD 0.9, lr 0.05, x0.1 at 150/180/210 of 240, wd 5e-4, batch 64
-    "repdistiller": {
-        "epochs": 240,
-        "batch_size": 64,
-        "optimizer": "sgd",
-        "lr": 0.05,
-        "momentum": 0.9,
-        "weight_decay": 5e-4,
-        "schedule": "step",
-        "milestones": [150, 180, 210],
-        "gamma": 0.1,
-        "augment": "flip_crop",
-    },
-    # mdistiller CIFAR-100: same schedule and batch size
-    "mdistiller": {
-        "epochs": 240,
-        "batch_size": 64,
-        "optimizer": "sgd",
-        "lr": 0.05,
-        "momentum": 0.9,
-        "weight_decay": 5e-4,
-        "schedule": "step",
-        "milestones": [150, 180, 210],
-        "gamma": 0.1,
-        "augment": "flip_crop",
-    },
+    "repdistiller": _REPDISTILLER,
+    # mdistiller's CIFAR-100 recipe is RepDistiller's schedule and batch size
+    "mdistiller": dict(_REPDISTILLER),
     "quick": {"epochs": 3, "batch_size": 128, "lr": 0.05, "schedule": "cosine"},
 }
 

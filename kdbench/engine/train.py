@@ -185,7 +185,8 @@ def _stage(
         if tag == "train":
             row.update({f"test_{k}": v for k, v in evaluate(setup).items()})
         _append_metrics(metrics_path, row)
-        if ckpt is not None and setup.train_cfg.get("checkpoint_every", 1) and epoch + 1 < epochs:
+        every = setup.train_cfg.get("checkpoint_every", 1)  # 0: never
+        if ckpt is not None and every and (epoch + 1) % every == 0 and epoch + 1 < epochs:
             _save_atomic(
                 {
                     "tag": tag,
