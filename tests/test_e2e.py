@@ -84,7 +84,7 @@ def test_sigkill_mid_sweep_then_resume_records_each_cell_once(tiny_grid, tmp_pat
             break
         if proc.poll() is not None:
             pytest.fail("the sweep finished before it could be killed")
-        time.sleep(0.05)
+        time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     n_done_before = len(list(run_dir.glob("cells/*/result.json")))
