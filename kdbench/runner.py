@@ -94,9 +94,10 @@ def execute(p: Plan, workers: int | None = None, console: Console | None = None)
     """Run every cell not yet done. Returns counts {total, skipped, done, failed}."""
     console = console or Console(stderr=True)
     p.run_dir.mkdir(parents=True, exist_ok=True)
-    grid_copy = p.run_dir / "grid.yaml"
-    if not grid_copy.exists():
-        shutil.copyfile(p.grid.file, grid_copy)
+    # the grid last run here, next to the ids of its cells (what `kdbench report` shows)
+    tmp = p.run_dir / ".grid.yaml.tmp"
+    shutil.copyfile(p.grid.file, tmp)
+    os.replace(tmp, p.run_dir / "grid.yaml")
     write_json_atomic(p.run_dir / "cells.json", [c["id"] for c in p.cells])
     store = Store(p.run_dir / "results.sqlite")
     try:
