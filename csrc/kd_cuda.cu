@@ -254,10 +254,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dkd_loss_fwd_cuda(
   check_target(target, s);
   // Checked here (one small reduction and a sync) so a bad label is a clear error rather
   // than a device-side assert that poisons the CUDA context.
+  // Compared as int64: in a narrower target dtype (int8 / uint8 / int16) the bound C would
+  // be cast to that dtype and wrap, rejecting valid labels.
   const int64_t C = s.size(1);
-  TORCH_CHECK(((target >= 0) & (target < C)).all().item<bool>(),
+  const at::Tensor target_l = target.to(at::kLong);
+  TORCH_CHECK(((target_l >= 0) & (target_l < C)).all().item<bool>(),
               "kdbench: target holds a value that is not a class index in [0, ", C, ")");
-  return loss_fwd_cuda(s, t, &target, T, alpha, beta, teacher_grad);
+  return loss_fwd_cuda(s, t, &target_l, T, alpha, beta, teacher_grad);
 }
 
 }  // namespace
