@@ -17,8 +17,16 @@ def batch(b: int = 8, c: int = 3, h: int = 16, w: int = 16) -> torch.Tensor:
     return torch.randn(b, c, h, w, generator=gen(123))
 
 
-@pytest.mark.parametrize("aug", [Identity(), FlipCrop(), FlipCrop(flip=False, padding=2), RandAugmentView(),
-                                 RandAugmentView(mean=[0.5, 0.4, 0.3], std=[0.2, 0.2, 0.3])])
+@pytest.mark.parametrize(
+    "aug",
+    [
+        Identity(),
+        FlipCrop(),
+        FlipCrop(flip=False, padding=2),
+        RandAugmentView(),
+        RandAugmentView(mean=[0.5, 0.4, 0.3], std=[0.2, 0.2, 0.3]),
+    ],
+)
 def test_shape_dtype_kept_input_untouched_and_deterministic(aug) -> None:
     x = batch()
     before = x.clone()

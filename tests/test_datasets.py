@@ -185,16 +185,33 @@ def write_cifar10(root: Path, per_batch: int = 4, py2_names: bool = True) -> Pat
     rng = np.random.default_rng(1)
     names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
     for i, name in enumerate(names):
-        write_pickle(d / name, {
-            b"batch_label": f"batch {i}".encode(),
-            b"labels": [(i + j) % 10 for j in range(per_batch)],
-            b"data": rng.integers(0, 256, size=(per_batch, 3072), dtype=np.uint8),
-            b"filenames": [f"img_{i}_{j}.png".encode() for j in range(per_batch)],
-        }, py2_names)
-    labels = [b"airplane", b"automobile", b"bird", b"cat", b"deer", b"dog", b"frog", b"horse",
-              b"ship", b"truck"]
-    write_pickle(d / "batches.meta", {b"label_names": labels, b"num_cases_per_batch": per_batch,
-                                      b"num_vis": 3072}, py2_names)
+        write_pickle(
+            d / name,
+            {
+                b"batch_label": f"batch {i}".encode(),
+                b"labels": [(i + j) % 10 for j in range(per_batch)],
+                b"data": rng.integers(0, 256, size=(per_batch, 3072), dtype=np.uint8),
+                b"filenames": [f"img_{i}_{j}.png".encode() for j in range(per_batch)],
+            },
+            py2_names,
+        )
+    labels = [
+        b"airplane",
+        b"automobile",
+        b"bird",
+        b"cat",
+        b"deer",
+        b"dog",
+        b"frog",
+        b"horse",
+        b"ship",
+        b"truck",
+    ]
+    write_pickle(
+        d / "batches.meta",
+        {b"label_names": labels, b"num_cases_per_batch": per_batch, b"num_vis": 3072},
+        py2_names,
+    )
     return d
 
 
@@ -203,15 +220,23 @@ def write_cifar100(root: Path, n: int = 6) -> Path:
     d.mkdir(parents=True)
     rng = np.random.default_rng(2)
     for name in ("train", "test"):
-        write_pickle(d / name, {
-            b"filenames": [f"{name}_{j}.png".encode() for j in range(n)],
-            b"batch_label": name.encode(),
-            b"fine_labels": [(17 * j) % 100 for j in range(n)],
-            b"coarse_labels": [j % 20 for j in range(n)],
-            b"data": rng.integers(0, 256, size=(n, 3072), dtype=np.uint8),
-        })
-    write_pickle(d / "meta", {b"fine_label_names": [f"c{i}".encode() for i in range(100)],
-                              b"coarse_label_names": [f"s{i}".encode() for i in range(20)]})
+        write_pickle(
+            d / name,
+            {
+                b"filenames": [f"{name}_{j}.png".encode() for j in range(n)],
+                b"batch_label": name.encode(),
+                b"fine_labels": [(17 * j) % 100 for j in range(n)],
+                b"coarse_labels": [j % 20 for j in range(n)],
+                b"data": rng.integers(0, 256, size=(n, 3072), dtype=np.uint8),
+            },
+        )
+    write_pickle(
+        d / "meta",
+        {
+            b"fine_label_names": [f"c{i}".encode() for i in range(100)],
+            b"coarse_label_names": [f"s{i}".encode() for i in range(20)],
+        },
+    )
     return d
 
 

@@ -243,8 +243,16 @@ def test_hf_missing_transformers_says_how_to_install(tmp_path) -> None:
 def test_hf_local_vit_checkpoint(tmp_path) -> None:
     from transformers import ViTConfig, ViTForImageClassification
 
-    config = ViTConfig(image_size=32, patch_size=8, num_channels=3, hidden_size=32, num_hidden_layers=2,
-                       num_attention_heads=2, intermediate_size=64, num_labels=5)
+    config = ViTConfig(
+        image_size=32,
+        patch_size=8,
+        num_channels=3,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        num_labels=5,
+    )
     ViTForImageClassification(config).save_pretrained(tmp_path)
     model = hf_model(10, path=str(tmp_path)).eval()
     assert model.kd_taps.classifier == "model.classifier"

@@ -115,16 +115,24 @@ class RandAugmentView(Augmenter):
     32x32 on CPU), on ``x``'s device.
     """
 
-    def __init__(self, num_ops: int = 2, magnitude: int = 9, num_magnitude_bins: int = 31,
-                 mean: list[float] | None = None, std: list[float] | None = None) -> None:
+    def __init__(
+        self,
+        num_ops: int = 2,
+        magnitude: int = 9,
+        num_magnitude_bins: int = 31,
+        mean: list[float] | None = None,
+        std: list[float] | None = None,
+    ) -> None:
         if num_ops < 0:
             raise ConfigError(f"randaugment: num_ops must be >= 0, got {num_ops}")
         if not 0 <= magnitude < num_magnitude_bins:
-            raise ConfigError(f"randaugment: magnitude must be in [0, {num_magnitude_bins - 1}], "
-                              f"got {magnitude}")
+            raise ConfigError(
+                f"randaugment: magnitude must be in [0, {num_magnitude_bins - 1}], got {magnitude}"
+            )
         if (mean is None) != (std is None):
-            raise ConfigError("randaugment: give both `mean` and `std` (the dataset's normalisation) "
-                              "or neither")
+            raise ConfigError(
+                "randaugment: give both `mean` and `std` (the dataset's normalisation) or neither"
+            )
         if std is not None and any(s <= 0 for s in std):
             raise ConfigError(f"randaugment: std values must be > 0, got {std}")
         self.num_ops = num_ops
@@ -139,8 +147,10 @@ class RandAugmentView(Augmenter):
         b, c = x.shape[:2]
         if self.mean is not None and self.std is not None:
             if len(self.mean) != c or len(self.std) != c:
-                raise ConfigError(f"randaugment: mean/std have {len(self.mean)}/{len(self.std)} values "
-                                  f"but the batch has {c} channels")
+                raise ConfigError(
+                    f"randaugment: mean/std have {len(self.mean)}/{len(self.std)} values "
+                    f"but the batch has {c} channels"
+                )
             std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(1, c, 1, 1)
             mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(1, c, 1, 1)
             return (-mean / std).expand(b, c, 1, 1), (1.0 / std).expand(b, c, 1, 1)
@@ -159,4 +169,3 @@ class RandAugmentView(Augmenter):
                 torch.default_generator.manual_seed(seed)
                 out[i] = self._op(unit[i])
         return out * scale + shift
-

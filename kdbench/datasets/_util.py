@@ -29,8 +29,9 @@ class NormalizedImages(TensorDataset):
     float32 copy, at the memory cost of a plain ``TensorDataset``.
     """
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor,
-                 mean: Sequence[float], std: Sequence[float]):
+    def __init__(
+        self, images: torch.Tensor, labels: torch.Tensor, mean: Sequence[float], std: Sequence[float]
+    ):
         if images.dtype != torch.uint8 or images.dim() != 4:
             raise ValueError(f"images must be uint8 [N, C, H, W], got {images.dtype} {tuple(images.shape)}")
         if images.shape[0] != labels.shape[0]:
@@ -91,8 +92,9 @@ def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
     return means, stds
 
 
-def stratified_split(labels: np.ndarray, test_fraction: float, seed: int = 0
-                     ) -> tuple[np.ndarray, np.ndarray]:
+def stratified_split(
+    labels: np.ndarray, test_fraction: float, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """Deterministic stratified (train, test) index arrays, each in a shuffled order.
 
     The seed is fixed by the dataset, not by the run: every run sees the same split. The
@@ -117,8 +119,9 @@ def stratified_split(labels: np.ndarray, test_fraction: float, seed: int = 0
 def check_split(dataset: object, name: str, splits: Sequence[str]) -> None:
     """Raise DataError for a split name the dataset does not have."""
     if name not in splits:
-        raise DataError(f"dataset {type(dataset).__name__} has no split {name!r}; "
-                        f"choose one of {list(splits)}")
+        raise DataError(
+            f"dataset {type(dataset).__name__} has no split {name!r}; choose one of {list(splits)}"
+        )
 
 
 def apply_limit(ds: NormalizedImages, limit: int | None) -> NormalizedImages:
@@ -196,6 +199,10 @@ class InMemoryDataset(KDDataset):
 
     def fingerprint(self) -> dict:
         built = self._built()
-        return {**super().fingerprint(), "params": self._params(), **self._source(),
-                "sizes": {k: len(self.split(k)) for k in self.splits},
-                "digest": array_digest(*(t for k in self.splits for t in (built[k].images, built[k].labels)))}
+        return {
+            **super().fingerprint(),
+            "params": self._params(),
+            **self._source(),
+            "sizes": {k: len(self.split(k)) for k in self.splits},
+            "digest": array_digest(*(t for k in self.splits for t in (built[k].images, built[k].labels))),
+        }

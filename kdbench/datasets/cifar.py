@@ -40,7 +40,7 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
 
     def find_class(self, module: str, name: str) -> Any:
         # the original files (Python 2, numpy 1) name numpy.core, numpy 2 calls it numpy._core
-        canonical = "numpy._core" + module[len("numpy.core"):] if module.startswith("numpy.core") else module
+        canonical = "numpy._core" + module[len("numpy.core") :] if module.startswith("numpy.core") else module
         if (canonical, name) not in self._ALLOWED:
             raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
         if canonical != module and not hasattr(np, "_core"):  # numpy 1
@@ -91,12 +91,16 @@ class _CIFAR(InMemoryDataset):
             if (d / self.meta_file).is_file():
                 missing = [n for n in self._all_files() if not (d / n).is_file()]
                 if missing:
-                    raise DataError(f"dataset {type(self).__name__}: {d} lacks {', '.join(missing)} "
-                                    f"(expected {', '.join(self._all_files())}); extract the archive again")
+                    raise DataError(
+                        f"dataset {type(self).__name__}: {d} lacks {', '.join(missing)} "
+                        f"(expected {', '.join(self._all_files())}); extract the archive again"
+                    )
                 return d
-        raise DataError(f"dataset {type(self).__name__}: no {self.meta_file} in {self.root} or "
-                        f"{self.root / self.dirname}; `root:` must be the extracted {self.dirname}/ "
-                        f"directory (with {', '.join(self._all_files())}) or its parent")
+        raise DataError(
+            f"dataset {type(self).__name__}: no {self.meta_file} in {self.root} or "
+            f"{self.root / self.dirname}; `root:` must be the extracted {self.dirname}/ "
+            f"directory (with {', '.join(self._all_files())}) or its parent"
+        )
 
     @property
     def class_names(self) -> list[str]:
@@ -140,9 +144,13 @@ class _CIFAR(InMemoryDataset):
         return list(self.mean), list(self.std)
 
     def fingerprint(self) -> dict:
-        return {**KDDataset.fingerprint(self), "dir": str(self.dir), "params": self._params(),
-                "files": {n: file_digest(self.dir / n) for n in self._all_files()},
-                "sizes": {k: len(self.split(k)) for k in self.splits}}
+        return {
+            **KDDataset.fingerprint(self),
+            "dir": str(self.dir),
+            "params": self._params(),
+            "files": {n: file_digest(self.dir / n) for n in self._all_files()},
+            "sizes": {k: len(self.split(k)) for k in self.splits},
+        }
 
 
 class CIFAR10(_CIFAR):

@@ -49,7 +49,9 @@ class ImageFolderDataset(KDDataset):
     needs_root: ClassVar[bool] = True
     #: the split subdirectory to read for each split name, in order of preference
     split_dirs: ClassVar[dict[str, tuple[str, ...]]] = {
-        "train": ("train",), "val": ("val",), "test": ("test", "val"),
+        "train": ("train",),
+        "val": ("val",),
+        "test": ("test", "val"),
     }
 
     def __init__(self, root: str | None = None, image_size: int = 224, resize: int | None = None):
@@ -68,13 +70,15 @@ class ImageFolderDataset(KDDataset):
         self.classes = classes
         self.class_to_idx = {c: i for i, c in enumerate(classes)}
         self.num_classes = len(classes)  # per instance: it depends on the folder
-        self.transform = v2.Compose([
-            v2.ToImage(),
-            v2.Resize(self.resize, antialias=True),
-            v2.CenterCrop(image_size),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-        ])
+        self.transform = v2.Compose(
+            [
+                v2.ToImage(),
+                v2.Resize(self.resize, antialias=True),
+                v2.CenterCrop(image_size),
+                v2.ToDtype(torch.float32, scale=True),
+                v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+            ]
+        )
         self._folders: dict[str, ImageFolder] = {}
 
     def _split_dir(self, name: str) -> Path:
@@ -83,19 +87,26 @@ class ImageFolderDataset(KDDataset):
             if (self.root / sub).is_dir():
                 return self.root / sub
         wanted = " or ".join(f"{self.root / s}/" for s in self.split_dirs[name])
-        raise DataError(f"dataset imagefolder: split {name!r} needs {wanted} "
-                        f"(layout: <root>/<split>/<class name>/<image>)")
+        raise DataError(
+            f"dataset imagefolder: split {name!r} needs {wanted} "
+            f"(layout: <root>/<split>/<class name>/<image>)"
+        )
 
     def split(self, name: str) -> Dataset:
         """The images of one split, decoded when indexed: ``(float [3, S, S], int label)``."""
         check_split(self, name, tuple(self.split_dirs))
         if name not in self._folders:
             directory = self._split_dir(name)
-            extra = sorted(e.name for e in directory.iterdir()
-                           if e.is_dir() and not e.name.startswith(".") and e.name not in self.class_to_idx)
+            extra = sorted(
+                e.name
+                for e in directory.iterdir()
+                if e.is_dir() and not e.name.startswith(".") and e.name not in self.class_to_idx
+            )
             if extra:
-                raise DataError(f"{directory} has class directories that train/ lacks: {', '.join(extra[:5])}"
-                                f"{' ...' if len(extra) > 5 else ''}")
+                raise DataError(
+                    f"{directory} has class directories that train/ lacks: {', '.join(extra[:5])}"
+                    f"{' ...' if len(extra) > 5 else ''}"
+                )
             folder = _ClassFolder(directory, self.class_to_idx, self.transform)
             if not folder.samples:
                 raise DataError(f"{directory} holds no images (extensions: {', '.join(IMG_EXTENSIONS)})")
@@ -113,5 +124,10 @@ class ImageFolderDataset(KDDataset):
                 h.update(f"{Path(path).relative_to(folder.root)}\t{label}\n".encode())
             digests[name] = h.hexdigest()[:16]
             sizes[name] = len(folder)
-        return {**super().fingerprint(), "params": {"image_size": self.image_size, "resize": self.resize},
-                "classes": len(self.classes), "sizes": sizes, "files": digests}
+        return {
+            **super().fingerprint(),
+            "params": {"image_size": self.image_size, "resize": self.resize},
+            "classes": len(self.classes),
+            "sizes": sizes,
+            "files": digests,
+        }

@@ -127,8 +127,10 @@ def read_idx(path: Path, ndim: int) -> np.ndarray:
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
         raise DataError(f"{path}: not an IDX file (magic number {data[:4].hex() or 'missing'})")
     if data[3] != ndim:
-        raise DataError(f"{path}: expected an IDX file with {ndim} dimensions, found {data[3]} "
-                        f"(images are idx3, labels idx1)")
+        raise DataError(
+            f"{path}: expected an IDX file with {ndim} dimensions, found {data[3]} "
+            f"(images are idx3, labels idx1)"
+        )
     header = 4 + 4 * ndim
     if len(data) < header:
         raise DataError(f"{path}: truncated IDX header")
@@ -136,8 +138,10 @@ def read_idx(path: Path, ndim: int) -> np.ndarray:
     dtype = np.dtype(_IDX_DTYPES[data[2]])
     expected = header + int(np.prod(shape)) * dtype.itemsize
     if len(data) != expected:
-        raise DataError(f"{path}: truncated or oversized IDX file: header says shape {shape}, "
-                        f"so {expected} bytes, but it has {len(data)}")
+        raise DataError(
+            f"{path}: truncated or oversized IDX file: header says shape {shape}, "
+            f"so {expected} bytes, but it has {len(data)}"
+        )
     return np.frombuffer(data, dtype=dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
 
 
@@ -179,9 +183,11 @@ class _IDXDataset(InMemoryDataset):
             for candidate in (d / name, d / f"{name}.gz"):
                 if candidate.is_file():
                     return candidate
-        raise DataError(f"dataset {type(self).__name__}: {name} (or {name}.gz) not found in "
-                        f"{self.root} (also looked in raw/ and {self.torchvision_name}/raw/); "
-                        f"expected the four IDX files {self._all_names()}")
+        raise DataError(
+            f"dataset {type(self).__name__}: {name} (or {name}.gz) not found in "
+            f"{self.root} (also looked in raw/ and {self.torchvision_name}/raw/); "
+            f"expected the four IDX files {self._all_names()}"
+        )
 
     def _all_names(self) -> list[str]:
         return [n for pair in self.files.values() for n in pair]
@@ -193,15 +199,20 @@ class _IDXDataset(InMemoryDataset):
             images = read_idx(images_path, 3)
             labels = read_idx(labels_path, 1)
             if images.shape[0] != labels.shape[0]:
-                raise DataError(f"{images_path} has {images.shape[0]} images but {labels_path} has "
-                                f"{labels.shape[0]} labels")
+                raise DataError(
+                    f"{images_path} has {images.shape[0]} images but {labels_path} has "
+                    f"{labels.shape[0]} labels"
+                )
             if images.shape[1:] != (28, 28) or images.dtype != np.uint8:
-                raise DataError(f"{images_path}: expected uint8 28x28 images, got "
-                                f"{images.dtype} {images.shape[1:]}")
+                raise DataError(
+                    f"{images_path}: expected uint8 28x28 images, got {images.dtype} {images.shape[1:]}"
+                )
             if labels.size and not 0 <= labels.min() <= labels.max() < self.num_classes:
                 raise DataError(f"{labels_path}: labels outside 0..{self.num_classes - 1}")
-            out[split] = (torch.from_numpy(images.copy()).unsqueeze(1),
-                          torch.from_numpy(labels.astype(np.int64)))
+            out[split] = (
+                torch.from_numpy(images.copy()).unsqueeze(1),
+                torch.from_numpy(labels.astype(np.int64)),
+            )
         return out
 
     def _source(self) -> dict:
@@ -226,8 +237,14 @@ class FashionMNIST(_IDXDataset):
     def __init__(self, root: str | None = default_root, limit: int | None = None):
         root = root or self.default_root
         if not Path(root).expanduser().exists():
-            hint = (" (install it with `apt-get install dataset-fashion-mnist`, or set `root:` to "
-                    "a directory with the IDX files)") if root == self.default_root else ""
+            hint = (
+                (
+                    " (install it with `apt-get install dataset-fashion-mnist`, or set `root:` to "
+                    "a directory with the IDX files)"
+                )
+                if root == self.default_root
+                else ""
+            )
             raise DataError(f"dataset root {root!r} does not exist{hint}")
         super().__init__(root, limit)
 

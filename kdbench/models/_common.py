@@ -34,8 +34,10 @@ def taps_from_params(model: nn.Module, taps: Mapping[str, Any] | None) -> TapSpe
     preact = tuple(str(p) for p in taps.get("preact") or ())
     classifier = str(taps.get("classifier") or "")
     if preact and len(preact) != len(stages):
-        raise ConfigError(f"taps: preact has {len(preact)} entries but stages has {len(stages)}; "
-                          "give one preact path per stage (\"\" for none)")
+        raise ConfigError(
+            f"taps: preact has {len(preact)} entries but stages has {len(stages)}; "
+            'give one preact path per stage ("" for none)'
+        )
     names = {n for n, _ in model.named_modules()}
     missing = [p for p in (*stages, *preact, classifier) if p and p not in names]
     if missing:

@@ -55,8 +55,10 @@ from kdbench.models._common import taps_from_params
 def _existing_file(path: str | Path, what: str) -> Path:
     p = Path(path).expanduser()
     if not p.is_file():
-        raise ConfigError(f"{what}: {str(p)!r} is not a file; give the path of a local checkpoint "
-                          "(kdbench never downloads weights)")
+        raise ConfigError(
+            f"{what}: {str(p)!r} is not a file; give the path of a local checkpoint "
+            "(kdbench never downloads weights)"
+        )
     return p
 
 
@@ -79,7 +81,7 @@ def read_state_dict(path: Path) -> dict[str, Tensor]:
     if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
         raise ConfigError(f"checkpoint {str(path)!r} holds no state dict (a mapping of names to tensors)")
     if state and all(k.startswith("module.") for k in state):  # saved from DataParallel
-        state = {k[len("module."):]: v for k, v in state.items()}
+        state = {k[len("module.") :]: v for k, v in state.items()}
     return dict(state)
 
 
@@ -127,8 +129,9 @@ def load_into(model: nn.Module, state: Mapping[str, Tensor], source: str) -> Non
         else:
             problems.append(f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}")
     # BatchNorm fills in num_batches_tracked itself for checkpoints saved before it existed
-    problems += [f"missing key {k}" for k in sorted(own.keys() - state.keys())
-                 if not k.endswith("num_batches_tracked")]
+    problems += [
+        f"missing key {k}" for k in sorted(own.keys() - state.keys()) if not k.endswith("num_batches_tracked")
+    ]
     if problems:
         shown = "; ".join(problems[:6]) + (f"; … ({len(problems)} in all)" if len(problems) > 6 else "")
         raise ConfigError(f"checkpoint {source!r} does not fit {type(model).__name__}: {shown}", problems)
@@ -145,18 +148,34 @@ def _replace_first_conv(model: nn.Module, in_channels: int) -> None:
     if old.in_channels == in_channels:
         return
     if old.groups != 1:
-        raise ConfigError(f"{type(model).__name__}: cannot adapt a grouped first convolution to "
-                          f"in_channels={in_channels}")
-    new = nn.Conv2d(in_channels, old.out_channels, old.kernel_size, old.stride, old.padding, old.dilation,
-                    bias=old.bias is not None, padding_mode=old.padding_mode)
+        raise ConfigError(
+            f"{type(model).__name__}: cannot adapt a grouped first convolution to in_channels={in_channels}"
+        )
+    new = nn.Conv2d(
+        in_channels,
+        old.out_channels,
+        old.kernel_size,
+        old.stride,
+        old.padding,
+        old.dilation,
+        bias=old.bias is not None,
+        padding_mode=old.padding_mode,
+    )
     model.set_submodule(path, new)
 
 
 # --------------------------------------------------------------------------- torchvision
 
 
-def torchvision_model(num_classes: int = 100, in_channels: int = 3, *, name: str, weights: str | None = None,
-                      taps: dict | None = None, **kwargs: Any) -> nn.Module:
+def torchvision_model(
+    num_classes: int = 100,
+    in_channels: int = 3,
+    *,
+    name: str,
+    weights: str | None = None,
+    taps: dict | None = None,
+    **kwargs: Any,
+) -> nn.Module:
     """Any torchvision classification model by name; ``weights`` is a local state-dict file."""
     import torchvision.models as tvm
 
@@ -183,8 +202,15 @@ def torchvision_model(num_classes: int = 100, in_channels: int = 3, *, name: str
 # --------------------------------------------------------------------------- timm
 
 
-def timm_model(num_classes: int = 100, in_channels: int = 3, *, name: str, checkpoint_path: str | None = None,
-               taps: dict | None = None, **kwargs: Any) -> nn.Module:
+def timm_model(
+    num_classes: int = 100,
+    in_channels: int = 3,
+    *,
+    name: str,
+    checkpoint_path: str | None = None,
+    taps: dict | None = None,
+    **kwargs: Any,
+) -> nn.Module:
     """A timm model by name (never ``pretrained=True``); ``checkpoint_path`` is a local file."""
     try:
         import timm
@@ -192,8 +218,9 @@ def timm_model(num_classes: int = 100, in_channels: int = 3, *, name: str, check
         raise PluginError("the `timm` model source needs timm: pip install 'kdbench[timm]'") from None
     path = _existing_file(checkpoint_path, "timm checkpoint_path") if checkpoint_path else None
     try:
-        model = timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_channels,
-                                  **kwargs)
+        model = timm.create_model(
+            name, pretrained=False, num_classes=num_classes, in_chans=in_channels, **kwargs
+        )
     except RuntimeError as e:  # timm's "Unknown model"
         raise ConfigError(f"timm model {name!r}: {e}") from None
     if path is not None:
@@ -224,14 +251,23 @@ class HFImageClassifier(nn.Module):
         return self.model(pixel_values=x).logits
 
 
-def hf_model(num_classes: int = 100, in_channels: int = 3, *, path: str, input_size: int | None = None,
-             taps: dict | None = None, **kwargs: Any) -> nn.Module:
+def hf_model(
+    num_classes: int = 100,
+    in_channels: int = 3,
+    *,
+    path: str,
+    input_size: int | None = None,
+    taps: dict | None = None,
+    **kwargs: Any,
+) -> nn.Module:
     """A local Hugging Face image-classification checkpoint directory; ``input_size`` resizes inputs."""
     root = Path(path).expanduser()
     if not root.is_dir():
-        raise ConfigError(f"hf: {str(root)!r} is not a directory; give a local Hugging Face checkpoint "
-                          "directory (config.json + weights, e.g. written by save_pretrained); "
-                          "kdbench never downloads models")
+        raise ConfigError(
+            f"hf: {str(root)!r} is not a directory; give a local Hugging Face checkpoint "
+            "directory (config.json + weights, e.g. written by save_pretrained); "
+            "kdbench never downloads models"
+        )
     try:
         from transformers import AutoConfig, AutoModelForImageClassification
     except ImportError:
@@ -246,8 +282,9 @@ def hf_model(num_classes: int = 100, in_channels: int = 3, *, path: str, input_s
         raise ConfigError(f"hf: cannot load an image classifier from {str(root)!r}: {e}") from None
     expected = int(getattr(model.config, "num_channels", 3))
     if in_channels != expected and not (in_channels == 1 and expected == 3):
-        raise ConfigError(f"hf: the checkpoint takes {expected}-channel images, "
-                          f"the dataset has {in_channels}")
+        raise ConfigError(
+            f"hf: the checkpoint takes {expected}-channel images, the dataset has {in_channels}"
+        )
     wrapped = HFImageClassifier(model, in_channels, input_size)
     wrapped.kd_taps = taps_from_params(wrapped, taps)
     return wrapped

@@ -25,8 +25,9 @@ _SETTING = ((16, 1, 1), (24, 2, 1), (32, 3, 2), (64, 4, 2), (96, 3, 1), (160, 3,
 
 
 def _conv_bn_relu(cin: int, cout: int, kernel: int, stride: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, kernel, stride, kernel // 2, bias=False), nn.BatchNorm2d(cout),
-                         nn.ReLU())
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, kernel, stride, kernel // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU()
+    )
 
 
 class InvertedResidual(nn.Module):
@@ -54,8 +55,9 @@ class InvertedResidual(nn.Module):
 class MobileNetV2(nn.Module):
     """stem → 7 groups of inverted residuals → 1×1 conv → average pool → linear."""
 
-    def __init__(self, expansion: int = 6, width_mult: float = 0.5, num_classes: int = 100,
-                 in_channels: int = 3):
+    def __init__(
+        self, expansion: int = 6, width_mult: float = 0.5, num_classes: int = 100, in_channels: int = 3
+    ):
         super().__init__()
         cin = int(32 * width_mult)
         self.conv1 = _conv_bn_relu(in_channels, cin, 3, 2)

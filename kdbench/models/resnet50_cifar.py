@@ -49,8 +49,9 @@ class Bottleneck(nn.Module):
 class ResNet50Cifar(nn.Module):
     """stem (3×3 conv-BN-ReLU) → layer1 … layer4 → average pool → linear."""
 
-    def __init__(self, blocks: tuple[int, int, int, int] = (3, 4, 6, 3), num_classes: int = 100,
-                 in_channels: int = 3):
+    def __init__(
+        self, blocks: tuple[int, int, int, int] = (3, 4, 6, 3), num_classes: int = 100, in_channels: int = 3
+    ):
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(64)

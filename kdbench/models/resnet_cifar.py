@@ -49,8 +49,9 @@ class BasicBlock(nn.Module):
 class ResNetCifar(nn.Module):
     """stem (conv-BN-ReLU) → layer1 → layer2 (/2) → layer3 (/2) → average pool → fc."""
 
-    def __init__(self, depth: int, widths: tuple[int, int, int, int], num_classes: int = 100,
-                 in_channels: int = 3):
+    def __init__(
+        self, depth: int, widths: tuple[int, int, int, int], num_classes: int = 100, in_channels: int = 3
+    ):
         super().__init__()
         if (depth - 2) % 6:
             raise ValueError(f"a CIFAR ResNet has depth 6n+2, got {depth}")
@@ -78,8 +79,9 @@ class ResNetCifar(nn.Module):
 
     @staticmethod
     def _stage(cin: int, cout: int, blocks: int, stride: int) -> nn.Sequential:
-        return nn.Sequential(*(BasicBlock(cin if i == 0 else cout, cout, stride if i == 0 else 1)
-                               for i in range(blocks)))
+        return nn.Sequential(
+            *(BasicBlock(cin if i == 0 else cout, cout, stride if i == 0 else 1) for i in range(blocks))
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.relu(self.bn1(self.conv1(x)))

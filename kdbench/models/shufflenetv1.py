@@ -58,9 +58,14 @@ class Bottleneck(nn.Module):
 class ShuffleNetV1(nn.Module):
     """stem (1×1 conv-BN-ReLU) → layer1 (/2) → layer2 (/2) → layer3 (/2) → average pool → linear."""
 
-    def __init__(self, widths: tuple[int, int, int] = (240, 480, 960),
-                 blocks: tuple[int, int, int] = (4, 8, 4), groups: int = 3, num_classes: int = 100,
-                 in_channels: int = 3):
+    def __init__(
+        self,
+        widths: tuple[int, int, int] = (240, 480, 960),
+        blocks: tuple[int, int, int] = (4, 8, 4),
+        groups: int = 3,
+        num_classes: int = 100,
+        in_channels: int = 3,
+    ):
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, 24, kernel_size=1, bias=False)
         self.bn1 = nn.BatchNorm2d(24)

@@ -80,8 +80,13 @@ class DownBlock(nn.Module):
 class ShuffleNetV2(nn.Module):
     """stem (1×1 conv-BN-ReLU) → layer1 … layer3 (each /2) → 1×1 conv-BN-ReLU → average pool → linear."""
 
-    def __init__(self, widths: tuple[int, int, int, int] = (116, 232, 464, 1024),
-                 blocks: tuple[int, int, int] = (3, 7, 3), num_classes: int = 100, in_channels: int = 3):
+    def __init__(
+        self,
+        widths: tuple[int, int, int, int] = (116, 232, 464, 1024),
+        blocks: tuple[int, int, int] = (3, 7, 3),
+        num_classes: int = 100,
+        in_channels: int = 3,
+    ):
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, 24, kernel_size=1, bias=False)
         self.bn1 = nn.BatchNorm2d(24)

@@ -53,8 +53,9 @@ class NetworkBlock(nn.Module):
 
     def __init__(self, n: int, cin: int, cout: int, stride: int, drop_rate: float = 0.0):
         super().__init__()
-        self.layer = nn.Sequential(*(BasicBlock(cin if i == 0 else cout, cout, stride if i == 0 else 1,
-                                                drop_rate) for i in range(n)))
+        self.layer = nn.Sequential(
+            *(BasicBlock(cin if i == 0 else cout, cout, stride if i == 0 else 1, drop_rate) for i in range(n))
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         return self.layer(x)
@@ -63,8 +64,14 @@ class NetworkBlock(nn.Module):
 class WideResNet(nn.Module):
     """stem conv → block1 → block2 (/2) → block3 (/2) → BN-ReLU → average pool → fc."""
 
-    def __init__(self, depth: int, widen_factor: int, num_classes: int = 100, in_channels: int = 3,
-                 drop_rate: float = 0.0):
+    def __init__(
+        self,
+        depth: int,
+        widen_factor: int,
+        num_classes: int = 100,
+        in_channels: int = 3,
+        drop_rate: float = 0.0,
+    ):
         super().__init__()
         if (depth - 4) % 6:
             raise ValueError(f"a Wide ResNet has depth 6n+4, got {depth}")
