@@ -193,3 +193,34 @@ def test_parallel_local_workers_match_inline(tiny_grid, tmp_path):
     seq = json.loads(kdbench_cli("report", str(tmp_path / "seq"), "--format", "json").stdout)
     top1 = lambda recs: {r["method"]: r["metrics"]["top1"]["mean"] for r in recs}  # noqa: E731
     assert top1(par) == top1(seq)  # same cells, same numbers, whichever process ran them
+
+
+def test_vit_to_mobilenetv2_from_a_local_hugging_face_checkpoint(tmp_path):
+    """The ViT → MobileNetV2 distillation of the Transformers KD guide, offline."""
+    transformers = pytest.importorskip("transformers", reason="needs the [hf] extra")
+    from tests.conftest import write_grid
+
+    cfg = transformers.ViTConfig(
+        image_size=32, patch_size=8, num_channels=3, hidden_size=32, num_hidden_layers=1,
+        num_attention_heads=2, intermediate_size=64, num_labels=10,
+    )  # fmt: skip
+    transformers.ViTForImageClassification(cfg).save_pretrained(tmp_path / "vit")
+    grid = write_grid(
+        tmp_path / "g.yaml",
+        f"""
+name: vit
+output: {tmp_path / "runs"}
+datasets: [{{digits: {{limit: 128}}}}]
+pairs:
+  - teacher: {{hf: {{path: {tmp_path / "vit"}, input_size: 32}}}}
+    student: torchvision:mobilenet_v2
+    source: loaded
+methods: [kd]
+train: {{epochs: 1, batch_size: 64, views: {{}}}}
+""",
+    )
+    r = kdbench_cli("run", str(grid))
+    assert r.returncode == 0, r.stderr
+    assert "torchvision:mobilenet_v2" in r.stdout and "| kd" in r.stdout
+    # a loaded teacher is evaluated, never trained
+    assert not list((tmp_path / "runs" / "vit" / "teachers").glob("*/metrics.jsonl"))
