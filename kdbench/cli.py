@@ -36,6 +36,9 @@ def run(
         Path | None, typer.Option("--out", help="run directory (default: output/name)")
     ] = None,
     workers: Annotated[int | None, typer.Option("--workers", min=1, help="parallel local workers")] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="validate and list the cells (done or to run); write nothing")
+    ] = False,
 ) -> None:
     """Run (or resume) a sweep, then print its leaderboard."""
     from kdbench.config import load_grid
@@ -47,6 +50,9 @@ def run(
     err.print(
         f"[bold]{p.grid.config.name}[/bold]: {len(p.cells)} cells, {len(p.teachers)} teacher(s) → {p.run_dir}"
     )
+    if dry_run:
+        _print_plan(p)
+        return
     counts = execute(p, workers, err)
     err.print(
         f"done {counts['done']}, skipped {counts['skipped']}, failed {counts['failed']} "
@@ -55,6 +61,17 @@ def run(
     out.print(report(p.run_dir), markup=False, highlight=False, soft_wrap=True)
     if counts["failed"]:
         raise typer.Exit(1)
+
+
+def _print_plan(p) -> None:
+    """One line per cell: its id, what it is, and whether a result is already on disk."""
+    table = Table("cell", "dataset", "teacher → student", "method", "seed", "state")
+    for c in p.cells:
+        done = (p.run_dir / "cells" / c["id"] / "result.json").exists()
+        state = "done" if done else ("partial" if (p.run_dir / "cells" / c["id"]).exists() else "to run")
+        pair = f"{c['teacher']['label']} → {c['student']['label']}"
+        table.add_row(c["id"], c["dataset"]["name"], pair, c["method"]["label"], str(c["seed"]), state)
+    out.print(table)
 
 
 @app.command("report")

@@ -169,3 +169,11 @@ methods: [kd]
     assert (s0.name, s0.params["name"]) == ("torchvision", "mobilenet_v2")
     assert src0.name == "loaded"
     assert t1.params["taps"]["stages"] == ["layer1", "layer2"]
+
+
+def test_dry_run_lists_cells_and_writes_nothing(tiny_grid, tmp_path: Path):
+    r = kdbench_cli("run", str(tiny_grid(methods="[ce, kd]", seeds="[0, 1]")), "--dry-run")
+    assert r.returncode == 0, r.stderr
+    assert "4 cells, 1 teacher(s)" in r.stderr
+    assert r.stdout.count("to run") == 4
+    assert not (tmp_path / "runs").exists()
