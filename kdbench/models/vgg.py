@@ -16,6 +16,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from kdbench.features import TapSpec
+from kdbench.models._common import init_fan_out_normal
 
 #: convolution widths per block (the reference's configurations S, A, B, D, E)
 _CFG: dict[int, tuple[tuple[int, ...], ...]] = {
@@ -49,17 +50,7 @@ class VGG(nn.Module):
         self.pool0, self.pool1, self.pool2, self.pool3 = (nn.MaxPool2d(2, 2) for _ in range(4))
         self.pool4 = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(cfg[-1][-1], num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                nn.init.normal_(m.weight, 0.0, (2.0 / fan_out) ** 0.5)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0.0, 0.01)
-                nn.init.zeros_(m.bias)
+        init_fan_out_normal(self, linear_std=0.01)
         relus = tuple(f"relu{i}" for i in range(5))
         self.kd_taps = TapSpec(stages=relus, preact=relus, classifier="classifier")
 

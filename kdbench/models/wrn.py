@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from kdbench.features import TapSpec
+from kdbench.models._common import init_fan_out_normal
 
 
 class BasicBlock(nn.Module):
@@ -85,15 +86,7 @@ class WideResNet(nn.Module):
         self.relu = nn.ReLU()
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(w[3], num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                nn.init.normal_(m.weight, 0.0, (2.0 / fan_out) ** 0.5)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.zeros_(m.bias)
+        init_fan_out_normal(self)
         self.kd_taps = TapSpec(
             stages=("conv1", "block1", "block2", "block3"),
             preact=("block1.layer.0.bn1", "block2.layer.0.relu1", "block3.layer.0.relu1", "relu"),
