@@ -15,7 +15,7 @@ $(BIN)/python:
 $(VENV)/.installed: $(BIN)/python pyproject.toml setup.py $(wildcard csrc/*)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH) setuptools wheel ninja pybind11
-	$(BIN)/python -m pip install -q --no-build-isolation -e '.[test,hf,timm]'
+	$(BIN)/python -m pip install -q --no-build-isolation -e '.[test,hf,timm,diffusion,slurm,ray,robustness,plot]'
 	touch $@
 
 install: $(VENV)/.installed
