@@ -88,6 +88,14 @@ class PairConfig(_Strict):
     source: Any = "recipe"
 
 
+class ReferenceValue(_Strict):
+    """A published number to compare with (presentation only: not part of any cell id)."""
+
+    value: float
+    source: str | None = None
+    metric: str = "top1"
+
+
 class GridConfig(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     output: str = "runs"
@@ -99,6 +107,9 @@ class GridConfig(_Strict):
     teacher_train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
+    #: method label -> {"teacher->student" or column label: number | ReferenceValue, "source": text};
+    #: `kdbench report` adds a "paper" column (see kdbench/reports/leaderboard.py)
+    reference: dict[str, dict[str, float | ReferenceValue | str]] = Field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- YAML with lines
