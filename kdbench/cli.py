@@ -79,7 +79,7 @@ def report_cmd(
     run_dir: Annotated[Path, typer.Argument(help="a run directory (holds results.sqlite)")],
     fmt: Annotated[str, typer.Option("--format", help="github | latex | csv | json")] = "github",
     metric: Annotated[
-        str, typer.Option(help="leaderboard metric: top1, top5, agreement, ece, nll, wall_s")
+        str, typer.Option(help="leaderboard metric: top1, nll, ece, worst_group, val/top1, c/fog/3/top1, ...")
     ] = "top1",
     details: Annotated[
         bool, typer.Option("--details", help="also every metric per cell (github format)")
@@ -87,11 +87,25 @@ def report_cmd(
     everything: Annotated[
         bool, typer.Option("--all", help="every cell in the store, not only the grid last run here")
     ] = False,
+    select: Annotated[
+        str,
+        typer.Option(
+            help="which epoch: last | best_val (best validation value of --metric) | "
+            "best_test (optimistic: selected on the test set)"
+        ),
+    ] = "last",
+    spread: Annotated[str, typer.Option(help="spread over seeds: std | sem | ci95")] = "std",
+    baseline: Annotated[
+        str | None, typer.Option(help="mark methods not significantly different from this method")
+    ] = None,
+    kind: Annotated[str, typer.Option(help="leaderboard | groups | shift | corruptions")] = "leaderboard",
 ) -> None:
-    """Print the leaderboard of a run from its results store."""
+    """Print the leaderboard (or another report kind) of a run from its results store."""
     from kdbench.report import report
 
-    text = report(run_dir, fmt, metric, details, everything)
+    text = report(
+        run_dir, fmt, metric, details, everything, select=select, spread=spread, baseline=baseline, kind=kind
+    )
     out.print(text, markup=False, highlight=False, soft_wrap=True)
 
 

@@ -85,8 +85,8 @@ def metric_info(name: str) -> MetricInfo | None:
 
 
 def declared() -> list[str]:
-    """Every declared name and pattern, sorted."""
-    return sorted([*_EXACT, *_PATTERNS])
+    """Every declared name and pattern, in declaration order."""
+    return [*_EXACT, *_PATTERNS]
 
 
 # --- built-in declarations (families listed in kdbench/engine/evaluation.py)

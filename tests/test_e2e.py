@@ -137,7 +137,7 @@ def test_report_formats_from_store(tiny_grid, tmp_path):
     for m in ("top1", "top5", "agreement", "ece", "wall_s"):
         assert m in kd["metrics"], m
     csv_text = kdbench_cli("report", str(run_dir), "--format", "csv").stdout
-    assert csv_text.splitlines()[0] == "method,column,metric,mean,std,n,best"
+    assert csv_text.splitlines()[0].startswith("method,column,metric,mean,std,n,best,status,")
     bad = kdbench_cli("report", str(run_dir), "--format", "xml")
     assert bad.returncode == 2
 

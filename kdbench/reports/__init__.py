@@ -182,7 +182,7 @@ def hardware(envs: list[dict]) -> list[str]:
         if env.get("cpu"):
             parts.append(str(env["cpu"]))
         if env.get("threads") is not None:
-            parts.append(f"{env['threads']} threads")
+            parts.append(f"{env['threads']} thread" + ("" if env["threads"] == 1 else "s"))
         if env.get("torch"):
             parts.append(f"torch {env['torch']}")
         if env.get("kernels"):
