@@ -124,14 +124,23 @@ def list_cmd(
                 f"unknown plugin kind {k!r}{registry.did_you_mean(k, registry.kinds())}; "
                 f"choose one of: {', '.join(registry.kinds())}"
             )
-    infos = [registry.info(k, n) for k in kinds for n in registry.names(k)]
+    infos = [
+        (i, len(registry.claimants(k, n)) > 1)
+        for k in kinds
+        for n in registry.names(k)
+        for i in registry.claimants(k, n)
+    ]
     if as_json:
-        out.print_json(json.dumps([i.to_dict() for i in infos]))
+        out.print_json(json.dumps([{**i.to_dict(), "conflict": clash} for i, clash in infos]))
         return
     table = Table("kind", "name", "provided by", "object")
-    for i in infos:
-        table.add_row(i.kind, i.name, f"{i.dist} {i.version}", i.value)
+    for i, clash in infos:
+        name = f"{i.name} (CONFLICT)" if clash else i.name
+        table.add_row(i.kind, name, f"{i.dist} {i.version}", i.value)
     out.print(table)
+    clashes = sorted({(i.kind, i.name) for i, clash in infos if clash})
+    for k, n in clashes:
+        err.print(f"[yellow]warning:[/yellow] {registry.conflict_message(k, n)}", highlight=False)
 
 
 @app.command()

@@ -202,7 +202,7 @@ def parse_ref(raw: Any, kind: str, path: tuple, problems: Problems) -> PluginRef
             return None
         path = path + (name,)
     else:
-        problems.add(path, f"expected a {kind[:-1]} name or {{name: {{params}}}}, got {raw!r}")
+        problems.add(path, f"expected a {registry.singular(kind)} name or {{name: {{params}}}}, got {raw!r}")
         return None
     if kind == "models" and ":" in str(name):
         source, _, arg = str(name).partition(":")
@@ -267,18 +267,92 @@ def validate_params(ref: PluginRef, path: tuple, problems: Problems, reserved: t
 # --------------------------------------------------------------------------- loading
 
 
-def load_yaml(path: Path) -> tuple[Any, yaml.Node | None]:
-    """Parse a YAML file, returning (data, node tree); syntax errors name the line."""
+#: most nodes a grid may expand to once aliases are followed (a real grid has a few hundred);
+#: bounds "billion laughs" alias bombs before anything walks the expanded data
+MAX_YAML_NODES = 100_000
+
+
+def _read_grid_text(path: Path) -> str:
+    """The text of a grid file, or a ConfigError naming the file (and line) saying what is wrong."""
     if not path.exists():
         raise ConfigError(f"{path}: file not found")
-    text = path.read_text()
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a directory; give the grid YAML file inside it")
     try:
-        root = yaml.compose(text, Loader=_Located)
-        data = yaml.load(text, Loader=yaml.SafeLoader)
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read ({e.strerror or e})") from None
+    nul = raw.find(b"\0")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        bad = raw[e.start : e.start + 1].hex()
+        raise ConfigError(
+            f"{path}:{line}: not UTF-8 text (byte 0x{bad} at offset {e.start}); "
+            "a grid is a YAML text file saved as UTF-8"
+        ) from None
+    if nul >= 0:
+        line = raw.count(b"\n", 0, nul) + 1
+        raise ConfigError(
+            f"{path}:{line}: contains a NUL byte (offset {nul}); a grid is a YAML text file, "
+            "not a binary file"
+        )
+    return text
+
+
+def _expanded_size(root: yaml.Node, limit: int) -> int:
+    """How many nodes the tree holds with every alias expanded (stops counting past ``limit``)."""
+    sizes: dict[int, int] = {}
+
+    def size(node: yaml.Node) -> int:
+        if id(node) in sizes:  # an alias to a node seen before: count its expansion again
+            return sizes[id(node)]
+        n = 1
+        if isinstance(node, yaml.SequenceNode):
+            for child in node.value:
+                n += size(child)
+                if n > limit:
+                    break
+        elif isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                n += size(k) + size(v)
+                if n > limit:
+                    break
+        sizes[id(node)] = n
+        return n
+
+    return size(root)
+
+
+def load_yaml(path: Path) -> tuple[Any, yaml.Node | None]:
+    """Parse a YAML file, returning (data, node tree); every problem names the file and line.
+
+    The file is parsed once (the data is constructed from the node tree). Anchors and aliases
+    work, but a file whose aliases expand past ``MAX_YAML_NODES`` nodes is refused.
+    """
+    path = Path(path)
+    text = _read_grid_text(path)
+    loader = _Located(text)
+    try:
+        root = loader.get_single_node()
+        if root is not None and _expanded_size(root, MAX_YAML_NODES) > MAX_YAML_NODES:
+            raise ConfigError(
+                f"{path}: its anchors and aliases expand to more than {MAX_YAML_NODES:,} nodes "
+                "(an alias bomb?); a grid repeats a recipe a few times, not exponentially"
+            )
+        data = loader.construct_document(root) if root is not None else None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
+        if mark is None and isinstance(e, yaml.reader.ReaderError):
+            line = text.count("\n", 0, e.position) + 1
+            raise ConfigError(f"{path}:{line}: {e.reason} (character {e.character!r})") from None
         where = f"{path}:{mark.line + 1}" if mark else str(path)
         raise ConfigError(f"{where}: malformed YAML: {getattr(e, 'problem', e)}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to be a grid") from None
+    finally:
+        loader.dispose()
     return data, root
 
 

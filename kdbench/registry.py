@@ -2,7 +2,8 @@
 
 Scanning reads distribution metadata only (``importlib.metadata``); nothing is imported
 until a plugin is used. A plugin that fails to import is reported with the distribution
-that ships it; two distributions claiming one name in one group is an error naming both.
+that ships it. Two distributions claiming one name is an error naming both, raised only
+where that name is used (listing shows both claimants; other plugins keep working).
 """
 
 from __future__ import annotations
@@ -52,11 +53,32 @@ def _dist_of(ep: md.EntryPoint) -> tuple[str, str]:
     return dist.metadata["Name"] or "?", dist.version or "?"
 
 
+#: plugin kind -> the word for one of them in messages
+SINGULAR: dict[str, str] = {
+    "models": "model",
+    "teachers": "teacher",
+    "losses": "loss",
+    "augmenters": "augmenter",
+    "datasets": "dataset",
+}
+
+
+def singular(kind: str) -> str:
+    """``"losses"`` -> ``"loss"`` (the word for one plugin of a kind)."""
+    return SINGULAR.get(kind, kind)
+
+
+@dataclass(frozen=True)
+class _Scan:
+    plugins: dict[str, dict[str, PluginInfo]]
+    #: kind -> name -> every distribution claiming it (only names claimed more than once)
+    conflicts: dict[str, dict[str, list[PluginInfo]]]
+
+
 @lru_cache(maxsize=1)
-def scan() -> dict[str, dict[str, PluginInfo]]:
-    """All plugins by kind and name; the one cached scan in the process."""
+def _scan() -> _Scan:
     found: dict[str, dict[str, PluginInfo]] = {k: {} for k in GROUPS}
-    conflicts: list[str] = []
+    conflicts: dict[str, dict[str, list[PluginInfo]]] = {k: {} for k in GROUPS}
     seen_dists: set[tuple[str, str, str]] = set()
     for kind, group in GROUPS.items():
         for ep in md.entry_points(group=group):
@@ -68,21 +90,42 @@ def scan() -> dict[str, dict[str, PluginInfo]]:
             seen_dists.add(key)
             info = PluginInfo(kind, ep.name, ep.value, dist, version)
             other = found[kind].get(ep.name)
-            if other is not None and other.dist != dist:
-                conflicts.append(
-                    f"{kind} plugin {ep.name!r} is registered by both {other.dist} {other.version} "
-                    f"({other.value}) and {dist} {version} ({ep.value}); uninstall one of them"
-                )
+            if other is not None:
+                conflicts[kind].setdefault(ep.name, [other]).append(info)
                 continue
             found[kind][ep.name] = info
-    if conflicts:
-        raise PluginError("\n".join(conflicts))
-    return found
+    return _Scan(found, conflicts)
+
+
+def scan() -> dict[str, dict[str, PluginInfo]]:
+    """All plugins by kind and name (the first claimant of a contested name); one cached scan."""
+    return _scan().plugins
+
+
+def claimants(kind: str, name: str) -> list[PluginInfo]:
+    """Every distribution registering ``name`` (more than one: the name is contested)."""
+    contested = _scan().conflicts[_check_kind(kind)].get(name)
+    if contested:
+        return list(contested)
+    p = scan()[kind].get(name)
+    return [p] if p else []
+
+
+def conflict_message(kind: str, name: str) -> str | None:
+    """The error for a name two distributions claim, or None when it is not contested."""
+    contested = _scan().conflicts[_check_kind(kind)].get(name)
+    if not contested:
+        return None
+    who = " and ".join(f"{p.dist} {p.version} ({p.value})" for p in contested)
+    return (
+        f"{singular(kind)} plugin {name!r} is registered by {len(contested)} distributions: {who}; "
+        f"uninstall all but one of them"
+    )
 
 
 def clear_cache() -> None:
     """Forget the scan (after installing a plugin in the same process, e.g. in tests)."""
-    scan.cache_clear()
+    _scan.cache_clear()
     _load.cache_clear()
 
 
@@ -108,10 +151,12 @@ def did_you_mean(name: str, options: list[str]) -> str:
 def info(kind: str, name: str) -> PluginInfo:
     """Metadata of one plugin; a clear error with suggestions when it does not exist."""
     plugins = scan()[_check_kind(kind)]
+    clash = conflict_message(kind, name)
+    if clash:
+        raise PluginError(clash)
     if name not in plugins:
-        singular = kind[:-1]
         raise PluginError(
-            f"unknown {singular} {name!r}{did_you_mean(name, list(plugins))}; "
+            f"unknown {singular(kind)} {name!r}{did_you_mean(name, list(plugins))}; "
             f"`kdbench list {kind}` shows the {len(plugins)} available"
         )
     return plugins[name]
@@ -127,7 +172,7 @@ def _load(kind: str, name: str) -> Any:
             obj = getattr(obj, part)
     except Exception as e:  # a broken plugin must not take the others down
         raise PluginError(
-            f"{kind[:-1]} plugin {name!r} from {p.dist} {p.version} failed to load ({p.value}): "
+            f"{singular(kind)} plugin {name!r} from {p.dist} {p.version} failed to load ({p.value}): "
             f"{type(e).__name__}: {e}"
         ) from e
     return obj

@@ -71,9 +71,18 @@ def test_two_plugins_claiming_one_name_is_an_error_naming_both(tmp_path, monkeyp
     fake_dist(tmp_path, "kdbench-two", "0.2", "kdbench.losses", {"twin": "b:B"})
     monkeypatch.syspath_prepend(str(tmp_path))
     registry.clear_cache()
+    # the clash is scoped to its name: the others still resolve
+    assert "twin" in registry.names("losses") and registry.info("losses", "kd").dist == "kdbench"
+    assert [p.dist for p in registry.claimants("losses", "twin")] == ["kdbench-one", "kdbench-two"]
     with pytest.raises(PluginError) as e:
-        registry.scan()
+        registry.info("losses", "twin")
     assert "kdbench-one 0.1" in str(e.value) and "kdbench-two 0.2" in str(e.value)
+    assert "loss plugin 'twin'" in str(e.value)
+
+
+def test_messages_say_loss_not_losse():
+    with pytest.raises(PluginError, match="unknown loss 'kdd'"):
+        registry.info("losses", "kdd")
 
 
 @pytest.fixture(scope="module")
