@@ -320,3 +320,12 @@ def test_unknown_metric_via_the_cli_exits_2(run_dir):
     r = kdbench_cli("report", str(run_dir), "--select", "best_val", "--baseline", "kd", "--spread", "sem")
     assert r.returncode == 0, r.stderr
     assert "selection: epoch with the best validation top1" in r.stdout and "standard error" in r.stdout
+
+
+def test_unknown_metric_lists_corruption_and_group_metrics_briefly(tmp_path):
+    final = {"top1": 90.0, "c/fog/1/top1": 80.0, "c/fog/2/top1": 70.0, "c/snow/1/top1": 75.0}
+    final.update({f"group/g{i}/acc": 50.0 + i for i in range(4)})
+    add(tmp_path, "kd", 0, None, final=final)
+    with pytest.raises(KdbenchError) as e:
+        report(tmp_path, metric="top7")
+    assert "this run has: c/*/*/top1, group/*/acc, top1, wall_s" in str(e.value)

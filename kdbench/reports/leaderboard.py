@@ -280,7 +280,7 @@ def check_metric(run: RunData, metric: str) -> None:
         have.update(k for k, v in (c["metrics"] or {}).items() if isinstance(v, int | float))
     if metric in have:
         return
-    names = sorted(have)
+    names = sorted({_family_name(k) for k in have})
     known = metric_info(metric) is not None
     hint = "" if known else f" (declared metrics: {', '.join(n for n in declared() if '*' not in n)})"
     raise KdbenchError(
@@ -289,8 +289,14 @@ def check_metric(run: RunData, metric: str) -> None:
     )
 
 
-def _num(v: float, digits: int = 2) -> str:
-    return "—" if v is None or math.isnan(v) else f"{v:.{digits}f}"
+def _family_name(name: str) -> str:
+    """``c/fog/3/top1`` -> ``c/*/*/top1``, ``group/a/acc`` -> ``group/*/acc`` (short listings)."""
+    where, metric = split_metric(name)
+    info = metric_info(metric)
+    metric = info.name if info else metric
+    if where.startswith("c/"):
+        where = "c/*/*"
+    return metric if where == "test" else f"{where}/{metric}"
 
 
 def fmt_stat(s: Stat, kind: str = "std", digits: int = 2) -> str:
@@ -352,6 +358,8 @@ def _cells(board: Board, args: ReportArgs, bold: str, esc=lambda s: s, approx: s
 def _notes(board: Board, args: ReportArgs, run: RunData, bold_word: str) -> list[str]:
     info = metric_info(args.metric)
     lines = footer(run.protocol(args, board.selected_epochs))
+    if args.select != "last" and TEACHER_ROW in board.rows:
+        lines.append("the teacher row is its final model")
     if info is not None:
         lines.append(
             f"{bold_word}: best per column ({'higher' if info.higher_is_better else 'lower'} is better; "
