@@ -12,7 +12,7 @@ import pytest
 from kdbench.errors import KdbenchError
 from kdbench.metric_defs import metric_info, register_metric, split_metric
 from kdbench.report import report
-from kdbench.reports import OPTIMISTIC, spread
+from kdbench.reports import OPTIMISTIC, _normalise_row, spread
 from kdbench.reports.leaderboard import Stat, compare
 from kdbench.store import Store
 
@@ -159,6 +159,11 @@ def test_rows_of_older_runs_are_read(tmp_path):
     text = "\n".join(json.dumps({"stage": "train", "epoch": e, **r}) for e, r in enumerate(rows))
     (d / "metrics.jsonl").write_text(text + '\n{"stage": "train", "ep')  # a line cut by a crash
     assert "75.00 (1)" in report(tmp_path, select="best_test")
+    # seam names with an underscore in the set stay as they are
+    assert _normalise_row({"test_reversed/top1": 1.0, "val_top1": 2.0}) == {
+        "test_reversed/top1": 1.0,
+        "val/top1": 2.0,
+    }
 
 
 def test_protocol_names_epochs_seeds_and_hardware(run_dir):

@@ -70,7 +70,7 @@ def _normalise_row(row: dict) -> dict[str, Any]:
     """Per-epoch row keys as in the seam: ``test_top1`` (older runs) -> ``test/top1``."""
     out = {}
     for k, v in row.items():
-        if k.startswith("test_") or k.startswith("val_"):
+        if "/" not in k and k.startswith(("test_", "val_")):
             s, _, m = k.partition("_")
             k = f"{s}/{m}"
         out[k] = v
