@@ -334,3 +334,15 @@ def test_unknown_metric_lists_corruption_and_group_metrics_briefly(tmp_path):
     with pytest.raises(KdbenchError) as e:
         report(tmp_path, metric="top7")
     assert "this run has: c/*/*/top1, group/*/acc, top1, wall_s" in str(e.value)
+
+
+def test_report_kinds_dispatch(run_dir, monkeypatch):
+    import kdbench.reports as reports
+
+    with pytest.raises(KdbenchError, match="unknown --kind 'pie'; choose one of leaderboard, groups"):
+        report(run_dir, kind="pie")
+    monkeypatch.setitem(reports.KINDS, "groups", "kdbench.reports.no_such_module")
+    with pytest.raises(KdbenchError, match="report kind 'groups' is not available"):
+        report(run_dir, kind="groups")
+    monkeypatch.setitem(reports.KINDS, "groups", "kdbench.reports.leaderboard")
+    assert report(run_dir, kind="groups") == report(run_dir)
