@@ -71,6 +71,7 @@ def test_board_mean_std_best_and_reference_rows(run_dir):
     assert "**94.50 ± 0.71 (2)**" in out
     assert "97.50 (1)" in out  # the teacher row: one number has no spread
     assert "1 cell(s) failed" in out
+    assert next(ln for ln in out.splitlines() if ln.startswith("| fitnet")).split("|")[2].strip() == "failed"
     assert "top-1 (%) ↑" in out
     assert "selection: last epoch" in out and "seeds: 0, 1 (n = 2)" in out
     assert "cpu, 1 thread, torch 2.5, kernels cpp" in out

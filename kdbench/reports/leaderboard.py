@@ -336,6 +336,10 @@ def _cells(board: Board, args: ReportArgs, bold: str, esc=lambda s: s, approx: s
         for c in board.columns:
             s = board.stat(r, c, metric)
             text = esc(fmt_stat(s, args.spread))
+            if not s.n:
+                statuses = [f.cell["status"] for f in board.failures if f.row == r and f.column == c]
+                if statuses:
+                    text = "failed" if "failed" in statuses else "not run yet"
             if r == best[c] and s.n:
                 text = bold.format(text)
             cmp = board.comparisons.get(r, {}).get(c)
