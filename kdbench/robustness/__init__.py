@@ -1,0 +1,1 @@
+"""Robustness tools: common corruptions (CIFAR-10-C), group robustness (DFR)."""
