@@ -1,0 +1,269 @@
+"""Corrupted test sets: generated (CIFAR-10-C recipe) or read from a CIFAR-10-C/100-C folder.
+
+Switched on by the grid's ``eval:`` block::
+
+    eval:
+      corruptions: all            # or a list of names, see kdbench.robustness.corruptions
+      severities: [1, 2, 3, 4, 5] # default: all five
+      corruption_seed: 0          # seed of the random corruptions (default 0)
+      corruptions_root: ~/data/CIFAR-10-C   # optional: real files instead of generated ones
+
+Each set is exposed to evaluation as ``"c/<corruption>/<severity>"``. Generated sets are
+built once per (dataset fingerprint, corruption, severity, seed, test-set size) and cached in
+the run directory (``corruptions/<key>.pt``, checksummed; a damaged file is rebuilt, the
+sets being deterministic). Every cell of a run therefore sees the very same corrupted images,
+whatever its own seed.
+
+A real CIFAR-10-C / CIFAR-100-C folder holds ``<corruption>.npy`` (uint8 ``[5·M, 32, 32, 3]``,
+severities 1..5 in consecutive blocks of M = 10000) and ``labels.npy`` (``[5·M]``); its images
+are normalised with the dataset's own mean/std. Files are memory-mapped: a set reads only its
+block.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from kdbench.artifacts import ArtifactCorrupt, load_checked, save_checked
+from kdbench.datasets._util import NormalizedImages
+from kdbench.errors import ConfigError, DataError
+from kdbench.robustness import corruptions as C
+
+log = logging.getLogger(__name__)
+
+PREFIX = "c/"
+
+
+def set_name(corruption: str, severity: int) -> str:
+    return f"{PREFIX}{corruption}/{severity}"
+
+
+def parse_set_name(name: str) -> tuple[str, int] | None:
+    """``"c/fog/3"`` -> ``("fog", 3)``; None for other set names."""
+    parts = name.split("/")
+    if len(parts) != 3 or parts[0] + "/" != PREFIX or not parts[2].isdigit():
+        return None
+    return parts[1], int(parts[2])
+
+
+def selected(eval_cfg: Mapping[str, Any]) -> tuple[list[str], list[int]]:
+    """The (corruptions, severities) an eval config asks for; ([], []) when none.
+
+    ``corruptions`` may be ``"all"``, a list of names, or None (off; but a
+    ``corruptions_root`` alone means all of them).
+    """
+    names = eval_cfg.get("corruptions")
+    if names is None and eval_cfg.get("corruptions_root"):
+        names = "all"
+    if names is None:
+        return [], []
+    if names == "all":
+        names = list(C.CORRUPTIONS)
+    elif isinstance(names, str):
+        names = [names]
+    sev = eval_cfg.get("severities") or list(C.SEVERITIES)
+    bad = [n for n in names if n not in C.CORRUPTIONS]
+    if bad:
+        raise ConfigError(
+            f"eval.corruptions: unknown {', '.join(map(repr, bad))}; "
+            f"choose 'all' or from: {', '.join(C.CORRUPTIONS)}"
+        )
+    bad_s = [s for s in sev if s not in C.SEVERITIES]
+    if bad_s:
+        raise ConfigError(f"eval.severities: {bad_s} out of range; severities are 1..5")
+    return list(dict.fromkeys(names)), sorted(set(sev))
+
+
+@contextmanager
+def _locked(path: Path):
+    """Exclusive advisory lock (released by the OS if the holder dies)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class CorruptionSets(Mapping):
+    """``{"c/<corruption>/<severity>": NormalizedImages}``, each built on first access.
+
+    Values are not kept: iterate set by set (CIFAR-10's 75 sets would not fit in memory).
+    """
+
+    def __init__(
+        self,
+        test: NormalizedImages,
+        names: list[str],
+        severities: list[int],
+        fingerprint: Any,
+        cache_dir: Path | None,
+        seed: int = 0,
+        root: str | Path | None = None,
+    ):
+        self.test = test
+        self.names = names
+        self.severities = severities
+        self.fingerprint = fingerprint
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.seed = int(seed)
+        self.root = Path(root).expanduser() if root else None
+        self._keys = [set_name(n, s) for n in names for s in severities]
+        if self.root is not None:
+            self._check_root()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._keys
+
+    def __getitem__(self, key: str) -> NormalizedImages:
+        if key not in self._keys:
+            raise KeyError(key)
+        parsed = parse_set_name(key)
+        assert parsed is not None
+        name, severity = parsed
+        images, labels = self._from_root(name, severity) if self.root else self._generated(name, severity)
+        return NormalizedImages(images, labels, self.test.mean, self.test.std)
+
+    # ------------------------------------------------------------------ generated
+
+    def cache_key(self, name: str, severity: int) -> str:
+        return _digest(
+            {
+                "dataset": self.fingerprint,
+                "n": len(self.test),
+                "corruption": name,
+                "severity": severity,
+                "seed": self.seed,
+                "version": C.VERSION,
+            }
+        )
+
+    def _generated(self, name: str, severity: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.cache_dir is None:
+            return self._generate(name, severity), self.test.labels
+        path = self.cache_dir / f"{name}-{severity}-{self.cache_key(name, severity)}.pt"
+        with _locked(self.cache_dir / f".{path.stem}.lock"):
+            if path.exists():
+                try:
+                    obj = load_checked(path)
+                    return obj["images"], obj["labels"]
+                except ArtifactCorrupt as e:
+                    log.warning("%s; regenerating it", e)
+            images = self._generate(name, severity)
+            save_checked({"images": images, "labels": self.test.labels.clone()}, path)
+        return images, self.test.labels
+
+    def _generate(self, name: str, severity: int) -> torch.Tensor:
+        clean = self.test.images.permute(0, 2, 3, 1).numpy()  # uint8 [N, H, W, C]
+        out = C.corrupt(clean, name, severity, self.seed)
+        return torch.from_numpy(np.ascontiguousarray(out)).permute(0, 3, 1, 2).contiguous()
+
+    # ------------------------------------------------------------------ real files
+
+    def _check_root(self) -> None:
+        assert self.root is not None
+        if not self.root.is_dir():
+            raise DataError(f"eval.corruptions_root {str(self.root)!r} is not a directory")
+        missing = [f"{n}.npy" for n in self.names if not (self.root / f"{n}.npy").exists()]
+        if not (self.root / "labels.npy").exists():
+            missing.append("labels.npy")
+        if missing:
+            raise DataError(
+                f"eval.corruptions_root {str(self.root)!r} lacks {', '.join(missing)}; "
+                "point it at an extracted CIFAR-10-C / CIFAR-100-C folder or list only the "
+                "corruptions it has in eval.corruptions"
+            )
+
+    def _from_root(self, name: str, severity: int) -> tuple[torch.Tensor, torch.Tensor]:
+        assert self.root is not None
+        labels = self._load(self.root / "labels.npy")
+        images = self._load(self.root / f"{name}.npy")
+        n, c, h, w = self.test.images.shape
+        if images.ndim != 4 or images.shape[1:] != (h, w, c) or images.dtype != np.uint8:
+            raise DataError(
+                f"{self.root / f'{name}.npy'}: expected uint8 images [5·M, {h}, {w}, {c}] for this "
+                f"dataset, found {images.dtype} {images.shape}"
+            )
+        if len(images) % 5 or len(labels) != len(images):
+            raise DataError(
+                f"{self.root / f'{name}.npy'}: {len(images)} images and {len(labels)} labels; "
+                "expected 5 severity blocks of equal size and one label per image"
+            )
+        m = len(images) // 5
+        block = slice((severity - 1) * m, severity * m)
+        x = torch.from_numpy(np.array(images[block])).permute(0, 3, 1, 2).contiguous()
+        y = torch.from_numpy(np.asarray(labels[block]).astype(np.int64))
+        return x, y
+
+    @staticmethod
+    def _load(path: Path) -> np.ndarray:
+        try:
+            return np.load(path, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise DataError(f"{path}: cannot read ({e}); the file is damaged, extract it again") from None
+
+
+def corruption_sets(
+    dataset: Any, test_split: NormalizedImages, eval_cfg: Mapping[str, Any], run_dir: Path | None
+) -> CorruptionSets:
+    """The corrupted test sets a cell's ``eval`` config asks for (empty when it asks for none).
+
+    ``dataset`` is the dataset plugin (its ``fingerprint()`` is used) or a fingerprint dict
+    (the cell's ``dataset`` entry); ``test_split`` must be the in-memory ``NormalizedImages``
+    test split. ``run_dir`` None disables the cache.
+    """
+    names, severities = selected(eval_cfg)
+    if names and not isinstance(test_split, NormalizedImages):
+        raise DataError(
+            f"corruption evaluation needs an in-memory test split (NormalizedImages), got "
+            f"{type(test_split).__name__}; drop eval.corruptions for this dataset"
+        )
+    fp = dataset if isinstance(dataset, dict) else (dataset.fingerprint() if names else None)
+    seed = eval_cfg.get("corruption_seed")
+    return CorruptionSets(
+        test_split,
+        names,
+        severities,
+        fp,
+        Path(run_dir) / "corruptions" if run_dir is not None else None,
+        seed=0 if seed is None else seed,
+        root=eval_cfg.get("corruptions_root"),
+    )
+
+
+def corruption_aggregates(metrics: Mapping[str, float], clean_key: str = "top1") -> dict[str, float]:
+    """``corruption_acc`` (RobustBench: mean top-1 over every corrupted set) and
+    ``corruption_rel_drop`` (``100 · (clean − corruption_acc) / clean``) from flat metrics.
+
+    Empty when ``metrics`` holds no ``c/<corruption>/<severity>/top1``.
+    """
+    accs = [v for k, v in metrics.items() if k.endswith("/top1") and parse_set_name(k[: -len("/top1")])]
+    if not accs:
+        return {}
+    acc = float(np.mean(accs))
+    out = {"corruption_acc": acc}
+    clean = metrics.get(clean_key)
+    if clean:
+        out["corruption_rel_drop"] = 100.0 * (clean - acc) / clean
+    return out
