@@ -67,10 +67,10 @@ def _print_plan(p) -> None:
     """One line per cell: its id, what it is, and whether a result is already on disk."""
     table = Table("cell", "dataset", "teacher → student", "method", "seed", "state")
     for c in p.cells:
-        done = (p.run_dir / "cells" / c["id"] / "result.json").exists()
-        state = "done" if done else ("partial" if (p.run_dir / "cells" / c["id"]).exists() else "to run")
-        pair = f"{c['teacher']['label']} → {c['student']['label']}"
-        table.add_row(c["id"], c["dataset"]["name"], pair, c["method"]["label"], str(c["seed"]), state)
+        done = (p.run_dir / "cells" / c.id / "result.json").exists()
+        state = "done" if done else ("partial" if (p.run_dir / "cells" / c.id).exists() else "to run")
+        pair = f"{c.teacher.label} → {c.student.label}"
+        table.add_row(c.id, c.dataset.name, pair, c.method.label, str(c.seed), state)
     out.print(table)
 
 
@@ -152,6 +152,46 @@ def bench(
     from kdbench.bench import bench_command
 
     bench_command(quick=quick, json=json_path)
+
+
+@app.command("cka")
+def cka_cmd(
+    grid_or_run: Annotated[Path, typer.Argument(help="a grid YAML file or a run directory")],
+    pair: Annotated[int, typer.Option("--pair", min=0, help="which pair of the grid (0-based)")] = 0,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="where the PNG and CSV go")] = None,
+    probe: Annotated[int, typer.Option("--probe", min=4, help="probe images")] = 256,
+    groups: Annotated[int | None, typer.Option("--groups", min=1, help="ckakd groups to draw")] = None,
+) -> None:
+    """Layer-by-layer CKA between a pair's teacher and student: heatmap PNG and CSV."""
+    from kdbench.analysis.commands import cka
+
+    for f in cka(grid_or_run, pair, out_dir, probe, groups):
+        out.print(str(f))
+
+
+@app.command("rank-students")
+def rank_students_cmd(
+    grid_or_run: Annotated[Path, typer.Argument(help="a grid YAML file or a run directory")],
+    probe: Annotated[int, typer.Option("--probe", min=4, help="probe images")] = 64,
+    method: Annotated[str, typer.Option("--method", help="measured results to correlate with")] = "kd",
+) -> None:
+    """Score every student against its teacher without training (DisWOT, CKA)."""
+    from kdbench.analysis.commands import rank_students
+
+    out.print(rank_students(grid_or_run, probe, method), highlight=False)
+
+
+@app.command("plot")
+def plot_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="a run directory")],
+    out_dir: Annotated[Path | None, typer.Option("--out", help="where the PNGs go")] = None,
+    metric: Annotated[str, typer.Option("--metric", help="metric to draw")] = "top1",
+) -> None:
+    """Learning curves and the leaderboard as PNGs."""
+    from kdbench.analysis.commands import plot
+
+    for f in plot(run_dir, out_dir, metric):
+        out.print(str(f))
 
 
 def main() -> None:

@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from kdbench import registry
+from kdbench.cells import EvalSpec, TrainRecipe
 from kdbench.errors import ConfigError, KdbenchError
 
 # --------------------------------------------------------------------------- schema
@@ -25,27 +26,15 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class TrainConfig(_Strict):
-    """How a model is trained (students: ``train``; teachers: ``teacher_train``)."""
+class TrainConfig(TrainRecipe):
+    """How a model is trained (students: ``train``; teachers: ``teacher_train``).
 
-    preset: Literal["repdistiller", "mdistiller", "quick"] | None = None
-    epochs: int = Field(10, ge=0)
-    batch_size: int = Field(64, ge=1)
-    optimizer: Literal["sgd", "adamw"] = "sgd"
-    lr: float = Field(0.05, gt=0)
-    momentum: float = Field(0.9, ge=0)
-    weight_decay: float = Field(5e-4, ge=0)
-    schedule: Literal["step", "cosine", "constant"] = "step"
-    milestones: list[float] = Field(default_factory=lambda: [0.625, 0.75, 0.875])
-    gamma: float = Field(0.1, gt=0)
-    warmup_epochs: int = Field(0, ge=0)
-    #: learning rate of a method's initialisation stage (AB, FT, FSP); None = ``lr``
-    init_lr: float | None = Field(None, gt=0)
-    augment: Any = "none"
-    views: dict[str, Any] = Field(default_factory=lambda: {"strong": "randaugment"})
-    device: str = "auto"
+    The fields are the cell's ``TrainRecipe`` (kdbench/cells.py) plus ``seed`` (teachers only).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=False)
+    #: teacher_train only: a fixed teacher seed, or "per_cell" (default: 0)
     seed: int | Literal["per_cell"] | None = None
-    checkpoint_every: int = Field(1, ge=0)
 
 
 #: RepDistiller CIFAR-100: SGD 0.9, lr 0.05, x0.1 at 150/180/210 of 240, wd 5e-4, batch 64
@@ -71,14 +60,18 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-class EvalConfig(_Strict):
-    batch_size: int = Field(512, ge=1)
-    ece_bins: int = Field(15, ge=1)
+class EvalConfig(EvalSpec):
+    """``eval``: the cell's ``EvalSpec`` (kdbench/cells.py)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=False)
 
 
 class ExecutorConfig(_Strict):
     kind: str = "local"
     workers: int = Field(1, ge=1)
+    #: intra-op CPU threads of every cell, inline or in a worker: fixed, so a cell's numbers do
+    #: not depend on how it was scheduled (workers x threads must fit the CPUs; see runner)
+    threads: int = Field(1, ge=1)
 
 
 class PairConfig(_Strict):
@@ -185,9 +178,21 @@ class PluginRef(BaseModel):
     params: dict[str, Any] = Field(default_factory=dict)
     #: the parameter names the grid set explicitly (the rest are the plugin's defaults)
     given: list[str] = Field(default_factory=list)
+    #: methods: the engine's loss-term weights (``loss_weights:``, or ``weights:`` for a method
+    #: without a ``weights`` parameter of its own); not part of ``params``
+    loss_weights: dict[str, Any] = Field(default_factory=dict)
 
     def key(self) -> dict[str, Any]:
         return {"name": self.name, "params": self.params}
+
+    @property
+    def method_params(self) -> dict[str, Any]:
+        """A method's constructor arguments as they enter the cell.
+
+        A method's own ``weights`` parameter (ckakd) is included only when the grid sets it,
+        so cells of grids that leave it at its default keep their format-1 ids.
+        """
+        return {k: v for k, v in self.params.items() if k != "weights" or k in self.given}
 
 
 def parse_ref(raw: Any, kind: str, path: tuple, problems: Problems) -> PluginRef | None:
@@ -416,7 +421,7 @@ def load_grid(path: str | Path) -> Grid:
     assert cfg is not None
 
     datasets = _refs(cfg.datasets, "datasets", ("datasets",), problems)
-    methods = _refs(cfg.methods, "losses", ("methods",), problems, reserved=("weights",))
+    methods = _refs(cfg.methods, "losses", ("methods",), problems)
     pairs = []
     for i, pair in enumerate(cfg.pairs):
         t = parse_ref(pair.teacher, "models", ("pairs", i, "teacher"), problems)
@@ -427,8 +432,6 @@ def load_grid(path: str | Path) -> Grid:
                 validate_params(ref, ("pairs", i, where), problems, reserved=("taps",))
         if t and s and src:
             pairs.append((t, s, src))
-    for m_i, m in enumerate(methods):
-        _check_weights(m, ("methods", m_i, m.name, "weights"), problems)
     augs = {}
     for key, tc in (("train", cfg.train), ("teacher_train", cfg.teacher_train)):
         a = parse_ref(tc.augment, "augmenters", (key, "augment"), problems)
@@ -459,19 +462,44 @@ def load_grid(path: str | Path) -> Grid:
     )
 
 
-def _check_weights(m: PluginRef, path: tuple, problems: Problems) -> None:
-    """``weights`` maps the method's loss terms (and "ce") to numbers."""
-    w = m.params.get("weights")
-    if w is None:
+#: the key that sets a method's loss-term weights for the engine (``weights`` also works for a
+#: method with no ``weights`` parameter of its own)
+LOSS_WEIGHTS_KEY = "loss_weights"
+
+
+def _split_loss_weights(ref: PluginRef, path: tuple, problems: Problems) -> None:
+    """Move the engine's loss-term weights out of a method's parameters into ``ref.loss_weights``.
+
+    ``loss_weights: {term: w}`` always means the engine's weights. ``weights: {term: w}`` means
+    the same for a method without a ``weights`` parameter (backward compatible), and is the
+    method's own parameter for one that has it (ckakd's per-group weights).
+    """
+    try:
+        obj = registry.load("losses", ref.name)
+        own = "weights" in inspect.signature(obj.__init__ if inspect.isclass(obj) else obj).parameters
+    except (KdbenchError, TypeError, ValueError):
+        obj, own = None, False
+    lw = ref.params.pop(LOSS_WEIGHTS_KEY, None)
+    key = LOSS_WEIGHTS_KEY
+    if not own and "weights" in ref.params:
+        if lw is not None:
+            problems.add(
+                path + ("weights",), f"set the loss-term weights once: {LOSS_WEIGHTS_KEY} or weights"
+            )
+        lw, key = ref.params.pop("weights"), "weights"
+    ref.given = [k for k in ref.given if k in ref.params]
+    if lw is None:
         return
-    if not (isinstance(w, dict) and all(isinstance(v, int | float) for v in w.values())):
-        problems.add(path, f"expected a mapping of term -> number, got {w!r}")
+    if not (isinstance(lw, dict) and all(isinstance(v, int | float) for v in lw.values())):
+        problems.add(path + (key,), f"expected a mapping of loss term -> number, got {lw!r}")
         return
-    known = {"ce", *getattr(registry.load("losses", m.name), "default_weights", {})}
-    for term in w:
+    ref.loss_weights = dict(lw)
+    known = {"ce", *getattr(obj, "default_weights", {})}
+    for term in lw:
         if term not in known:
             problems.add(
-                path + (term,), f"{m.name} has no loss term {term!r}; its terms: {', '.join(sorted(known))}"
+                path + (key, term),
+                f"{ref.name} has no loss term {term!r}; its terms: {', '.join(sorted(known))}",
             )
 
 
@@ -485,8 +513,12 @@ def _refs(
         if ref is None:
             continue
         where = path + (i, ref.name) if isinstance(raw, dict) else path + (i,)
+        if kind == "losses":
+            _split_loss_weights(ref, where, problems)
         validate_params(ref, where, problems, reserved=reserved)
-        label = ref.name + (str(sorted(ref.params.items())) if isinstance(raw, dict) else "")
+        label = ref.name + (
+            str(sorted(ref.params.items())) + str(ref.loss_weights) if isinstance(raw, dict) else ""
+        )
         if label in seen:
             problems.add(path + (i,), f"{ref.name!r} is listed twice with the same parameters")
         seen.add(label)
@@ -498,7 +530,7 @@ def _check_plugins_only(data: dict, problems: Problems) -> None:
     for key, kind in (("datasets", "datasets"), ("methods", "losses")):
         raws = data.get(key)
         if isinstance(raws, list):
-            _refs(raws, kind, (key,), problems, reserved=("weights",) if kind == "losses" else ())
+            _refs(raws, kind, (key,), problems)
     pairs = data.get("pairs")
     if isinstance(pairs, list):
         for i, p in enumerate(pairs):

@@ -1,29 +1,20 @@
 """Expanding a validated grid into cells, and the ids that make resume exact.
 
-A cell is a plain, fully resolved dict (JSON-serialisable). Its id is a hash of its canonical
-JSON, which includes the names and versions of the plugins it uses: change a parameter, a
-dataset file or a plugin version and the cell is new; change nothing and it is skipped.
+A cell (``kdbench.cells.Cell``) is fully resolved. Its id is a hash of its canonical JSON,
+which includes the names and versions of the plugins it uses: change a parameter, a dataset
+file or a plugin version and the cell is new; change nothing and it is skipped.
 """
 
 from __future__ import annotations
 
-import hashlib
 import itertools
-import json
 from typing import Any
 
 from kdbench import registry
+from kdbench.cells import CELL_FORMAT, Cell, DatasetRef, MethodRef, TeacherSpec, canonical, digest
 from kdbench.config import Grid, PluginRef
 
-CELL_FORMAT = 1  # bump when the meaning of a cell dict changes
-
-
-def canonical(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
-
-
-def digest(obj: Any, n: int = 16) -> str:
-    return hashlib.sha256(canonical(obj).encode()).hexdigest()[:n]
+__all__ = ["CELL_FORMAT", "canonical", "digest", "expand", "method_label", "model_label", "teacher_spec"]
 
 
 def _short(v: Any) -> str:
@@ -32,8 +23,8 @@ def _short(v: Any) -> str:
 
 def method_label(ref: PluginRef) -> str:
     """Leaderboard row name: the method name, plus the parameters the grid set explicitly."""
-    args = ",".join(f"{k}={_short(ref.params[k])}" for k in ref.given if k != "weights")
-    extra = ",".join(f"w.{k}={_short(v)}" for k, v in sorted((ref.params.get("weights") or {}).items()))
+    args = ",".join(f"{k}={_short(ref.params[k])}" for k in ref.given)
+    extra = ",".join(f"w.{k}={_short(v)}" for k, v in sorted(ref.loss_weights.items()))
     inner = ",".join(p for p in (args, extra) if p)
     return f"{ref.name}({inner})" if inner else ref.name
 
@@ -67,65 +58,70 @@ def student_train(grid: Grid, student: PluginRef) -> dict:
 
 
 def teacher_spec(
-    grid: Grid, dataset: dict, teacher: PluginRef, source: PluginRef, source_fingerprint: dict, seed: int
-) -> dict:
+    grid: Grid,
+    dataset: DatasetRef,
+    teacher: PluginRef,
+    source: PluginRef,
+    source_fingerprint: dict,
+    seed: int,
+) -> TeacherSpec:
     """Everything that determines a trained teacher; its hash is the teacher id."""
     tt = grid.config.teacher_train
     tseed = seed if tt.seed == "per_cell" else (0 if tt.seed is None else tt.seed)
-    spec = {
-        "format": CELL_FORMAT,
-        "model": teacher.key(),
-        "label": model_label(teacher),
-        "source": {**source.key(), "fingerprint": source_fingerprint},
-        "dataset": dataset,
-        "train": tt.model_dump(mode="json", exclude={"seed"}),
-        "augment": grid.teacher_augment.key(),
-        "seed": tseed,
-        "plugins": registry.versions(
+    return TeacherSpec.build(
+        format=CELL_FORMAT,
+        model=teacher.key(),
+        label=model_label(teacher),
+        source={**source.key(), "fingerprint": source_fingerprint},
+        dataset=dataset,
+        train=tt.model_dump(mode="json", exclude={"seed"}),
+        augment=grid.teacher_augment.key(),
+        seed=tseed,
+        plugins=registry.versions(
             [
                 ("models", teacher.name),
                 ("teachers", source.name),
-                ("datasets", dataset["name"]),
+                ("datasets", dataset.name),
                 ("augmenters", grid.teacher_augment.name),
             ]
         ),
-    }
-    spec["id"] = digest(spec)
-    return spec
+        val_fraction=grid.config.eval.val_fraction,
+    )
 
 
-def expand(grid: Grid, dataset_fingerprints: list[dict], source_fingerprints: list[dict]) -> list[dict]:
+def uses_teacher(m: PluginRef) -> bool:
+    """Whether a method (with these parameters) reads a teacher at all."""
+    method_cls = registry.load("losses", m.name)
+    needs = getattr(method_cls, "requires_teacher", True)
+    if callable(getattr(method_cls, "needs_teacher", None)):
+        needs = method_cls.needs_teacher(**m.method_params)
+    return bool(needs)
+
+
+def expand(grid: Grid, dataset_fingerprints: list[dict], source_fingerprints: list[dict]) -> list[Cell]:
     """All cells of the grid in a stable order (dataset, pair, method, seed)."""
     cells = []
     evalc = grid.config.eval.model_dump(mode="json")
     for (d_i, ds), (p_i, (t, s, src)), m, seed in itertools.product(
         enumerate(grid.datasets), enumerate(grid.pairs), grid.methods, grid.config.seeds
     ):
-        dataset = {**ds.key(), "fingerprint": dataset_fingerprints[d_i]}
-        method_cls = registry.load("losses", m.name)
-        needs_teacher = getattr(method_cls, "requires_teacher", True)
-        if callable(getattr(method_cls, "needs_teacher", None)):
-            needs_teacher = method_cls.needs_teacher(**{k: v for k, v in m.params.items() if k != "weights"})
-        params = {k: v for k, v in m.params.items() if k != "weights"}
-        cell: dict[str, Any] = {
-            "format": CELL_FORMAT,
-            "grid": grid.config.name,
-            "dataset": dataset,
-            "student": {**s.key(), "label": model_label(s)},
-            "teacher": teacher_spec(grid, dataset, t, src, source_fingerprints[p_i], seed),
-            "uses_teacher": bool(needs_teacher),
-            "method": {
-                "name": m.name,
-                "label": method_label(m),
-                "params": params,
-                "weights": m.params.get("weights") or {},
-            },
-            "seed": seed,
-            "train": student_train(grid, s),
-            "augment": grid.train_augment.key(),
-            "views": {k: v.key() for k, v in sorted(grid.views.items())},
-            "eval": evalc,
-            "plugins": registry.versions(
+        dataset = DatasetRef(**ds.key(), fingerprint=dataset_fingerprints[d_i])
+        cell = Cell.build(
+            format=CELL_FORMAT,
+            grid=grid.config.name,
+            dataset=dataset,
+            student={**s.key(), "label": model_label(s)},
+            teacher=teacher_spec(grid, dataset, t, src, source_fingerprints[p_i], seed),
+            uses_teacher=uses_teacher(m),
+            method=MethodRef(
+                name=m.name, label=method_label(m), params=m.method_params, weights=m.loss_weights
+            ),
+            seed=seed,
+            train=student_train(grid, s),
+            augment=grid.train_augment.key(),
+            views={k: v.key() for k, v in sorted(grid.views.items())},
+            eval=evalc,
+            plugins=registry.versions(
                 [
                     ("datasets", ds.name),
                     ("models", s.name),
@@ -135,10 +131,6 @@ def expand(grid: Grid, dataset_fingerprints: list[dict], source_fingerprints: li
                 ]
                 + [("augmenters", v.name) for v in grid.views.values()]
             ),
-        }
-        # the grid's name and the row label are presentation, not content
-        content = {**cell, "method": {k: v for k, v in cell["method"].items() if k != "label"}}
-        content.pop("grid")
-        cell["id"] = digest(content)
+        )
         cells.append(cell)
     return cells

@@ -1,18 +1,21 @@
 """The driver of a sweep: resolve the grid, skip what is done, execute the rest, import results.
 
 Workers (in-process, or local processes) only run cells and write ``result.json``; this
-driver is the only writer of ``results.sqlite``. Before executing anything it imports every
+driver is the only writer of ``results.sqlite``, and holds the run directory's lock while it
+runs (a second driver on the same directory refuses at once). Before executing anything it imports every
 result file already on disk, so a driver killed after a cell finished loses nothing, and a
 cell killed mid-training resumes from its last epoch checkpoint.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
-import multiprocessing as mp
 import os
-import shutil
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+import platform
+import sqlite3
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,10 +26,13 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from kdbench import registry
+from kdbench.artifacts import disk_error
+from kdbench.cells import Cell, TeacherSpec
 from kdbench.config import Grid, Problems, load_yaml
 from kdbench.errors import KdbenchError
 from kdbench.grid import expand
-from kdbench.store import Store, write_json_atomic
+from kdbench.pool import cpu_budget, run_pool
+from kdbench.store import Store
 
 
 @dataclass
@@ -35,8 +41,8 @@ class Plan:
 
     grid: Grid
     run_dir: Path
-    cells: list[dict]
-    teachers: dict[str, dict] = field(default_factory=dict)
+    cells: list[Cell]
+    teachers: dict[str, TeacherSpec] = field(default_factory=dict)
 
 
 def plan(grid: Grid, out: Path | None = None) -> Plan:
@@ -61,16 +67,16 @@ def plan(grid: Grid, out: Path | None = None) -> Plan:
     problems.raise_if_any()
     cells = expand(grid, ds_fp, src_fp)
     run_dir = Path(out) if out is not None else grid.run_dir
-    teachers = {c["teacher"]["id"]: c["teacher"] for c in cells if c["uses_teacher"]}
+    teachers = {c.teacher.id: c.teacher for c in cells if c.uses_teacher}
     return Plan(grid, run_dir, cells, teachers)
 
 
-def import_results(store: Store, run_dir: Path, cells: list[dict]) -> None:
+def import_results(store: Store, run_dir: Path, cells: list[Cell]) -> None:
     """Record every result file on disk that the store does not yet hold as done."""
     status = store.status()
     for c in cells:
-        f = run_dir / "cells" / c["id"] / "result.json"
-        if f.exists() and status.get(c["id"]) != "done":
+        f = run_dir / "cells" / c.id / "result.json"
+        if f.exists() and status.get(c.id) != "done":
             try:
                 store.record(json.loads(f.read_text()))
             except (json.JSONDecodeError, KeyError):
@@ -83,56 +89,235 @@ def import_results(store: Store, run_dir: Path, cells: list[dict]) -> None:
             pass
 
 
-def _worker(cell: dict, run_dir: str, attempt: int, threads: int) -> dict:
-    torch.set_num_threads(threads)
-    from kdbench.engine.cell import run_cell
+class RunDirBusy(KdbenchError):
+    """Another driver holds the run directory."""
 
-    return run_cell(cell, Path(run_dir), None, attempt)
+
+class RunLock:
+    """One driver per run directory: an ``fcntl`` lock on ``<run dir>/.kdbench.lock``.
+
+    The lock file holds the host and PID of the driver that holds it. The OS releases the
+    lock when that process dies, however it dies, so a stale file needs no cleanup. Workers
+    (local, Slurm, Ray) never take it: they only write their own cell directory.
+    """
+
+    NAME = ".kdbench.lock"
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / self.NAME
+        self.fd: int | None = None
+
+    def __enter__(self) -> RunLock:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise not_writable(self.path.parent, e) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").split()
+            os.close(fd)
+            who = f"host {holder[0]}, PID {holder[1]}" if len(holder) >= 2 else "another process"
+            raise RunDirBusy(
+                f"run directory {self.path.parent} is in use by another `kdbench run` ({who}); "
+                "wait for it to finish or stop it: two drivers would train every cell twice"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{platform.node()} {os.getpid()} {time.strftime('%Y-%m-%dT%H:%M:%S')}\n".encode(), 0)
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+
+def not_writable(directory: Path, e: OSError) -> KdbenchError:
+    """The error for an output directory kdbench cannot write."""
+    why = e.strerror or str(e)
+    return KdbenchError(
+        f"output directory {directory} is not writable ({why}); "
+        "fix its permissions or choose another with --out"
+    )
+
+
+def _check_writable(run_dir: Path) -> None:
+    """Fail (exit 2) before anything is written when ``run_dir`` cannot take new files.
+
+    ``O_TMPFILE`` makes a nameless file, so the probe leaves nothing behind even when it works;
+    it also catches read-only mounts, which root's permission bypass does not.
+    """
+    flag = getattr(os, "O_TMPFILE", 0)
+    try:
+        if flag:
+            os.close(os.open(run_dir, flag | os.O_WRONLY, 0o600))
+        elif not os.access(run_dir, os.W_OK):
+            raise PermissionError(13, "Permission denied")
+    except OSError as e:
+        if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise not_writable(run_dir, e) from None
+        # EOPNOTSUPP/EISDIR/EINVAL: the filesystem has no O_TMPFILE; later writes will tell
+
+
+def _done_on_disk(run_dir: Path, cells: list[Cell]) -> set[str]:
+    """Ids of cells already done, read from the store and result files without writing."""
+    done: set[str] = set()
+    db = run_dir / "results.sqlite"
+    if db.exists():
+        store = Store.open_existing(db)
+        try:
+            done = {i for i, s in store.status().items() if s == "done"}
+        finally:
+            store.close()
+    for c in cells:
+        f = run_dir / "cells" / c.id / "result.json"
+        if c.id not in done and f.exists():
+            try:
+                if json.loads(f.read_text()).get("status") == "done":
+                    done.add(c.id)
+            except (OSError, ValueError, AttributeError):
+                pass
+    return done
+
+
+def _write_if_changed(path: Path, data: bytes) -> None:
+    """Write ``path`` atomically unless it already holds ``data`` (a finished rerun writes nothing)."""
+    try:
+        if path.read_bytes() == data:
+            return
+    except OSError:
+        pass
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise disk_error(path, e) from None
+
+
+def resolve_threads(p: Plan, workers: int | None, console: Console) -> tuple[int, int]:
+    """(workers, intra-op threads per cell) that fit the CPUs this process may use.
+
+    The thread count is the grid's ``executor.threads`` whatever the schedule (inline or N
+    workers), so a cell's numbers do not depend on it. Workers are reduced when
+    ``workers x threads`` would oversubscribe the CPUs (oversubscribed OpenMP is ~25x slower).
+    """
+    budget = cpu_budget()
+    threads = p.grid.config.executor.threads
+    n_workers = max(1, workers or p.grid.config.executor.workers)
+    if threads > budget:
+        console.print(
+            f"[yellow]warning:[/yellow] executor.threads is {threads} but this process may use "
+            f"{budget} CPU(s); using {budget} (numbers may differ in the last bits from a run "
+            f"with {threads})"
+        )
+        threads = budget
+    if n_workers * threads > budget:
+        fit = max(1, budget // threads)
+        console.print(
+            f"[yellow]warning:[/yellow] {n_workers} workers x {threads} thread(s) would oversubscribe "
+            f"the {budget} CPU(s) this process may use; running {fit} worker(s)"
+        )
+        n_workers = fit
+    return n_workers, threads
+
+
+def _warn_thread_change(store: Store, threads: int, cells: list[Cell], console: Console) -> None:
+    """Say so when this run computes with another thread count than the cells before it."""
+    ids = {c.id for c in cells}
+    before = {
+        (r["env"] or {}).get("threads")
+        for r in store.cells("done")
+        if r["id"] in ids and (r["env"] or {}).get("threads") is not None
+    }
+    last = store.get_meta("threads")
+    if last is not None:
+        before.add(int(last))
+    other = sorted(t for t in before if t != threads)
+    if other:
+        console.print(
+            f"[yellow]warning:[/yellow] this run uses {threads} thread(s) per cell, earlier cells or "
+            f"partial cells of this run directory used {', '.join(map(str, other))}: their numbers can "
+            f"differ in the last bits; set executor.threads: {other[0]} to continue with the same arithmetic"
+        )
+    store.set_meta("threads", str(threads))
 
 
 def execute(p: Plan, workers: int | None = None, console: Console | None = None) -> dict[str, Any]:
-    """Run every cell not yet done. Returns counts {total, skipped, done, failed}."""
+    """Run every cell not yet done. Returns counts {total, skipped, done, failed}.
+
+    A finished run writes nothing (it may live in a read-only archive). Otherwise the run
+    directory is locked for this driver (a second driver stops at once) and checked writable.
+    """
     console = console or Console(stderr=True)
-    p.run_dir.mkdir(parents=True, exist_ok=True)
-    # the grid last run here, next to the ids of its cells (what `kdbench report` shows)
-    tmp = p.run_dir / ".grid.yaml.tmp"
-    shutil.copyfile(p.grid.file, tmp)
-    os.replace(tmp, p.run_dir / "grid.yaml")
-    write_json_atomic(p.run_dir / "cells.json", [c["id"] for c in p.cells])
-    store = Store(p.run_dir / "results.sqlite")
+    grid_text = Path(p.grid.file).read_bytes()
+    ids_text = (json.dumps([c.id for c in p.cells], indent=2) + "\n").encode()
+    done = _done_on_disk(p.run_dir, p.cells) if p.run_dir.exists() else set()
+    n = len(p.cells)
+    if n and len(done & {c.id for c in p.cells}) == n:
+        console.print(f"[dim]{n} of {n} cells already done; nothing to run[/dim]")
+        try:  # keep "the grid last run here" right when another grid reached the same cells
+            _write_if_changed(p.run_dir / "grid.yaml", grid_text)
+            _write_if_changed(p.run_dir / "cells.json", ids_text)
+        except KdbenchError:
+            pass  # a read-only archive: nothing to write is not an error
+        return {"total": n, "skipped": n, "done": 0, "failed": 0}
+    n_workers, threads = resolve_threads(p, workers, console)
+    with RunLock(p.run_dir):
+        _check_writable(p.run_dir)
+        # the grid last run here, next to the ids of its cells (what `kdbench report` shows)
+        _write_if_changed(p.run_dir / "grid.yaml", grid_text)
+        _write_if_changed(p.run_dir / "cells.json", ids_text)
+        store = _open_store(p.run_dir)
+        try:
+            return _execute_locked(p, store, n_workers, threads, console)
+        finally:
+            store.close()
+
+
+def _open_store(run_dir: Path) -> Store:
     try:
-        store.add_pending(p.cells)
-        import_results(store, p.run_dir, p.cells)
-        before = {c["id"]: c for c in store.cells()}
-        todo = [c for c in p.cells if before[c["id"]]["status"] != "done"]
-        counts = {"total": len(p.cells), "skipped": len(p.cells) - len(todo), "done": 0, "failed": 0}
-        if counts["skipped"]:
-            console.print(
-                f"[dim]{counts['skipped']} of {len(p.cells)} cells already done; skipping them[/dim]"
-            )
-        n_workers = max(1, workers or p.grid.config.executor.workers)
-        with Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=console,
-            transient=False,
-            disable=not console.is_terminal,
-        ) as bar:
-            overall = bar.add_task("cells", total=len(todo))
-            attempts = {c["id"]: before[c["id"]]["attempts"] + 1 for c in todo}
-            if n_workers == 1 or len(todo) <= 1:
-                _run_inline(todo, p.run_dir, store, bar, overall, attempts, counts)
-            else:
-                _run_pool(todo, p.run_dir, store, bar, overall, attempts, counts, n_workers)
-        import_results(store, p.run_dir, p.cells)
-        return counts
-    finally:
-        store.close()
+        return Store(run_dir / "results.sqlite")
+    except sqlite3.OperationalError as e:
+        raise KdbenchError(f"cannot open {run_dir / 'results.sqlite'}: {e}") from None
 
 
-def _describe(cell: dict) -> str:
+def _execute_locked(p: Plan, store: Store, n_workers: int, threads: int, console: Console) -> dict[str, Any]:
+    store.add_pending(p.cells)
+    import_results(store, p.run_dir, p.cells)
+    _warn_thread_change(store, threads, p.cells, console)
+    before = {c["id"]: c for c in store.cells()}
+    todo = [c for c in p.cells if before[c.id]["status"] != "done"]
+    counts = {"total": len(p.cells), "skipped": len(p.cells) - len(todo), "done": 0, "failed": 0}
+    if counts["skipped"]:
+        console.print(f"[dim]{counts['skipped']} of {len(p.cells)} cells already done; skipping them[/dim]")
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+        disable=not console.is_terminal,
+    ) as bar:
+        overall = bar.add_task("cells", total=len(todo))
+        attempts = {c.id: before[c.id]["attempts"] + 1 for c in todo}
+        if n_workers == 1 or len(todo) <= 1:
+            torch.set_num_threads(threads)
+            _run_inline(todo, p.run_dir, store, bar, overall, attempts, counts)
+        else:
+            _run_pool(todo, p.run_dir, store, bar, overall, attempts, counts, n_workers, threads)
+    import_results(store, p.run_dir, p.cells)
+    return counts
+
+
+def _describe(cell: Cell | dict) -> str:
+    if isinstance(cell, Cell):
+        return cell.describe
     return (
         f"{cell['method']['label']} {cell['teacher']['label']}→{cell['student']['label']} "
         f"{cell['dataset']['name']} seed {cell['seed']}"
@@ -162,40 +347,28 @@ def _run_inline(todo, run_dir, store, bar, overall, attempts, counts) -> None:
         bar.update(overall, description=desc)
 
         def on_epoch(row: dict, desc: str = desc) -> None:
-            acc = row.get("test_top1")
-            extra = f" acc {acc:.2f}" if acc is not None else ""
-            line = f"{desc} [{row['stage']} {row['epoch']}/{row['epochs']}{extra}]"
-            if bar.disable:  # not a terminal (CI logs, pipes): one line per epoch
-                bar.console.print(f"  {escape(line)}", highlight=False)
-            bar.update(overall, description=line)
+            _epoch_line(bar, overall, desc, row)
 
-        result = run_cell(c, run_dir, on_epoch, attempts[c["id"]])
+        result = run_cell(c, run_dir, on_epoch, attempts[c.id])
         _tally(result, store, counts, bar.console)
         bar.advance(overall)
 
 
-def _run_pool(todo, run_dir, store, bar, overall, attempts, counts, n_workers) -> None:
-    threads = max(1, (os.cpu_count() or 1) // n_workers)
-    ctx = mp.get_context("spawn")  # fork after torch initialised its thread pools is unsafe
-    with ProcessPoolExecutor(max_workers=n_workers, mp_context=ctx) as pool:
-        futures = {pool.submit(_worker, c, str(run_dir), attempts[c["id"]], threads): c for c in todo}
-        pending = set(futures)
-        try:
-            while pending:
-                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-                for f in finished:
-                    try:
-                        result = f.result()
-                    except Exception as e:  # a worker died (OOM, segfault): record, keep going
-                        cell = futures[f]
-                        result = {
-                            "cell": cell,
-                            "status": "failed",
-                            "error": f"worker died: {e}",
-                            "attempt": attempts[cell["id"]],
-                        }
-                    _tally(result, store, counts, bar.console)
-                    bar.advance(overall)
-        except KeyboardInterrupt:
-            pool.shutdown(wait=False, cancel_futures=True)
-            raise
+def _epoch_line(bar: Progress, overall: Any, desc: str, row: dict) -> None:
+    acc = row.get("test_top1", row.get("test/top1"))
+    extra = f" acc {acc:.2f}" if acc is not None else ""
+    line = f"{desc} [{row['stage']} {row['epoch']}/{row['epochs']}{extra}]"
+    if bar.disable:  # not a terminal (CI logs, pipes): one line per epoch
+        bar.console.print(f"  {escape(line)}", highlight=False)
+    bar.update(overall, description=line)
+
+
+def _run_pool(todo, run_dir, store, bar, overall, attempts, counts, n_workers, threads) -> None:
+    def on_result(result: dict) -> None:
+        _tally(result, store, counts, bar.console)
+        bar.advance(overall)
+
+    def on_progress(cell: Cell, row: dict) -> None:
+        _epoch_line(bar, overall, _describe(cell), row)
+
+    run_pool(todo, run_dir, n_workers, threads, attempts, on_result, on_progress)

@@ -28,6 +28,10 @@ CREATE TABLE IF NOT EXISTS cells (
     attempts INTEGER NOT NULL DEFAULT 0,
     updated REAL NOT NULL DEFAULT (strftime('%s','now'))
 );
+CREATE TABLE IF NOT EXISTS meta (      -- facts about the run directory (e.g. threads)
+    key TEXT PRIMARY KEY,
+    value TEXT
+);
 CREATE TABLE IF NOT EXISTS teachers (
     id TEXT PRIMARY KEY,
     config TEXT NOT NULL,
@@ -39,18 +43,39 @@ CREATE TABLE IF NOT EXISTS teachers (
 """
 
 
+def _plain(obj: Any) -> Any:
+    """A record (kdbench.cells: Cell, TeacherSpec, CellResult) as its JSON dict; anything else as is."""
+    dump = getattr(obj, "model_dump", None)
+    return dump(mode="json") if callable(dump) else obj
+
+
+def _json_default(obj: Any) -> Any:
+    plain = _plain(obj)
+    return str(obj) if plain is obj else plain
+
+
 def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON via a temp file in the same directory + os.replace (never half-written)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    """Write JSON via a temp file in the same directory + os.replace (never half-written).
+
+    A full disk or an unwritable directory raises ``DiskError`` naming the file; the temp
+    file is removed.
+    """
+    from kdbench.artifacts import disk_error
+
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True, default=str)
+            json.dump(obj, f, indent=2, sort_keys=True, default=_json_default)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as e:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise disk_error(path, e) from None
         raise
 
 
@@ -67,11 +92,24 @@ class Store:
 
     @classmethod
     def open_existing(cls, path: Path) -> Store:
-        if not Path(path).exists():
+        """Open a store that must exist; read-only (writing nothing) when its directory is."""
+        path = Path(path)
+        if not path.exists():
             from kdbench.errors import KdbenchError
 
             raise KdbenchError(f"no results store at {path}; run `kdbench run GRID` first")
+        if not os.access(path.parent, os.W_OK) or not os.access(path, os.W_OK):
+            return cls.read_only(path)
         return cls(path)
+
+    @classmethod
+    def read_only(cls, path: Path) -> Store:
+        """Open without writing anything, not even SQLite's WAL index (an archived run)."""
+        self = cls.__new__(cls)
+        self.path = Path(path)
+        # immutable: no -wal/-shm files; only safe when nobody writes, as in a read-only dir
+        self.db = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro&immutable=1", uri=True)
+        return self
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
@@ -86,12 +124,13 @@ class Store:
         with self.transaction() as db:
             db.executemany(
                 "INSERT OR IGNORE INTO cells (id, status, config) VALUES (?, 'pending', ?)",
-                [(c["id"], json.dumps(c, sort_keys=True)) for c in cells],
+                [(c["id"], json.dumps(_plain(c), sort_keys=True)) for c in cells],
             )
 
     def record(self, result: dict) -> None:
         """Insert or replace a cell's outcome from its result.json content."""
-        cell = result["cell"]
+        result = _plain(result)
+        cell = _plain(result["cell"])
         with self.transaction() as db:
             db.execute(
                 """INSERT INTO cells (id, status, config, metrics, env, error, wall_s, attempts)
@@ -113,6 +152,7 @@ class Store:
             )
 
     def record_teacher(self, spec: dict, metrics: dict, env: dict, wall_s: float) -> None:
+        spec = _plain(spec)
         with self.transaction() as db:
             db.execute(
                 """INSERT INTO teachers (id, config, metrics, env, wall_s) VALUES (?, ?, ?, ?, ?)
@@ -142,6 +182,22 @@ class Store:
                 }
             )
         return out
+
+    # ---- run-level facts
+    def get_meta(self, key: str) -> str | None:
+        try:
+            row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        except sqlite3.OperationalError:  # a store older than the meta table, opened read-only
+            return None
+        return row[0] if row else None
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO meta (key, value) VALUES (?, ?) "
+                "ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+                (key, value),
+            )
 
     def teachers(self) -> list[dict]:
         rows = self.db.execute("SELECT id, config, metrics, wall_s FROM teachers")

@@ -1,0 +1,285 @@
+"""Typed records of a sweep: cells, teacher specs and cell results.
+
+``grid.expand`` builds these; everything after it (runner, engine, store, report) reads
+attributes, not string keys. On disk (``config.json``, ``result.json``, the store) a record is
+its ``model_dump(mode="json")``; ``Cell.from_dict`` / ``CellResult.from_dict`` convert back at
+that boundary and refuse a record of another cell format with a message saying what to do.
+
+Ids: a cell's id is the hash of its JSON dump without presentation fields (the grid name and
+the method's row label); a teacher's id is the hash of its spec. Fields added after format 1
+(``OMIT_IF_DEFAULT``) are left out of the dump while they hold their default, so a grid that
+does not use them keeps the ids it had (and its run directory's results).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer
+
+from kdbench.errors import KdbenchError
+
+#: the meaning of a cell dict; bump it (and say how to migrate) when a field changes meaning
+CELL_FORMAT = 1
+
+
+def canonical(obj: Any) -> str:
+    """The JSON text that ids hash (sorted keys, no spaces)."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def digest(obj: Any, n: int = 16) -> str:
+    if isinstance(obj, BaseModel):
+        obj = obj.model_dump(mode="json")
+    return hashlib.sha256(canonical(obj).encode()).hexdigest()[:n]
+
+
+class Record(BaseModel):
+    """Frozen, strict base of every record; fields in ``OMIT_IF_DEFAULT`` are dumped only when set."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    OMIT_IF_DEFAULT: ClassVar[frozenset[str]] = frozenset()
+
+    @model_serializer(mode="wrap")
+    def _omit_defaults(self, handler: Any) -> Any:
+        data = handler(self)
+        if isinstance(data, dict):
+            for name in self.OMIT_IF_DEFAULT:
+                field = type(self).model_fields[name]
+                if name in data and getattr(self, name) == field.get_default(call_default_factory=True):
+                    del data[name]
+        return data
+
+    def __getitem__(self, key: str) -> Any:
+        """Transitional dict-style read (``cell["seed"]``); new code uses attributes."""
+        try:
+            return getattr(self, key)
+        except AttributeError:
+            raise KeyError(key) from None
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """Transitional ``dict.get``; new code uses attributes."""
+        return getattr(self, key, default)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON-ready dict written to disk (``model_dump(mode="json")``)."""
+        return self.model_dump(mode="json")
+
+
+class PluginKey(Record):
+    """A resolved plugin reference as hashed: its name and every parameter (defaults filled in)."""
+
+    name: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class ModelRef(PluginKey):
+    """A student model: the plugin key plus its column label (``smallcnn(width=4)``)."""
+
+    label: str
+
+
+class DatasetRef(PluginKey):
+    """A dataset plugin key plus the fingerprint of its files (so changed data is a new cell)."""
+
+    fingerprint: dict[str, Any] = Field(default_factory=dict)
+
+
+class SourceRef(PluginKey):
+    """How a teacher is obtained (a ``kdbench.teachers`` plugin) plus its fingerprint."""
+
+    fingerprint: dict[str, Any] = Field(default_factory=dict)
+
+
+class MethodRef(Record):
+    """A KD method: constructor ``params`` and the engine's loss-term ``weights``."""
+
+    name: str
+    label: str
+    params: dict[str, Any] = Field(default_factory=dict)
+    #: loss term -> weight, merged by the engine over the method's ``default_weights``
+    weights: dict[str, Any] = Field(default_factory=dict)
+
+
+class TrainRecipe(Record):
+    """How a model is trained (the student's ``train``, the teacher's ``teacher_train``)."""
+
+    OMIT_IF_DEFAULT: ClassVar[frozenset[str]] = frozenset({"teacher_view"})
+
+    preset: Literal["repdistiller", "mdistiller", "quick"] | None = None
+    epochs: int = Field(10, ge=0)
+    batch_size: int = Field(64, ge=1)
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(0.05, gt=0)
+    momentum: float = Field(0.9, ge=0)
+    weight_decay: float = Field(5e-4, ge=0)
+    schedule: Literal["step", "cosine", "constant"] = "step"
+    milestones: list[float] = Field(default_factory=lambda: [0.625, 0.75, 0.875])
+    gamma: float = Field(0.1, gt=0)
+    warmup_epochs: int = Field(0, ge=0)
+    #: learning rate of a method's initialisation stage (AB, FT, FSP); None = ``lr``
+    init_lr: float | None = Field(None, gt=0)
+    augment: Any = "none"
+    views: dict[str, Any] = Field(default_factory=lambda: {"strong": "randaugment"})
+    device: str = "auto"
+    checkpoint_every: int = Field(1, ge=0)
+    #: what the teacher sees: "student" (the student's batch, the default), "clean", or an augmenter
+    teacher_view: Any = "student"
+
+
+class EvalSpec(Record):
+    """Evaluation settings that are part of a cell (``val_fraction``/``every`` only when set)."""
+
+    OMIT_IF_DEFAULT: ClassVar[frozenset[str]] = frozenset({"val_fraction", "every"})
+
+    batch_size: int = Field(512, ge=1)
+    ece_bins: int = Field(15, ge=1)
+    #: stratified, seeded share of the training split held out as "val" (0 = none)
+    val_fraction: float = Field(0.0, ge=0, lt=1)
+    #: evaluate every N epochs into metrics.jsonl (0 = the final model only)
+    every: int = Field(0, ge=0)
+
+
+class TeacherSpec(Record):
+    """Everything that determines a trained teacher; ``id`` is the hash of the rest."""
+
+    OMIT_IF_DEFAULT: ClassVar[frozenset[str]] = frozenset({"val_fraction"})
+
+    format: int = CELL_FORMAT
+    model: PluginKey
+    label: str
+    source: SourceRef
+    #: the teacher's own training data (the pair's ``teacher_dataset``, else the cell's dataset)
+    dataset: DatasetRef
+    train: TrainRecipe
+    augment: PluginKey
+    seed: int
+    plugins: dict[str, str] = Field(default_factory=dict)
+    #: the held-out validation share of ``dataset`` the teacher must not train on (= the cell's)
+    val_fraction: float = Field(0.0, ge=0, lt=1)
+    id: str = ""
+
+    def content_id(self) -> str:
+        return digest(self.model_dump(mode="json", exclude={"id"}))
+
+    @classmethod
+    def build(cls, **fields: Any) -> TeacherSpec:
+        """A spec with its id computed."""
+        spec = cls(**fields)
+        return spec.model_copy(update={"id": spec.content_id()})
+
+
+class Cell(Record):
+    """One (dataset, pair, method, seed) of a grid, fully resolved."""
+
+    format: int = CELL_FORMAT
+    #: the grid's name (presentation: not part of the id)
+    grid: str
+    dataset: DatasetRef
+    student: ModelRef
+    teacher: TeacherSpec
+    uses_teacher: bool
+    method: MethodRef
+    seed: int
+    train: TrainRecipe
+    augment: PluginKey
+    #: extra named augmented views of the batch some methods read (e.g. "strong")
+    views: dict[str, PluginKey] = Field(default_factory=dict)
+    eval: EvalSpec = Field(default_factory=EvalSpec)
+    plugins: dict[str, str] = Field(default_factory=dict)
+    id: str = ""
+
+    def content_id(self) -> str:
+        """The hash of everything that determines the result (not the grid name or row label)."""
+        d = self.model_dump(mode="json", exclude={"id", "grid"})
+        d["method"].pop("label", None)
+        return digest(d)
+
+    @classmethod
+    def build(cls, **fields: Any) -> Cell:
+        """A cell with its id computed."""
+        cell = cls(**fields)
+        return cell.model_copy(update={"id": cell.content_id()})
+
+    @property
+    def describe(self) -> str:
+        """One line naming the cell (progress lines, errors)."""
+        return (
+            f"{self.method.label} {self.teacher.label}→{self.student.label} "
+            f"{self.dataset.name} seed {self.seed}"
+        )
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | Cell, where: str = "cell") -> Cell:
+        """A cell from its JSON dict (``config.json``, the store); refuses other formats clearly.
+
+        ``where`` names the source in the message (a file path, "the store of runs/x").
+        The id is recomputed: a record whose content no longer hashes to its id was written
+        by a kdbench that serialised cells differently, and is refused the same way.
+        """
+        if isinstance(data, Cell):
+            return data
+        if not isinstance(data, dict):
+            raise KdbenchError(f"{where}: expected a cell record (a JSON object), got {type(data).__name__}")
+        fmt = data.get("format")
+        if fmt != CELL_FORMAT:
+            raise CellFormatError(where, fmt)
+        try:
+            cell = cls.model_validate(data)
+        except ValidationError as e:
+            raise CellFormatError(where, fmt, _first_error(e)) from None
+        if "id" in data and cell.content_id() != data["id"]:
+            raise CellFormatError(where, fmt, f"its content no longer hashes to its id {data['id']}")
+        return cell
+
+    @classmethod
+    def coerce(cls, data: dict[str, Any] | Cell) -> Cell:
+        """``Cell`` as is, or a dict converted (``from_dict``)."""
+        return data if isinstance(data, Cell) else cls.from_dict(data)
+
+
+class CellResult(Record):
+    """What running a cell produced (``result.json``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    cell: Cell
+    status: Literal["done", "failed", "pending"]
+    metrics: dict[str, Any] | None = None
+    summary: dict[str, Any] | None = None
+    env: dict[str, Any] = Field(default_factory=dict)
+    wall_s: float | None = None
+    attempt: int = 1
+    error: str | None = None
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "result") -> CellResult:
+        if not isinstance(data, dict) or not isinstance(data.get("cell"), dict | Cell):
+            raise KdbenchError(f"{where}: not a cell result (no 'cell' object)")
+        cell = Cell.from_dict(data["cell"], where)
+        try:
+            return cls.model_validate({**data, "cell": cell})
+        except ValidationError as e:
+            raise KdbenchError(f"{where}: malformed cell result: {_first_error(e)}") from None
+
+
+class CellFormatError(KdbenchError):
+    """A stored cell of another format (older or newer kdbench)."""
+
+    def __init__(self, where: str, fmt: Any, detail: str | None = None):
+        self.where, self.format = where, fmt
+        what = f"cell format {fmt}" if fmt is not None else "no cell format"
+        why = f" ({detail})" if detail else ""
+        super().__init__(
+            f"{where}: written with {what}{why}; this kdbench reads cell format {CELL_FORMAT}. "
+            f"Run the grid into a new run directory (`kdbench run GRID --out NEW_DIR`), or open "
+            f"this one with the kdbench version that wrote it."
+        )
+
+
+def _first_error(e: ValidationError) -> str:
+    err = e.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"])
+    return f"{loc}: {err['msg'].lower()}" if loc else err["msg"].lower()
