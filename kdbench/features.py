@@ -46,6 +46,8 @@ class Features:
     stages: list[Tensor] = field(default_factory=list)
     preact: list[Tensor] = field(default_factory=list)
     pooled: Tensor | None = None
+    #: values a method derives from this forward pass and reuses (e.g. SimKD's projection)
+    cache: dict[str, Tensor] = field(default_factory=dict, repr=False, compare=False)
 
     def detach(self) -> Features:
         return Features(

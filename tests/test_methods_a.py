@@ -474,9 +474,9 @@ def test_dist_gradcheck():
 # ----------------------------------------------------------------------------- lsr / tfkd
 
 
-def _weighted_total(method, s, t, batch):
+def _weighted_total(method, s, t, batch, **params):
     terms = method(s, t, batch)
-    w = method.default_weights
+    w = type(method).weights_for(**params)
     return w["ce"] * F.cross_entropy(s.logits, batch.y) + sum(w[k] * v for k, v in terms.items())
 
 
@@ -524,9 +524,11 @@ def test_tfkd_virtual_total_matches_reference():
 
     s = _feats(1)
     m = TfKD(_ctx(s, s))
-    assert m.mode == "virtual" and m.requires_teacher is False and m.taps.teacher == ()
-    assert TfKD.needs_teacher() is False and TfKD.needs_teacher(mode="self") is True
-    assert m.default_weights == {"ce": 0.9, "tfkd": 0.1} == TfKD.default_weights
+    assert m.mode == "virtual" and TfKD.needs_teacher() is False and TfKD.taps_for().teacher == ()
+    assert TfKD.needs_teacher(mode="self") is True
+    assert TfKD.weights_for() == {"ce": 0.9, "tfkd": 0.1} == TfKD.default_weights
+    # the class describes the default mode; instances never shadow class variables
+    assert "taps" not in vars(m) and "default_weights" not in vars(m) and "requires_teacher" not in vars(m)
     batch = _batch()
     torch.testing.assert_close(_weighted_total(m, s, Features(), batch), ref_tfkd_reg(s.logits, batch.y))
     _gradcheck_logits(m, s, Features(), batch, "tfkd")
@@ -538,14 +540,14 @@ def test_tfkd_self_total_matches_reference():
 
     s, t = _feats(1), _feats(2)
     m = TfKD(_ctx(s, t), mode="self")
-    assert m.requires_teacher is True and m.taps.teacher == ("logits",)
-    assert m.default_weights == {"ce": pytest.approx(0.05), "tfkd": 0.95}
+    assert TfKD.needs_teacher(mode="self") is True and TfKD.taps_for(mode="self").teacher == ("logits",)
+    assert TfKD.weights_for(mode="self") == {"ce": pytest.approx(0.05), "tfkd": 0.95}
     batch = _batch()
     want = ref_tfkd_self(s.logits, batch.y, t.logits)
-    torch.testing.assert_close(_weighted_total(m, s, t, batch), want, rtol=1e-10, atol=0)
+    torch.testing.assert_close(_weighted_total(m, s, t, batch, mode="self"), want, rtol=1e-10, atol=0)
     want = ref_tfkd_self(s.logits, batch.y, t.logits, T=3.0, multiplier=10.0)
     m3 = TfKD(_ctx(s, t), mode="self", T=3.0, multiplier=10.0)
-    torch.testing.assert_close(_weighted_total(m3, s, t, batch), want, rtol=1e-10, atol=0)
+    torch.testing.assert_close(_weighted_total(m3, s, t, batch, mode="self"), want, rtol=1e-10, atol=0)
     _gradcheck_logits(m, s, t, batch, "tfkd")
     with pytest.raises(ConfigError):
         TfKD(_ctx(s, t), mode="teacher")  # type: ignore[arg-type]

@@ -231,7 +231,9 @@ def test_ft_init_stage_freeze_and_golden():
     para = {id(p) for p in [*m.paraphraser_enc.parameters(), *m.paraphraser_dec.parameters()]}
     assert {id(p) for p in m.init_parameters(nn.Linear(2, 2))} == para
     init.backward()  # leaves grads on the paraphraser, which the freeze must clear
-    # distillation stage
+    # distillation stage: the engine announces it before the first step
+    assert not m.frozen
+    m.begin_stage("train")
     ref = ref_ft(m.translator(s.stages[-1]), m.paraphraser_enc(f_t).detach())
     sl = _leaf(s)
     out = m(sl, t, _batch())["ft"]

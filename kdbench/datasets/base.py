@@ -6,12 +6,22 @@ A dataset plugin is a class; the grid builds it as ``cls(root=..., **params)``. 
 not the dataset's job (augmenters work on batches). Small datasets should return a
 ``TensorDataset`` (the engine then batches by indexing, with no worker processes).
 
-Optional: ``groups(split)`` for group-robustness datasets (one int group id per sample,
-with ``group_names``), used by the robustness reports.
+Optional, all with safe defaults:
+
+* ``meta(split)``: per-sample metadata of a split, ``{key: Tensor[N]}`` aligned with the
+  split's order, e.g. ``"group"`` (long, ``g = y * n_attr + a`` as group_DRO / WILDS'
+  CombinatorialGrouper define it) and ``"attr"``. Batches carry it to methods
+  (``Batch.meta``) and evaluation sets to metric families.
+* ``group_info()``: a :class:`GroupInfo` when the data has groups.
+* ``eval_splits()``: extra named test sets (e.g. ``"test_reversed"``), evaluated like
+  ``test``; their metadata via ``meta(name)``.
+* a ``"val"`` entry in ``splits``: a validation split of the dataset's own, used instead of
+  a held-out part of ``train`` when the grid asks for validation (``eval.val_fraction``).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
@@ -19,6 +29,16 @@ import torch
 from torch.utils.data import Dataset
 
 from kdbench.errors import DataError
+
+
+@dataclass(frozen=True)
+class GroupInfo:
+    """How a dataset's samples fall into groups: ``group = y * n_attr + attr``."""
+
+    n_groups: int
+    names: list[str] = field(default_factory=list)
+    attr_names: list[str] = field(default_factory=list)
+    n_attr: int = 1
 
 
 class KDDataset:
@@ -42,9 +62,21 @@ class KDDataset:
     def split(self, name: str) -> Dataset:
         raise NotImplementedError
 
-    def groups(self, split: str) -> torch.Tensor | None:
-        """Group id per sample (group-robustness datasets); None when there are no groups."""
+    def meta(self, split: str) -> dict[str, torch.Tensor]:
+        """Per-sample metadata of ``split`` (a split name or an ``eval_splits`` name); {} if none."""
+        return {}
+
+    def group_info(self) -> GroupInfo | None:
+        """The group definition when samples carry a ``"group"`` in :meth:`meta`; else None."""
         return None
+
+    def eval_splits(self) -> dict[str, Dataset]:
+        """Extra named evaluation sets besides ``test`` (e.g. a reversed-correlation test)."""
+        return {}
+
+    def groups(self, split: str) -> torch.Tensor | None:
+        """Group id per sample, or None (shorthand for ``meta(split).get("group")``)."""
+        return self.meta(split).get("group")
 
     def fingerprint(self) -> dict:
         """What identifies this data for cell hashing (name, root, sizes...)."""

@@ -1,14 +1,16 @@
 """Running one cell: obtain the teacher (cached), build student and method, train, evaluate.
 
 Everything a cell leaves is under ``cells/<id>/``: ``config.json``, ``log.txt``,
-``metrics.jsonl`` (per epoch), ``checkpoint.pt`` while it runs, ``student.pt`` and finally
-``result.json`` (atomic). Teachers live in ``teachers/<teacher id>.pt`` and are trained once,
-under a file lock, by whichever worker needs them first.
+``metrics.jsonl`` (per epoch), ``checkpoint.pt`` while it runs, ``extra/`` (samples a
+dataset-level augmenter generated), ``student.pt`` and finally ``result.json`` (atomic).
+Teachers live in ``teachers/<teacher id>.pt`` and are trained once, under a file lock, by
+whichever worker needs them first; their logits on evaluation sets are cached next to them.
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import logging
 import platform
@@ -16,25 +18,31 @@ import random
 import subprocess
 import time
 import traceback
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from kdbench import __version__, registry
+from kdbench.artifacts import save_atomic
+from kdbench.engine import evaluation as ev
 from kdbench.engine.build import build_augmenter, build_dataset, build_model, resolve_device
-from kdbench.engine.data import Batches
-from kdbench.engine.metrics import classification_metrics
-from kdbench.engine.train import Progress, TrainSetup, _save_atomic, predict_all, train
-from kdbench.errors import KdbenchError
-from kdbench.features import FeatureReader
-from kdbench.methods.base import MethodContext
+from kdbench.engine.data import Batches, holdout
+from kdbench.engine.train import Progress, TrainSetup, train
+from kdbench.errors import ConfigError, KdbenchError
+from kdbench.features import FeatureReader, Features, TapSpec
+from kdbench.methods.base import Distiller, MethodContext
 from kdbench.store import write_json_atomic
 
 PROBE_SIZE = 256
+#: datasets kept loaded per process (a worker running many cells loads each once)
+DATASET_CACHE_SIZE = 4
 
 
 def seed_everything(seed: int) -> None:
@@ -44,7 +52,7 @@ def seed_everything(seed: int) -> None:
 
 
 def environment() -> dict[str, Any]:
-    """Versions and host facts recorded with every result."""
+    """Versions and host facts recorded with every result (what the numbers depend on)."""
     try:
         sha = (
             subprocess.run(
@@ -69,7 +77,30 @@ def environment() -> dict[str, Any]:
         "kernels": kernels.backend(),
         "threads": torch.get_num_threads(),
         "cuda": torch.cuda.is_available(),
+        **numerics(),
     }
+
+
+def numerics() -> dict[str, Any]:
+    """The facts floating-point results depend on besides the code: ISA path, BLAS, threads."""
+    cfg = torch.__config__.show()
+    blas = next(
+        (ln.split("=", 1)[1] for ln in cfg.replace(",", "\n").splitlines() if "BLAS_INFO=" in ln), None
+    )
+    out: dict[str, Any] = {
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "interop_threads": torch.get_num_interop_threads(),
+        "blas": blas,
+        "mkl": torch.backends.mkl.is_available(),
+        "mkldnn": torch.backends.mkldnn.is_available(),
+        "machine": platform.machine(),
+        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+    }
+    if torch.cuda.is_available():
+        out["cuda_version"] = torch.version.cuda
+        out["cudnn"] = torch.backends.cudnn.version()
+        out["gpu"] = torch.cuda.get_device_name(0)
+    return out
 
 
 @contextmanager
@@ -84,38 +115,129 @@ def file_lock(path: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _logger(path: Path) -> logging.Logger:
+@contextmanager
+def cell_logger(path: Path) -> Iterator[logging.Logger]:
+    """The cell's ``log.txt`` logger; its file is closed on exit (no descriptor per cell)."""
     log = logging.getLogger(f"kdbench.cell.{path.parent.name}")
-    log.handlers.clear()
+    for old in list(log.handlers):
+        log.removeHandler(old)
+        old.close()
     log.propagate = False
     log.setLevel(logging.INFO)
     h = logging.FileHandler(path)
     h.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
     log.addHandler(h)
-    return log
+    try:
+        yield log
+    finally:
+        log.removeHandler(h)
+        h.close()
 
 
-class _Data:
-    """A dataset plugin's splits, batched."""
+# ------------------------------------------------------------------------------------ data
 
-    def __init__(self, ref: dict, batch_size: int, eval_batch_size: int):
-        self.ds = build_dataset(ref)
-        self.train = Batches(self.ds.split("train"), batch_size)
-        self.test = Batches(self.ds.split("test"), eval_batch_size)
-        self.num_classes = self.ds.num_classes
-        self.in_channels = self.ds.in_channels
+_DATASETS: OrderedDict[str, Any] = OrderedDict()
+
+
+def _ref_key(ref: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(ref, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def load_dataset(ref: dict[str, Any]) -> Any:
+    """The dataset plugin for ``ref``, built once per process (least recently used dropped)."""
+    key = _ref_key({"name": ref["name"], "params": ref.get("params", {})})
+    if key in _DATASETS:
+        _DATASETS.move_to_end(key)
+        return _DATASETS[key]
+    ds = build_dataset(ref)
+    _DATASETS[key] = ds
+    while len(_DATASETS) > DATASET_CACHE_SIZE:
+        _DATASETS.popitem(last=False)
+    return ds
+
+
+@dataclass
+class CellData:
+    """A dataset's training split (less a validation hold-out) and its evaluation sets."""
+
+    ds: Any
+    key: str  # identifies the data in cache keys
+    train: Batches
+    val: Batches | None
+    test: Batches
+    eval_batch_size: int
+    val_fraction: float = 0.0
+    extra: dict[str, Batches] = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return self.ds.num_classes
+
+    @property
+    def in_channels(self) -> int:
+        return self.ds.in_channels
+
+    def eval_sets(self, cell: Any = None, cache_dir: Path | None = None) -> dict[str, ev.EvalSet]:
+        """test, val (when held out or shipped), the dataset's extra sets, provider sets."""
+        sets = {"test": ev.EvalSet("test", self.test, key=f"{self.key}-test", per_epoch=True)}
+        if self.val is not None:
+            sets["val"] = ev.EvalSet(
+                "val", self.val, key=f"{self.key}-val{self.val_fraction:g}", per_epoch=True
+            )
+        for name, b in self.extra.items():
+            sets[name] = ev.EvalSet(name, b, key=f"{self.key}-{name}")
+        ev.load_extensions()
+        for provider in ev.SET_PROVIDERS:
+            sets.update(provider(self.ds, cell, cache_dir if cache_dir is not None else Path(".")))
+        return sets
+
+    def context(self, ece_bins: int) -> ev.EvalContext:
+        return ev.EvalContext(
+            ece_bins=ece_bins,
+            group_info=self.ds.group_info(),
+            train_meta=self.train.meta,
+            train_targets=self.train.targets(),
+        )
+
+
+def cell_data(
+    ref: dict[str, Any], batch_size: int, eval_batch_size: int, val_fraction: float = 0.0
+) -> CellData:
+    """Batches of a dataset's splits; ``val_fraction`` > 0 holds out a stratified part of train
+    (or uses the dataset's own ``val`` split when it ships one)."""
+    ds = load_dataset(ref)
+    train_split = ds.split("train")
+    train_meta = ds.meta("train")
+    val = None
+    if val_fraction and "val" in ds.splits:
+        train = Batches(train_split, batch_size, meta=train_meta)
+        val = Batches(ds.split("val"), eval_batch_size, meta=ds.meta("val"))
+    elif val_fraction:
+        full = Batches(train_split, batch_size)
+        keep, held = holdout(full.targets(), val_fraction)
+        train = Batches(train_split, batch_size, indices=keep, meta=train_meta)
+        val = Batches(train_split, eval_batch_size, indices=held, meta=train_meta)
+    else:
+        train = Batches(train_split, batch_size, meta=train_meta)
+    test = Batches(ds.split("test"), eval_batch_size, meta=ds.meta("test"))
+    extra = {n: Batches(d, eval_batch_size, meta=ds.meta(n)) for n, d in ds.eval_splits().items()}
+    return CellData(ds, _ref_key(ref), train, val, test, eval_batch_size, float(val_fraction or 0.0), extra)
+
+
+# --------------------------------------------------------------------------------- teacher
 
 
 def obtain_teacher(
-    spec: dict, run_dir: Path, device: torch.device, data: _Data, progress: Progress | None = None
-) -> nn.Module:
-    """The trained teacher for ``spec``, from the cache or obtained now (once, under a lock)."""
+    spec: dict, run_dir: Path, device: torch.device, cell_eval: dict, progress: Progress | None = None
+) -> tuple[nn.Module, TapSpec]:
+    """The trained teacher for ``spec`` and its taps, from the cache or obtained now (once, under a lock)."""
     tdir = run_dir / "teachers"
     weights = tdir / f"{spec['id']}.pt"
+    data = _teacher_data(spec, cell_eval)
     with file_lock(tdir / f"{spec['id']}.lock"):
         if not weights.exists():
-            _make_teacher(spec, tdir, device, data, progress)
-    model, _ = build_model(spec["model"], data.num_classes, data.in_channels)
+            _make_teacher(spec, tdir, device, data, cell_eval, progress)
+    model, taps = build_model(spec["model"], data.num_classes, data.in_channels)
     try:
         model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     except RuntimeError as e:
@@ -127,11 +249,18 @@ def obtain_teacher(
     model.to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    return model
+    return model, taps
+
+
+def _teacher_data(spec: dict, cell_eval: dict) -> CellData:
+    """The teacher's own dataset (its spec may name another than the student's), same val hold-out."""
+    tr = spec["train"]
+    val_fraction = spec.get("val_fraction", cell_eval.get("val_fraction", 0.0)) or 0.0
+    return cell_data(spec["dataset"], tr["batch_size"], cell_eval["batch_size"], val_fraction)
 
 
 def _make_teacher(
-    spec: dict, tdir: Path, device: torch.device, data: _Data, progress: Progress | None
+    spec: dict, tdir: Path, device: torch.device, data: CellData, cell_eval: dict, progress: Progress | None
 ) -> None:
     t0 = time.perf_counter()
     work = tdir / spec["id"]
@@ -148,8 +277,7 @@ def _make_teacher(
             student=m,
             student_reader=reader,
             train_cfg=spec["train"],
-            train_data=Batches(data.train.data, spec["train"]["batch_size"]),
-            test_data=data.test,
+            train_data=data.train,
             device=device,
             seed=spec["seed"],
             augment=build_augmenter(spec["augment"], data.train.data).__call__,
@@ -159,12 +287,23 @@ def _make_teacher(
         return train(setup)
 
     source.obtain(model, recipe)
-    logits, y = predict_all(reader, data.test, device)
+    model.eval()
+    sets = data.eval_sets(None, tdir.parent / "cache")
+    per_set = ev.evaluate(
+        lambda x: reader.read(x).logits, sets, device, data.context(cell_eval.get("ece_bins", 15))
+    )
     reader.close()
-    metrics = classification_metrics(logits, y)
-    result = {"teacher": spec, "metrics": metrics, "wall_s": time.perf_counter() - t0, "env": environment()}
+    result = {
+        "teacher": spec,
+        "metrics": ev.final_metrics(per_set),
+        "wall_s": time.perf_counter() - t0,
+        "env": environment(),
+    }
     write_json_atomic(work / "result.json", result)
-    _save_atomic(model.state_dict(), tdir / f"{spec['id']}.pt")
+    save_atomic(model.state_dict(), tdir / f"{spec['id']}.pt")
+
+
+# ------------------------------------------------------------------------------------ cell
 
 
 def run_cell(cell: dict, run_dir: Path, progress: Progress | None = None, attempt: int = 1) -> dict:
@@ -176,46 +315,71 @@ def run_cell(cell: dict, run_dir: Path, progress: Progress | None = None, attemp
     cdir = run_dir / "cells" / cell["id"]
     cdir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(cdir / "config.json", cell)
-    log = _logger(cdir / "log.txt")
-    log.info(
-        "cell %s attempt %d: %s %s→%s seed %s",
-        cell["id"],
-        attempt,
-        cell["method"]["label"],
-        cell["teacher"]["label"],
-        cell["student"]["label"],
-        cell["seed"],
-    )
-    t0 = time.perf_counter()
-    result: dict[str, Any] = {"cell": cell, "attempt": attempt, "env": environment()}
-    try:
-        result["metrics"], result["summary"] = _run(cell, run_dir, cdir, progress, log)
-        result["status"] = "done"
-    except KeyboardInterrupt:
-        raise
-    except Exception as e:
-        log.error("failed:\n%s", traceback.format_exc())
-        result.update(status="failed", error=f"{type(e).__name__}: {e}")
-    result["wall_s"] = time.perf_counter() - t0
-    if result["status"] == "done":
-        result["metrics"]["wall_s"] = result["wall_s"]
-    write_json_atomic(cdir / "result.json", result)
-    log.info("%s in %.1f s", result["status"], result["wall_s"])
+    with cell_logger(cdir / "log.txt") as log:
+        log.info(
+            "cell %s attempt %d: %s %s→%s seed %s",
+            cell["id"],
+            attempt,
+            cell["method"]["label"],
+            cell["teacher"]["label"],
+            cell["student"]["label"],
+            cell["seed"],
+        )
+        t0 = time.perf_counter()
+        result: dict[str, Any] = {"cell": cell, "attempt": attempt, "env": environment()}
+        try:
+            result["metrics"], result["summary"] = _run(cell, run_dir, cdir, progress, log)
+            result["status"] = "done"
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:
+            log.error("failed:\n%s", traceback.format_exc())
+            result.update(status="failed", error=f"{type(e).__name__}: {e}")
+        result["wall_s"] = time.perf_counter() - t0
+        if result["status"] == "done":
+            result["metrics"]["wall_s"] = result["wall_s"]
+        write_json_atomic(cdir / "result.json", result)
+        log.info("%s in %.1f s", result["status"], result["wall_s"])
     return result
+
+
+def _view(ref: Any, data: CellData) -> Callable[[Tensor, torch.Generator], Tensor] | None:
+    """The teacher's view: None (the student's batch), identity ("clean") or an augmenter."""
+    if ref is None or ref == "student":
+        return None
+    if ref == "clean":
+        return lambda x, g: x
+    if isinstance(ref, str):
+        ref = {"name": ref, "params": {}}
+    return build_augmenter(ref, data.train.data).__call__
+
+
+def _dataset_augmenters(cell: dict, student_aug: Any, data: CellData) -> list[Any]:
+    refs = cell.get("dataset_augment") or []
+    refs = [refs] if isinstance(refs, dict | str) else list(refs)
+    augs = [
+        build_augmenter({"name": r, "params": {}} if isinstance(r, str) else r, data.train.data) for r in refs
+    ]
+    if getattr(student_aug, "dataset_level", False):
+        augs.insert(0, student_aug)
+    for a in augs:
+        if not getattr(a, "dataset_level", False) or not callable(getattr(a, "on_epoch_start", None)):
+            raise ConfigError(f"augmenter {type(a).__name__} is not dataset-level (no on_epoch_start)")
+    return augs
 
 
 def _run(
     cell: dict, run_dir: Path, cdir: Path, progress: Progress | None, log: logging.Logger
 ) -> tuple[dict, dict]:
-    device = resolve_device(cell["train"]["device"])
-    tr = cell["train"]
-    data = _Data(cell["dataset"], tr["batch_size"], cell["eval"]["batch_size"])
-    method_cls = registry.load("losses", cell["method"]["name"])
+    tr, evc = cell["train"], cell["eval"]
+    device = resolve_device(tr["device"])
+    data = cell_data(cell["dataset"], tr["batch_size"], evc["batch_size"], evc.get("val_fraction", 0.0))
+    method_cls: type[Distiller] = registry.load("losses", cell["method"]["name"])
+    params = cell["method"]["params"]
 
     teacher = tspec = None
     if cell["uses_teacher"]:
-        teacher = obtain_teacher(cell["teacher"], run_dir, device, data, progress)
-        _, tspec = build_model(cell["teacher"]["model"], data.num_classes, data.in_channels)
+        teacher, tspec = obtain_teacher(cell["teacher"], run_dir, device, evc, progress)
 
     seed_everything(cell["seed"])
     student, sspec = build_model(cell["student"], data.num_classes, data.in_channels)
@@ -240,42 +404,63 @@ def _run(
         train_targets=data.train.targets().to(device),
         device=device,
     )
-    distiller = method_cls(ctx, **cell["method"]["params"]).to(device)
-    # taps are read from the built method: a method's mode may change what it reads
-    student_reader = FeatureReader(student, sspec, distiller.taps.student or ("logits",))
+    distiller = method_cls(ctx, **params).to(device)
+    taps = method_cls.taps_for(**params)
+    student_reader = FeatureReader(student, sspec, taps.student or ("logits",))
     teacher_reader = None
     if teacher is not None:
-        teacher_reader = FeatureReader(teacher, tspec, distiller.taps.teacher or ("logits",))
+        teacher_reader = FeatureReader(teacher, tspec, taps.teacher or ("logits",))
 
     views = {name: build_augmenter(ref, data.train.data).__call__ for name, ref in cell["views"].items()}
+    student_aug = build_augmenter(cell["augment"], data.train.data)
+    dataset_augs = _dataset_augmenters(cell, student_aug, data)
+    teacher_view = tr.get("teacher_view") or method_cls.teacher_view
+    sets = data.eval_sets(cell, run_dir / "cache")
+    base_ctx = data.context(evc["ece_bins"])
+
+    def student_logits(x: Tensor) -> Tensor:
+        return distiller.predict(student_reader.read(x))
+
+    def epoch_eval() -> dict[str, float]:
+        with _eval_mode(student, distiller):
+            per = ev.evaluate(student_logits, _per_epoch(sets), device, base_ctx, cheap=True)
+        return ev.epoch_metrics(per)
+
     setup = TrainSetup(
         student=student,
         student_reader=student_reader,
         train_cfg=tr,
         train_data=data.train,
-        test_data=data.test,
         device=device,
         seed=cell["seed"],
-        augment=build_augmenter(cell["augment"], data.train.data).__call__,
-        ece_bins=cell["eval"]["ece_bins"],
+        augment=(lambda x, g: x) if student_aug in dataset_augs else student_aug.__call__,
         distiller=distiller,
         teacher_reader=teacher_reader,
+        teacher_augment=_view(teacher_view, data),
         views=views,
-        weights=cell["method"]["weights"],
+        weights={"ce": 1.0, **method_cls.weights_for(**params), **cell["method"]["weights"]},
         workdir=cdir,
         progress=progress,
+        epoch_eval=epoch_eval,
+        eval_every=int(evc.get("every", 0) or 0),
+        dataset_augmenters=dataset_augs,
+        log=log,
     )
     t_train = time.perf_counter()
     train(setup)
     train_s = time.perf_counter() - t_train
+
+    t_eval = time.perf_counter()
     teacher_logits = None
     if teacher_reader is not None:
-        teacher_logits, _ = predict_all(teacher_reader, data.test, device)
-    from kdbench.engine.train import evaluate
-
-    metrics = evaluate(setup, teacher_logits)
+        tdir = run_dir / "teachers" / cell["teacher"]["id"] / "eval"
+        teacher_logits = ev.TeacherLogits(lambda x: teacher_reader.read(x).logits, device, tdir)
+    with _eval_mode(student, distiller):
+        per_set = ev.evaluate(student_logits, sets, device, base_ctx, teacher=teacher_logits)
+    metrics = ev.final_metrics(per_set)
     metrics["train_s"] = train_s
-    torch.save(student.state_dict(), cdir / "student.pt")
+    metrics["eval_s"] = time.perf_counter() - t_eval
+    save_atomic(student.state_dict(), cdir / "student.pt")
     summary = distiller.summary()
     log.info("metrics %s", json.dumps(metrics))
     student_reader.close()
@@ -284,7 +469,23 @@ def _run(
     return metrics, summary
 
 
-def _probe(model: nn.Module, spec, x: torch.Tensor):
+def _per_epoch(sets: dict[str, ev.EvalSet]) -> dict[str, ev.EvalSet]:
+    return {k: s for k, s in sets.items() if s.per_epoch}
+
+
+@contextmanager
+def _eval_mode(*modules: nn.Module):
+    was = [m.training for m in modules]
+    for m in modules:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, w in zip(modules, was, strict=True):
+            m.train(w)
+
+
+def _probe(model: nn.Module, spec: TapSpec, x: Tensor) -> Features:
     """Detached features of every tap ``spec`` provides, in eval mode."""
     wanted = (
         ["logits"]

@@ -1,19 +1,25 @@
 """The training loop shared by teachers (plain CE) and students (a Distiller).
 
+One run is a list of :class:`Stage` objects (an optional ``init`` stage, then ``train``), each
+run by a :class:`Trainer`: ``run`` loops over epochs, :meth:`Trainer.train_epoch` over batches,
+:meth:`Trainer.train_step` does one optimiser step. Everything else is a :class:`Hook` with a
+``state_dict`` (the lr schedule, per-epoch evaluation, the metrics log, dataset-level
+augmenters, checkpoints, progress), in the spirit of detectron2's ``TrainerBase``.
+
 The engine knows no method by name: it asks the method which taps it reads, runs the
-teacher's forward as its own step (eval mode, ``no_grad``), weights the terms the method
-returns, and checkpoints after every epoch so a killed run resumes where it stopped with
-the same numbers (model, optimiser, scheduler and every RNG state are saved together).
+teacher's forward as its own step (eval mode, ``no_grad``) on the teacher's view, weights the
+terms the method returns, and checkpoints after every epoch so a killed run resumes where it
+stopped with the same numbers (models, optimiser, schedule, hooks and every RNG state).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
-import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,34 +27,44 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdbench.engine.data import Batches
-from kdbench.engine.metrics import classification_metrics
+from kdbench.artifacts import load_checked, load_checkpoint, save_atomic, save_checked
+from kdbench.engine.data import Batches, DatasetAugmentContext, ExtraSamples
 from kdbench.features import FeatureReader, Features
 from kdbench.methods.base import Batch, Distiller
 
 Progress = Callable[[dict[str, Any]], None]
+View = Callable[[Tensor, torch.Generator], Tensor]
+CHECKPOINT_FORMAT = 2
 
 
 @dataclass
 class TrainSetup:
-    """What one training run needs; ``distiller`` None means plain cross-entropy."""
+    """What one training run needs; ``distiller`` None means plain cross-entropy.
+
+    ``augment`` is the student's view; ``teacher_augment`` the teacher's (None: the teacher sees
+    the student's augmented batch). ``weights`` are the resolved loss weights (with "ce").
+    ``epoch_eval`` returns flat per-epoch metrics (``test/top1``...), called every ``eval_every``
+    epochs of the train stage (0: never).
+    """
 
     student: nn.Module
     student_reader: FeatureReader
     train_cfg: dict[str, Any]
     train_data: Batches
-    test_data: Batches
     device: torch.device
     seed: int
-    augment: Callable[[Tensor, torch.Generator], Tensor]
-    ece_bins: int = 15
-    eval_batch_size: int = 512
+    augment: View
     distiller: Distiller | None = None
     teacher_reader: FeatureReader | None = None
-    views: dict[str, Callable[[Tensor, torch.Generator], Tensor]] | None = None
-    weights: dict[str, float] | None = None
-    workdir: Path | None = None  # checkpoint.pt and metrics.jsonl live here
+    teacher_augment: View | None = None
+    views: dict[str, View] = field(default_factory=dict)
+    weights: dict[str, float] = field(default_factory=lambda: {"ce": 1.0})
+    workdir: Path | None = None  # checkpoint.pt, metrics.jsonl and extra/ live here
     progress: Progress | None = None
+    epoch_eval: Callable[[], dict[str, float]] | None = None
+    eval_every: int = 0
+    dataset_augmenters: list[Any] = field(default_factory=list)
+    log: logging.Logger | None = None
 
 
 def make_optimizer(params: list[nn.Parameter], cfg: dict[str, Any]) -> torch.optim.Optimizer:
@@ -70,18 +86,307 @@ def lr_factor(cfg: dict[str, Any], epoch: int) -> float:
     return 1.0
 
 
-def _save_atomic(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+# --------------------------------------------------------------------------------- stages
 
 
-def _append_metrics(path: Path | None, row: dict[str, Any]) -> None:
-    if path is None:
+@dataclass
+class StepInput:
+    """One batch as the loss of a stage receives it (views not yet applied)."""
+
+    x: Tensor
+    y: Tensor
+    index: Tensor
+    meta: dict[str, Tensor]
+    epoch: int
+    epochs: int
+    step: int
+    generator: torch.Generator
+
+
+LossFn = Callable[[StepInput], dict[str, Tensor]]
+
+
+@dataclass
+class Stage:
+    """A run of ``epochs`` epochs optimising ``params`` with ``loss`` (weighted terms)."""
+
+    name: str  # "init" | "train"
+    epochs: int
+    params: list[nn.Parameter]
+    loss: LossFn
+    cfg: dict[str, Any]
+    data_seed: int
+
+
+class Hook:
+    """Called around a stage's epochs; its ``state_dict`` is saved in every checkpoint."""
+
+    name = "hook"
+
+    def attach(self, trainer: Trainer) -> None:
+        """Called once when the trainer is built (before a checkpoint's state is loaded)."""
+
+    def before_stage(self, trainer: Trainer) -> None: ...
+
+    def before_epoch(self, trainer: Trainer, epoch: int) -> None: ...
+
+    def after_epoch(self, trainer: Trainer, epoch: int, row: dict[str, Any]) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class Trainer:
+    """Runs one :class:`Stage`: epochs of batches of optimiser steps, hooks around them."""
+
+    def __init__(self, setup: TrainSetup, stage: Stage, hooks: list[Hook]):
+        self.setup = setup
+        self.stage = stage
+        self.hooks = hooks
+        self.opt = make_optimizer(stage.params, stage.cfg)
+        self.data_gen = torch.Generator().manual_seed(stage.data_seed)
+        self.aug_gen = torch.Generator(device="cpu").manual_seed(setup.seed * 7919 + 17)
+        self.sampler = stage.cfg.get("sampler") or "shuffle"
+        for h in hooks:
+            h.attach(self)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "opt": self.opt.state_dict(),
+            "data_gen": self.data_gen.get_state(),
+            "aug_gen": self.aug_gen.get_state(),
+            "hooks": {h.name: h.state_dict() for h in self.hooks},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.opt.load_state_dict(state["opt"])
+        self.data_gen.set_state(state["data_gen"])
+        self.aug_gen.set_state(state["aug_gen"])
+        for h in self.hooks:
+            h.load_state_dict(state["hooks"].get(h.name, {}))
+
+    def run(self, start_epoch: int = 0) -> None:
+        for h in self.hooks:
+            h.before_stage(self)
+        for epoch in range(start_epoch, self.stage.epochs):
+            for h in self.hooks:
+                h.before_epoch(self, epoch)
+            row = self.train_epoch(epoch)
+            for h in self.hooks:
+                h.after_epoch(self, epoch, row)
+
+    def train_epoch(self, epoch: int) -> dict[str, Any]:
+        s = self.setup
+        s.student.train()
+        if s.distiller is not None:
+            s.distiller.train()
+        totals: dict[str, float] = {}
+        n = 0
+        lr = self.opt.param_groups[0]["lr"]
+        for step, (x, y, idx) in enumerate(s.train_data.iterate(self.data_gen, sampler=self.sampler)):
+            terms = self.train_step(x, y, idx, epoch, step)
+            for k, v in terms.items():
+                totals[k] = totals.get(k, 0.0) + v
+            n += 1
+        return {
+            "stage": self.stage.name,
+            "epoch": epoch,
+            "lr": lr,
+            **{f"loss_{k}": v / max(n, 1) for k, v in totals.items()},
+        }
+
+    def train_step(self, x: Tensor, y: Tensor, idx: Tensor, epoch: int, step: int) -> dict[str, float]:
+        s = self.setup
+        dev = s.device
+        meta = {k: v.to(dev, non_blocking=True) for k, v in s.train_data.meta_at(idx).items()}
+        inp = StepInput(
+            x=x.to(dev, non_blocking=True),
+            y=y.to(dev, non_blocking=True),
+            index=idx.to(dev),
+            meta=meta,
+            epoch=epoch,
+            epochs=self.stage.epochs,
+            step=step,
+            generator=self.aug_gen,
+        )
+        terms = self.stage.loss(inp)
+        loss = sum(terms.values())
+        if not torch.isfinite(loss):
+            values = {k: float(v.detach()) for k, v in terms.items()}
+            raise FloatingPointError(
+                f"{self.stage.name} loss is {float(loss)} at epoch {epoch + 1} step {step} "
+                f"(terms {values}); lower the lr or the method's weights"
+            )
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        return {k: float(v.detach()) for k, v in terms.items()}
+
+
+# ---------------------------------------------------------------------------------- hooks
+
+
+class LRSchedule(Hook):
+    """The stage's lr schedule (a ``LambdaLR`` over :func:`lr_factor`), stepped per epoch."""
+
+    name = "lr"
+
+    def __init__(self) -> None:
+        self.sched: torch.optim.lr_scheduler.LambdaLR | None = None
+
+    def attach(self, trainer: Trainer) -> None:
+        cfg = trainer.stage.cfg
+        self.sched = torch.optim.lr_scheduler.LambdaLR(trainer.opt, lambda e: lr_factor(cfg, e))
+
+    def after_epoch(self, trainer: Trainer, epoch: int, row: dict[str, Any]) -> None:
+        assert self.sched is not None
+        self.sched.step()
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.sched.state_dict() if self.sched is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state and self.sched is not None:
+            self.sched.load_state_dict(state)
+
+
+class Timing(Hook):
+    """Wall time of each epoch's training part (``train_s``), before evaluation."""
+
+    name = "timing"
+
+    def before_epoch(self, trainer: Trainer, epoch: int) -> None:
+        self.t0 = time.perf_counter()
+
+    def after_epoch(self, trainer: Trainer, epoch: int, row: dict[str, Any]) -> None:
+        row["train_s"] = round(time.perf_counter() - self.t0, 3)
+
+
+class EpochEval(Hook):
+    """Cheap evaluation (test, val) every ``every`` epochs of the train stage, into the row."""
+
+    name = "eval"
+
+    def __init__(self, fn: Callable[[], dict[str, float]], every: int):
+        self.fn, self.every = fn, every
+
+    def after_epoch(self, trainer: Trainer, epoch: int, row: dict[str, Any]) -> None:
+        if self.every and (epoch + 1) % self.every == 0:
+            t0 = time.perf_counter()
+            row.update(self.fn())
+            row["eval_s"] = round(time.perf_counter() - t0, 3)
+
+
+class MetricsLog(Hook):
+    """Appends each epoch's row to ``metrics.jsonl``."""
+
+    name = "metrics"
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def after_epoch(self, trainer: Trainer, epoch: int, row: dict[str, Any]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+class DatasetAugment(Hook):
+    """Dataset-level augmenters: extra samples before each train epoch, saved for resume."""
+
+    name = "dataset_augment"
+
+    def __init__(self, setup: TrainSetup, augmenters: list[Any]):
+        self.setup = setup
+        self.augmenters = augmenters
+        self.gen = torch.Generator().manual_seed(setup.seed * 1000003 + 7)
+
+    def before_epoch(self, trainer: Trainer, epoch: int) -> None:
+        s = self.setup
+        assert s.workdir is not None
+        ctx = DatasetAugmentContext(
+            student=s.student,
+            teacher=s.teacher_reader.model if s.teacher_reader is not None else None,
+            train=s.train_data,
+            device=s.device,
+            cell_dir=s.workdir,
+            generator=self.gen,
+            epoch=epoch,
+            epochs=trainer.stage.epochs,
+        )
+        for i, aug in enumerate(self.augmenters):
+            extra = aug.on_epoch_start(epoch, ctx)
+            if extra is not None and len(extra.y):
+                save_checked(extra.to_dict(), extra_path(s.workdir, epoch, i))
+                s.train_data.add_samples(extra.x, extra.y, extra.meta)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"gen": self.gen.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "gen" in state:
+            self.gen.set_state(state["gen"])
+
+
+def extra_path(workdir: Path, epoch: int, i: int) -> Path:
+    return workdir / "extra" / f"epoch{epoch:04d}-{i}.pt"
+
+
+def restore_extra_samples(workdir: Path, data: Batches, epochs_done: int) -> None:
+    """Re-add the samples generated before ``epochs_done``; drop later (uncheckpointed) ones."""
+    d = workdir / "extra"
+    if not d.exists():
         return
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
-        f.flush()
+    for p in sorted(d.glob("epoch*-*.pt")):
+        epoch = int(p.name[5:9])
+        if epoch < epochs_done:
+            e = ExtraSamples.from_dict(load_checked(p))
+            data.add_samples(e.x, e.y, e.meta)
+        else:
+            p.unlink()
+            p.with_name(p.name + ".sha256").unlink(missing_ok=True)
+
+
+class Checkpoint(Hook):
+    """Saves models, optimiser, hooks and RNG states every ``every`` epochs (not after the last)."""
+
+    name = "checkpoint"
+
+    def __init__(self, setup: TrainSetup, path: Path, every: int):
+        self.setup, self.path, self.every = setup, path, every
+
+    def after_epoch(self, trainer: Trainer, epoch: int, row: dict[str, Any]) -> None:
+        done = epoch + 1
+        if not self.every or done % self.every or done >= trainer.stage.epochs:
+            return
+        s = self.setup
+        state = {
+            "format": CHECKPOINT_FORMAT,
+            "stage": trainer.stage.name,
+            "epoch": done,
+            "student": s.student.state_dict(),
+            "distiller": s.distiller.state_dict() if s.distiller is not None else None,
+            "trainer": trainer.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        }
+        save_atomic(state, self.path)
+
+
+class ProgressReport(Hook):
+    """Calls the runner's progress callback with each epoch's row (may raise to stop)."""
+
+    name = "progress"
+
+    def __init__(self, fn: Progress):
+        self.fn = fn
+
+    def after_epoch(self, trainer: Trainer, epoch: int, row: dict[str, Any]) -> None:
+        self.fn({**row, "epoch": epoch + 1, "epochs": trainer.stage.epochs})
+
+
+# ------------------------------------------------------------------------------- training
 
 
 def _truncate_metrics(path: Path, stage: str, epochs_done: int) -> None:
@@ -97,6 +402,192 @@ def _truncate_metrics(path: Path, stage: str, epochs_done: int) -> None:
 
     keep = [json.dumps(r) for r in rows if covered(r)]
     path.write_text("".join(ln + "\n" for ln in keep))
+
+
+def _weighted(terms: dict[str, Tensor], weights: dict[str, float]) -> dict[str, Tensor]:
+    return {k: weights.get(k, 1.0) * v for k, v in terms.items() if weights.get(k, 1.0) != 0.0}
+
+
+def _unique(params) -> list[nn.Parameter]:
+    seen, out = set(), []
+    for p in params:
+        if p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            out.append(p)
+    return out
+
+
+@torch.no_grad()
+def _teacher_features(setup: TrainSetup, x: Tensor) -> Features:
+    """The teacher's forward as its own step: eval mode, no grad, detached outputs."""
+    if setup.teacher_reader is None:
+        return Features()
+    return setup.teacher_reader.read(x).detach()
+
+
+def _views(setup: TrainSetup, inp: StepInput) -> tuple[Tensor, Tensor]:
+    """(student view, teacher view) of a batch; by default the teacher sees the student's."""
+    xs = setup.augment(inp.x, inp.generator)
+    xt = xs if setup.teacher_augment is None else setup.teacher_augment(inp.x, inp.generator)
+    return xs, xt
+
+
+def _batch(inp: StepInput, xs: Tensor, views: dict | None = None) -> Batch:
+    return Batch(
+        x=xs,
+        y=inp.y,
+        index=inp.index,
+        epoch=inp.epoch,
+        epochs=inp.epochs,
+        step=inp.step,
+        views=views or {},
+        meta=inp.meta,
+    )
+
+
+def distill_loss(setup: TrainSetup) -> LossFn:
+    """Weighted terms of the train stage: plain CE without a method, else method + CE."""
+    d, w = setup.distiller, setup.weights
+
+    def loss(inp: StepInput) -> dict[str, Tensor]:
+        xs, xt = _views(setup, inp)
+        s = setup.student_reader.read(xs)
+        if d is None:
+            return {"ce": F.cross_entropy(s.logits, inp.y)}
+        t = _teacher_features(setup, xt)
+        views = {}
+        for name in d.views:
+            xv = setup.views[name](inp.x, inp.generator) if name in setup.views else xs
+            views[name] = (setup.student_reader.read(xv), _teacher_features(setup, xv))
+        terms = dict(d(s, t, _batch(inp, xs, views)))
+        if w.get("ce", 0.0) != 0.0:
+            terms["ce"] = F.cross_entropy(d.predict(s), inp.y)
+        return _weighted(terms, w)
+
+    return loss
+
+
+def init_loss(setup: TrainSetup) -> LossFn:
+    """Weighted terms of a method's initialisation stage."""
+    d = setup.distiller
+    assert d is not None
+
+    def loss(inp: StepInput) -> dict[str, Tensor]:
+        xs, xt = _views(setup, inp)
+        s = setup.student_reader.read(xs)
+        t = _teacher_features(setup, xt)
+        return _weighted(dict(d.init_loss(s, t, _batch(inp, xs))), setup.weights)
+
+    return loss
+
+
+def stages(setup: TrainSetup) -> list[Stage]:
+    """The init stage (methods that have one), then the train stage."""
+    d, cfg = setup.distiller, setup.train_cfg
+    out = []
+    if d is not None and d.init_epochs > 0:
+        icfg = {**cfg, "epochs": d.init_epochs}
+        if cfg.get("init_lr"):
+            icfg["lr"] = cfg["init_lr"]
+        out.append(Stage("init", d.init_epochs, [], init_loss(setup), icfg, setup.seed * 1000003 + 1))
+    out.append(Stage("train", cfg["epochs"], [], distill_loss(setup), dict(cfg), setup.seed * 1000003))
+    return out
+
+
+def _params(setup: TrainSetup, stage: Stage) -> list[nn.Parameter]:
+    d = setup.distiller
+    if stage.name == "init":
+        assert d is not None
+        return _unique(d.init_parameters(setup.student))
+    return _unique(list(setup.student.parameters()) + (list(d.parameters()) if d else []))
+
+
+def _hooks(setup: TrainSetup, stage: Stage, ckpt: Path | None) -> list[Hook]:
+    hooks: list[Hook] = [LRSchedule(), Timing()]
+    if stage.name == "train" and setup.dataset_augmenters:
+        hooks.append(DatasetAugment(setup, setup.dataset_augmenters))
+    if stage.name == "train" and setup.epoch_eval is not None and setup.eval_every:
+        hooks.append(EpochEval(setup.epoch_eval, setup.eval_every))
+    if setup.workdir is not None:
+        hooks.append(MetricsLog(setup.workdir / "metrics.jsonl"))
+    if ckpt is not None:
+        hooks.append(Checkpoint(setup, ckpt, setup.train_cfg.get("checkpoint_every", 1)))
+    if setup.progress is not None:
+        hooks.append(ProgressReport(setup.progress))
+    return hooks
+
+
+def _upgrade(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """A format-1 checkpoint (flat optimiser/scheduler state) in today's layout."""
+    if ckpt.get("format") == CHECKPOINT_FORMAT:
+        return ckpt
+    return {
+        **ckpt,
+        "stage": ckpt["tag"],
+        "trainer": {
+            "opt": ckpt["opt"],
+            "data_gen": ckpt["data_gen"],
+            "aug_gen": ckpt["aug_gen"],
+            "hooks": {"lr": ckpt["sched"]},
+        },
+    }
+
+
+def train(setup: TrainSetup) -> dict[str, Any]:
+    """Train every stage (resuming from ``workdir/checkpoint.pt`` when it can be read).
+
+    Returns the last epoch's row (losses, lr, timings).
+    """
+    ckpt_path = setup.workdir / "checkpoint.pt" if setup.workdir else None
+    resume = None
+    if ckpt_path is not None:
+        resume = load_checkpoint(ckpt_path, map_location=setup.device, log=setup.log)
+    if resume is not None:
+        resume = _upgrade(resume)
+        setup.student.load_state_dict(resume["student"])
+        if setup.distiller is not None and resume.get("distiller") is not None:
+            setup.distiller.load_state_dict(resume["distiller"])
+        torch.set_rng_state(resume["torch_rng"])
+        if resume.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(resume["cuda_rng"])
+        if setup.workdir is not None:
+            _truncate_metrics(setup.workdir / "metrics.jsonl", resume["stage"], resume["epoch"])
+    elif setup.workdir is not None:
+        (setup.workdir / "metrics.jsonl").unlink(missing_ok=True)
+    if setup.workdir is not None and setup.dataset_augmenters:
+        done = resume["epoch"] if resume is not None and resume["stage"] == "train" else 0
+        restore_extra_samples(setup.workdir, setup.train_data, done)
+    all_stages = stages(setup)
+    names = [st.name for st in all_stages]
+    first = names.index(resume["stage"]) if resume is not None else 0
+    row: dict[str, Any] = {}
+    for stage in all_stages[first:]:
+        if setup.distiller is not None:
+            setup.distiller.begin_stage(stage.name)
+        stage.params = _params(setup, stage)
+        hooks = _hooks(setup, stage, ckpt_path)
+        last = _LastRow()
+        trainer = Trainer(setup, stage, [*hooks, last])
+        start = 0
+        if resume is not None and resume["stage"] == stage.name:
+            trainer.load_state_dict(resume["trainer"])
+            start = resume["epoch"]
+        trainer.run(start)
+        row = last.row or row
+        resume = None
+    if ckpt_path is not None:
+        ckpt_path.unlink(missing_ok=True)
+    return row
+
+
+class _LastRow(Hook):
+    name = "last_row"
+
+    def __init__(self) -> None:
+        self.row: dict[str, Any] = {}
+
+    def after_epoch(self, trainer: Trainer, epoch: int, row: dict[str, Any]) -> None:
+        self.row = row
 
 
 @torch.no_grad()
@@ -116,186 +607,3 @@ def predict_all(
         ys.append(y)
     reader.model.train(was)
     return torch.cat(outs), torch.cat(ys)
-
-
-def evaluate(setup: TrainSetup, teacher_logits: Tensor | None = None) -> dict[str, float]:
-    head = setup.distiller.predict if setup.distiller is not None else None
-    if setup.distiller is not None:
-        setup.distiller.eval()
-    logits, y = predict_all(setup.student_reader, setup.test_data, setup.device, head)
-    if setup.distiller is not None:
-        setup.distiller.train()
-    return classification_metrics(logits, y, setup.ece_bins, teacher_logits)
-
-
-def _stage(
-    setup: TrainSetup,
-    epochs: int,
-    params: list[nn.Parameter],
-    loss_fn: Callable,
-    tag: str,
-    start_epoch: int,
-    ckpt: Path | None,
-    state_extra: dict,
-) -> None:
-    """Run ``epochs`` epochs of ``loss_fn``; resumable from ``ckpt``."""
-    cfg = {**setup.train_cfg, "epochs": epochs}
-    if tag == "init" and cfg.get("init_lr"):
-        cfg["lr"] = cfg["init_lr"]
-    opt = make_optimizer(params, cfg)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: lr_factor(cfg, e))
-    data_gen = torch.Generator().manual_seed(setup.seed * 1000003 + (1 if tag == "init" else 0))
-    aug_gen = torch.Generator(device="cpu").manual_seed(setup.seed * 7919 + 17)
-    if state_extra.get("opt") is not None:
-        opt.load_state_dict(state_extra["opt"])
-        sched.load_state_dict(state_extra["sched"])
-        data_gen.set_state(state_extra["data_gen"])
-        aug_gen.set_state(state_extra["aug_gen"])
-    metrics_path = setup.workdir / "metrics.jsonl" if setup.workdir else None
-    for epoch in range(start_epoch, epochs):
-        t0 = time.perf_counter()
-        setup.student.train()
-        if setup.distiller is not None:
-            setup.distiller.train()
-        totals: dict[str, float] = {}
-        n_batches = 0
-        for step, (x, y, idx) in enumerate(setup.train_data.iterate(data_gen)):
-            x, y = x.to(setup.device, non_blocking=True), y.to(setup.device, non_blocking=True)
-            terms = loss_fn(x, y, idx.to(setup.device), epoch, epochs, step, aug_gen)
-            loss = sum(terms.values())
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"{tag} loss is {float(loss)} at epoch {epoch + 1} step {step}; "
-                    "lower the lr or the method's weights"
-                )
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            for k, v in terms.items():
-                totals[k] = totals.get(k, 0.0) + float(v.detach())
-            n_batches += 1
-        sched.step()
-        row = {
-            "stage": tag,
-            "epoch": epoch,
-            "lr": opt.param_groups[0]["lr"],
-            "train_s": round(time.perf_counter() - t0, 3),
-            **{f"loss_{k}": v / max(n_batches, 1) for k, v in totals.items()},
-        }
-        if tag == "train":
-            row.update({f"test_{k}": v for k, v in evaluate(setup).items()})
-        _append_metrics(metrics_path, row)
-        every = setup.train_cfg.get("checkpoint_every", 1)  # 0: never
-        if ckpt is not None and every and (epoch + 1) % every == 0 and epoch + 1 < epochs:
-            _save_atomic(
-                {
-                    "tag": tag,
-                    "epoch": epoch + 1,
-                    "student": setup.student.state_dict(),
-                    "distiller": setup.distiller.state_dict() if setup.distiller else None,
-                    "opt": opt.state_dict(),
-                    "sched": sched.state_dict(),
-                    "data_gen": data_gen.get_state(),
-                    "aug_gen": aug_gen.get_state(),
-                    "torch_rng": torch.get_rng_state(),
-                },
-                ckpt,
-            )
-        if setup.progress:
-            setup.progress({**row, "stage": tag, "epoch": epoch + 1, "epochs": epochs})
-        state_extra.clear()
-
-
-def _weighted(terms: dict[str, Tensor], weights: dict[str, float]) -> dict[str, Tensor]:
-    return {k: weights.get(k, 1.0) * v for k, v in terms.items() if weights.get(k, 1.0) != 0.0}
-
-
-def train(setup: TrainSetup) -> dict[str, float]:
-    """Train (resuming from ``workdir/checkpoint.pt`` when present) and return test metrics."""
-    ckpt = setup.workdir / "checkpoint.pt" if setup.workdir else None
-    resume: dict[str, Any] = {}
-    if ckpt is not None and ckpt.exists():
-        resume = torch.load(ckpt, map_location=setup.device, weights_only=False)
-        setup.student.load_state_dict(resume["student"])
-        if setup.distiller is not None and resume.get("distiller") is not None:
-            setup.distiller.load_state_dict(resume["distiller"])
-        torch.set_rng_state(resume["torch_rng"])
-        if setup.workdir is not None:
-            _truncate_metrics(setup.workdir / "metrics.jsonl", resume["tag"], resume["epoch"])
-    elif setup.workdir is not None:
-        (setup.workdir / "metrics.jsonl").unlink(missing_ok=True)
-    d = setup.distiller
-    weights = {"ce": 1.0, **(d.default_weights if d else {}), **(setup.weights or {})}
-
-    def student_terms(x, y, idx, epoch, epochs, step, gen):
-        xs = setup.augment(x, gen)
-        s = setup.student_reader.read(xs)
-        if d is None:
-            return {"ce": F.cross_entropy(s.logits, y)}
-        t = _teacher_features(setup, xs)
-        views = {}
-        for name in d.views:
-            xv = setup.views[name](x, gen) if setup.views and name in setup.views else xs
-            views[name] = (setup.student_reader.read(xv), _teacher_features(setup, xv))
-        batch = Batch(x=xs, y=y, index=idx, epoch=epoch, epochs=epochs, step=step, views=views)
-        terms = dict(d(s, t, batch))
-        if weights.get("ce", 0.0) != 0.0:
-            terms["ce"] = F.cross_entropy(d.predict(s), y)
-        return _weighted(terms, weights)
-
-    if d is not None and d.init_epochs > 0:
-        done_init = resume.get("tag") == "train"
-        if not done_init:
-
-            def init_terms(x, y, idx, epoch, epochs, step, gen):
-                xs = setup.augment(x, gen)
-                s = setup.student_reader.read(xs)
-                t = _teacher_features(setup, xs)
-                batch = Batch(x=xs, y=y, index=idx, epoch=epoch, epochs=epochs, step=step)
-                return _weighted(dict(d.init_loss(s, t, batch)), weights)
-
-            params = _unique(d.init_parameters(setup.student))
-            start = resume.get("epoch", 0) if resume.get("tag") == "init" else 0
-            _stage(
-                setup,
-                d.init_epochs,
-                params,
-                init_terms,
-                "init",
-                start,
-                ckpt,
-                resume if resume.get("tag") == "init" else {},
-            )
-            resume = {}
-    params = _unique(list(setup.student.parameters()) + (list(d.parameters()) if d else []))
-    start = resume.get("epoch", 0) if resume.get("tag") == "train" else 0
-    _stage(
-        setup,
-        setup.train_cfg["epochs"],
-        params,
-        student_terms,
-        "train",
-        start,
-        ckpt,
-        resume if resume.get("tag") == "train" else {},
-    )
-    if ckpt is not None:
-        ckpt.unlink(missing_ok=True)
-    return evaluate(setup)
-
-
-def _unique(params) -> list[nn.Parameter]:
-    seen, out = set(), []
-    for p in params:
-        if p.requires_grad and id(p) not in seen:
-            seen.add(id(p))
-            out.append(p)
-    return out
-
-
-@torch.no_grad()
-def _teacher_features(setup: TrainSetup, x: Tensor) -> Features:
-    """The teacher's forward as its own step: eval mode, no grad, detached outputs."""
-    if setup.teacher_reader is None:
-        return Features()
-    return setup.teacher_reader.read(x).detach()

@@ -14,10 +14,29 @@ A method is an ``nn.Module`` subclass of :class:`Distiller`:
 * Trainable parts (regressors, embeddings) are submodules; they are optimised with the
   student. The teacher is in eval mode under ``no_grad``; ``t`` holds detached tensors.
 
-Optional hooks, all with safe defaults: ``views`` (extra augmented views, e.g. MLKD's
-strong view), ``init_epochs`` / ``init_loss`` / ``init_parameters`` (methods with an
-initialisation stage such as AB, FT, FSP), ``predict`` (a method that changes how the
-student predicts, e.g. SimKD), ``summary`` (artefacts saved with the run).
+Every other hook, with its default (the engine calls nothing else):
+
+=============================  ============================================================
+``requires_teacher``           class var; False for methods trained without a teacher
+``needs_teacher(**params)``    classmethod: does a method with these params use the teacher?
+``taps_for(**params)``         classmethod: the :class:`Taps` read with these params
+``weights_for(**params)``      classmethod: the default weights with these params
+``views``                      class var: extra augmented views (e.g. MLKD's ``("strong",)``);
+                               ``batch.views[name]`` holds both models' features on it
+``teacher_view``               class var: what the teacher sees, ``"student"`` (the
+                               student's augmented batch), ``"clean"`` or an augmenter name;
+                               None lets the grid decide (``train.teacher_view``)
+``init_epochs``                epochs of an initialisation stage (AB, FT, FSP), 0: none
+``init_loss(s, t, batch)``     loss terms of that stage
+``init_parameters(student)``   what that stage optimises (default: student and method)
+``begin_stage(name)``          called when stage ``"init"`` or ``"train"`` starts (FT freezes
+                               its paraphraser at ``"train"``); also on resume
+``predict(s)``                 the student's logits for CE and evaluation (SimKD)
+``summary()``                  JSON artefacts recorded in the result (e.g. a grouping)
+=============================  ============================================================
+
+A method that computes something from the student's features that ``forward`` and
+``predict`` share caches it in ``s.cache`` (a dict living as long as that forward pass).
 """
 
 from __future__ import annotations
@@ -73,6 +92,7 @@ class Batch:
     ``index`` are the samples' positions in the training set (CRD's memory bank).
     ``epoch`` counts from 0; ``epochs`` is the total (for warm-up ramps).
     ``views`` maps each extra view a method asked for to ``(student, teacher)`` features.
+    ``x`` is the student's view of the batch; ``meta`` the samples' metadata (index-aligned).
     """
 
     x: Tensor
@@ -82,6 +102,8 @@ class Batch:
     epochs: int = 1
     step: int = 0
     views: dict[str, tuple[Features, Features]] = field(default_factory=dict)
+    #: per-sample metadata of the batch (e.g. ``"group"``), from the dataset's ``meta()``
+    meta: dict[str, Tensor] = field(default_factory=dict)
 
 
 class Distiller(nn.Module):
@@ -94,12 +116,32 @@ class Distiller(nn.Module):
     requires_teacher: ClassVar[bool] = True
     #: extra augmented views to run both models on, e.g. ("strong",)
     views: ClassVar[tuple[str, ...]] = ()
+    #: the teacher's view: "student", "clean" or an augmenter name; None: the grid decides
+    teacher_view: ClassVar[str | None] = None
     #: epochs of an initialisation stage run before distillation (AB, FT, FSP)
     init_epochs: int = 0
 
     def __init__(self, ctx: MethodContext):
         super().__init__()
         self.ctx = ctx
+
+    @classmethod
+    def needs_teacher(cls, **params: Any) -> bool:
+        """Whether a method built with ``params`` uses the teacher (default ``requires_teacher``)."""
+        return cls.requires_teacher
+
+    @classmethod
+    def taps_for(cls, **params: Any) -> Taps:
+        """The features a method built with ``params`` reads (default ``taps``)."""
+        return cls.taps
+
+    @classmethod
+    def weights_for(cls, **params: Any) -> dict[str, float]:
+        """Default loss weights of a method built with ``params`` (default ``default_weights``)."""
+        return dict(cls.default_weights)
+
+    def begin_stage(self, stage: str) -> None:
+        """Called when stage ``"init"`` or ``"train"`` starts (also when resuming into it)."""
 
     def forward(self, s: Features, t: Features, batch: Batch) -> dict[str, Tensor]:
         raise NotImplementedError

@@ -76,6 +76,11 @@ class FT(Distiller):
         yield from self.paraphraser_enc.parameters()
         yield from self.paraphraser_dec.parameters()
 
+    def begin_stage(self, stage: str) -> None:
+        """The paraphraser trains in the init stage only; distillation starts with it frozen."""
+        if stage == "train":
+            self.freeze_paraphraser()
+
     def freeze_paraphraser(self) -> None:
         """End of the init stage: the paraphraser is fixed from now on."""
         for p in [*self.paraphraser_enc.parameters(), *self.paraphraser_dec.parameters()]:
@@ -96,8 +101,6 @@ class FT(Distiller):
         return F.normalize(f.pow(self.p1).mean(1).flatten(1))
 
     def forward(self, s: Features, t: Features, batch: Batch) -> dict[str, Tensor]:
-        if not self.frozen:
-            self.freeze_paraphraser()
         with torch.no_grad():
             factor_t = self.paraphraser_enc(t.stages[-1])
         f_s, f_t = pool_to_smaller(self.translator(s.stages[-1]), factor_t)

@@ -49,15 +49,16 @@ class SimKD(Distiller):
         # the student map is pooled to the teacher's size when larger (known from the shapes)
         self.source_size = (h_t, w_t) if h_s > h_t else None
         self._teacher_fc = (ctx.teacher_classifier,)  # a tuple: not a submodule, not optimised
-        self._last: tuple[Tensor, Tensor] | None = None
 
     def project(self, s: Features) -> Tensor:
-        """The projected last stage; computed once per student forward (predict and forward share it)."""
-        f = s.stages[-1]
-        if self._last is not None and self._last[0] is f:
-            return self._last[1]
-        out = self.projector(f if self.source_size is None else F.adaptive_avg_pool2d(f, self.source_size))
-        self._last = (f, out)
+        """The projected last stage; computed once per student forward (kept in ``s.cache``)."""
+        out = s.cache.get("simkd.projection")
+        if out is None:
+            f = s.stages[-1]
+            out = self.projector(
+                f if self.source_size is None else F.adaptive_avg_pool2d(f, self.source_size)
+            )
+            s.cache["simkd.projection"] = out
         return out
 
     def predict(self, s: Features) -> Tensor:

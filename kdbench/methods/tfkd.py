@@ -17,9 +17,8 @@ correct_prob 0.99; self α = 0.95, T = 6, multiplier 50. ``T`` / ``multiplier`` 
 the mode's default; α lives in the weights (change ``ce`` and ``tfkd`` together).
 
 Because the teacher, the teacher taps and the default weights depend on ``mode``, the class
-attributes describe the default (virtual) mode; an instance carries its own
-``requires_teacher`` / ``taps`` / ``default_weights``, and :meth:`needs_teacher` answers for
-given parameters before an instance exists.
+attributes describe the default (virtual) mode and the classmethods ``needs_teacher``,
+``taps_for`` and ``weights_for`` answer for given parameters (the engine asks them).
 Reference: yuanli2333/Teacher-free-Knowledge-Distillation ``my_loss_function.py``
 (``loss_kd_regularization``, ``loss_kd_self``).
 """
@@ -53,13 +52,22 @@ def elementwise_kl(log_p_s: Tensor, p_t: Tensor) -> Tensor:
 class TfKD(Distiller):
     """Teacher-free KD with a virtual teacher or a self-teacher (see module docstring)."""
 
-    taps: ClassVar[Taps] = Taps(student=("logits",), teacher=("logits",))
+    taps: ClassVar[Taps] = Taps(student=("logits",), teacher=())
     default_weights: ClassVar[dict[str, float]] = {"ce": 0.9, "tfkd": 0.1}
     requires_teacher: ClassVar[bool] = False
 
     @classmethod
     def needs_teacher(cls, mode: Mode = "virtual", **_params: Any) -> bool:
         return mode == "self"
+
+    @classmethod
+    def taps_for(cls, mode: Mode = "virtual", **_params: Any) -> Taps:
+        return Taps(student=("logits",), teacher=("logits",) if mode == "self" else ())
+
+    @classmethod
+    def weights_for(cls, mode: Mode = "virtual", **_params: Any) -> dict[str, float]:
+        alpha = _MODE_DEFAULTS[mode][0] if mode in _MODE_DEFAULTS else _MODE_DEFAULTS["virtual"][0]
+        return {"ce": 1.0 - alpha, "tfkd": alpha}
 
     def __init__(
         self,
@@ -72,15 +80,11 @@ class TfKD(Distiller):
         super().__init__(ctx)
         if mode not in _MODE_DEFAULTS:
             raise ConfigError(f"tfkd: mode must be 'self' or 'virtual', got {mode!r}")
-        alpha, t_default, m_default = _MODE_DEFAULTS[mode]
+        _alpha, t_default, m_default = _MODE_DEFAULTS[mode]
         self.mode = mode
         self.T = t_default if T is None else T
         self.multiplier = m_default if multiplier is None else multiplier
         self.correct_prob = correct_prob
-        # per-instance values shadow the class attributes (which describe virtual mode)
-        self.requires_teacher = mode == "self"  # type: ignore[misc]
-        self.taps = Taps(student=("logits",), teacher=("logits",) if mode == "self" else ())  # type: ignore[misc]
-        self.default_weights = {"ce": 1.0 - alpha, "tfkd": alpha}  # type: ignore[misc]
 
     def virtual_teacher(self, y: Tensor, num_classes: int, like: Tensor) -> Tensor:
         u = torch.full_like(like, (1.0 - self.correct_prob) / (num_classes - 1))
