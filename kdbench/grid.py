@@ -18,6 +18,8 @@ __all__ = ["CELL_FORMAT", "canonical", "digest", "expand", "method_label", "mode
 
 
 def _short(v: Any) -> str:
+    if isinstance(v, list | tuple):
+        return "[" + " ".join(_short(x) for x in v) + "]"
     return f"{v:g}" if isinstance(v, float) else str(v)
 
 

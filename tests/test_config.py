@@ -177,3 +177,54 @@ def test_dry_run_lists_cells_and_writes_nothing(tiny_grid, tmp_path: Path):
     assert "4 cells, 1 teacher(s)" in r.stderr
     assert r.stdout.count("to run") == 4
     assert not (tmp_path / "runs").exists()
+
+
+def _weights_grid(tmp_path: Path, methods: str) -> Path:
+    return write_grid(
+        tmp_path / "w.yaml",
+        f"""\
+name: w
+datasets: [digits]
+pairs:
+  - {{teacher: smallcnn_wide, student: smallcnn_thin}}
+methods: {methods}
+""",
+    )
+
+
+def test_loss_weights_key_and_legacy_weights_give_the_same_cell(tmp_path: Path):
+    from kdbench.grid import expand
+
+    legacy = load_grid(_weights_grid(tmp_path, "[{fitnet: {weights: {hint: 50}}}]"))
+    explicit = load_grid(_weights_grid(tmp_path, "[{fitnet: {loss_weights: {hint: 50}}}]"))
+    (a,), (b,) = expand(legacy, [{}], [{}]), expand(explicit, [{}], [{}])
+    assert a.method.weights == b.method.weights == {"hint": 50}
+    assert "weights" not in a.method.params and "loss_weights" not in b.method.params
+    assert a.id == b.id and a.method.label == b.method.label == "fitnet(w.hint=50)"
+
+
+def test_a_methods_own_weights_parameter_is_settable(tmp_path: Path):
+    """ckakd has a `weights` parameter: `weights:` sets it, `loss_weights:` the engine's."""
+    from kdbench.grid import expand
+
+    grid = load_grid(
+        _weights_grid(tmp_path, "[{ckakd: {n_groups: 2, weights: [1, 3], loss_weights: {ckakd: 2}}}, ckakd]")
+    )
+    own, default = expand(grid, [{}], [{}])
+    assert own.method.params["weights"] == [1, 3] and own.method.weights == {"ckakd": 2}
+    assert own.method.label == "ckakd(n_groups=2,weights=[1 3],w.ckakd=2)"
+    assert "weights" not in default.method.params and default.method.weights == {}
+
+
+def test_loss_weights_problems_are_reported(tmp_path: Path):
+    f = _weights_grid(
+        tmp_path,
+        "[{fitnet: {loss_weights: {hnt: 5}}}, {kd: {weights: {kd: 1}, loss_weights: {kd: 2}}}, "
+        "{ckakd: {loss_weights: fast}}]",
+    )
+    with pytest.raises(ConfigError) as e:
+        load_grid(f)
+    text = "\n".join(e.value.problems)
+    assert "methods[0].fitnet.loss_weights.hnt: fitnet has no loss term 'hnt'" in text
+    assert "methods[1].kd.weights: set the loss-term weights once" in text
+    assert "methods[2].ckakd.loss_weights: expected a mapping of loss term -> number" in text
