@@ -48,27 +48,31 @@ def sidecar(path: Path) -> Path:
 
 
 def _write_bytes_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
-        raise _disk_error(path, e) from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as e:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise disk_error(path, e) from None
         raise
 
 
-def _disk_error(path: Path, e: OSError) -> KdbenchError | OSError:
-    if e.errno == errno.ENOSPC:
-        return DiskError(f"no space left on device while writing {path}; free space and run again")
+def disk_error(path: Path, e: OSError) -> KdbenchError | OSError:
+    """A full disk or an unwritable place as a one-line :class:`DiskError`; other errors as they are."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return DiskError(
+            f"no space left on device while writing {path} ({e.strerror}); free space and run again"
+        )
     if e.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
-        return DiskError(f"cannot write {path}: {e.strerror}; make the directory writable")
+        return DiskError(f"cannot write {path}: {e.strerror}; make the directory writable or choose another")
     return e
 
 

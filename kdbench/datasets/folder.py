@@ -9,6 +9,7 @@ split that lacks a class does not shift the labels of the others.
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 from typing import ClassVar
 
@@ -114,14 +115,16 @@ class ImageFolderDataset(KDDataset):
         return self._folders[name]
 
     def fingerprint(self) -> dict:
-        """Root, params, classes, sizes and a digest of each split's file list."""
+        """Root, params, classes, sizes and a digest of each split's files: path, class, size, mtime."""
         digests, sizes = {}, {}
         for name in self.splits:
             folder = self.split(name)
             assert isinstance(folder, ImageFolder)
             h = hashlib.sha1()
             for path, label in folder.samples:
-                h.update(f"{Path(path).relative_to(folder.root)}\t{label}\n".encode())
+                st = os.stat(path)
+                rel = Path(path).relative_to(folder.root)
+                h.update(f"{rel}\t{label}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
             digests[name] = h.hexdigest()[:16]
             sizes[name] = len(folder)
         return {

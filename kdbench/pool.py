@@ -1,0 +1,281 @@
+"""Local worker processes for ``--workers N``, and how many CPUs this process may use.
+
+The pool is a few spawned processes, each running one cell at a time and sending its result
+back over a pipe. A worker that dies hard (OOM killer, a segfault in a plugin, ``os._exit``)
+fails only its own cell: the driver records the exit code or signal, starts a new worker and
+goes on. Workers die with their driver: Linux delivers SIGKILL to them when it exits
+(``PR_SET_PDEATHSIG``), and a watchdog thread checks the parent PID on every platform, so a
+killed driver leaves no orphans holding CPUs or GPU memory.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import multiprocessing as mp
+import os
+import signal
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from multiprocessing.connection import Connection, wait
+from pathlib import Path
+from typing import Any
+
+from kdbench.errors import KdbenchError
+
+#: seconds between a worker's checks that its driver is alive (the portable fallback)
+WATCHDOG_PERIOD = 0.5
+
+# --------------------------------------------------------------------------- CPU budget
+
+
+def _cgroup_quota(
+    proc_cgroup: Path = Path("/proc/self/cgroup"), fs: Path = Path("/sys/fs/cgroup")
+) -> float | None:
+    """CPUs allowed by the cgroup (v2 ``cpu.max`` or v1 CFS quota) of this process, or None."""
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        return None
+    best: float | None = None
+    for line in lines:
+        _, controllers, rel = line.split(":", 2)
+        ctrl = set(controllers.split(","))
+        if controllers == "":  # v2: one unified hierarchy
+            dirs, read = [fs], _v2_quota
+        elif "cpu" in ctrl:  # v1: the cpu controller's own hierarchy
+            dirs, read = [fs / controllers, fs / "cpu", fs / "cpu,cpuacct"], _v1_quota
+        else:
+            continue
+        for base in dirs:
+            # the effective limit is the tightest one on the path from the root to this cgroup
+            d = base / rel.lstrip("/")
+            while True:
+                q = read(d)
+                if q is not None:
+                    best = q if best is None else min(best, q)
+                if d == base or base not in d.parents:
+                    break
+                d = d.parent
+    return best
+
+
+def _v2_quota(d: Path) -> float | None:
+    try:
+        quota, period = (d / "cpu.max").read_text().split()[:2]
+    except (OSError, ValueError):
+        return None
+    return None if quota == "max" else int(quota) / int(period)
+
+
+def _v1_quota(d: Path) -> float | None:
+    try:
+        quota = int((d / "cpu.cfs_quota_us").read_text())
+        period = int((d / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+    return None if quota <= 0 or period <= 0 else quota / period
+
+
+def cpu_budget() -> int:
+    """CPUs this process may use: its affinity mask (Slurm ``--cpus-per-task``, taskset),
+    capped by the cgroup CPU quota (containers); never the machine's core count."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows: no affinity API
+        n = getattr(os, "process_cpu_count", os.cpu_count)() or 1
+    quota = _cgroup_quota()
+    if quota is not None:
+        n = min(n, max(1, math.floor(quota)))
+    return max(1, n)
+
+
+# --------------------------------------------------------------------------- worker side
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Make this process exit within seconds of ``parent_pid`` dying."""
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass  # the watchdog below still works
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+
+    def watch() -> None:
+        while True:
+            time.sleep(WATCHDOG_PERIOD)
+            if os.getppid() != parent_pid:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="kdbench-parent-watchdog", daemon=True).start()
+
+
+def _worker_main(conn: Connection, run_dir: str, threads: int, parent_pid: int) -> None:
+    """Run cells sent over ``conn`` until told to stop; send back progress rows and results."""
+    die_with_parent(parent_pid)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the driver decides what Ctrl-C means
+    import torch
+
+    torch.set_num_threads(threads)
+    from kdbench.engine.cell import run_cell
+
+    while True:
+        try:
+            task = conn.recv()
+        except (EOFError, OSError):
+            return
+        if task is None:
+            return
+        cell, attempt = task
+
+        def progress(row: dict, cid: str = cell["id"]) -> None:
+            conn.send(("progress", cid, row))
+
+        try:
+            result = run_cell(cell, Path(run_dir), progress, attempt)
+        except KdbenchError as e:  # e.g. a full disk: the sweep stops, as it does inline
+            conn.send(("error", cell["id"], (type(e).__name__, str(e), e.exit_code)))
+            continue
+        conn.send(("result", cell["id"], result))
+
+
+# --------------------------------------------------------------------------- driver side
+
+
+def death_reason(exitcode: int | None) -> str:
+    """``-11`` -> "killed by signal SIGSEGV", ``1`` -> "exited with code 1"."""
+    if exitcode is None:
+        return "vanished"
+    if exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = str(-exitcode)
+        hint = {"SIGSEGV": " (a crash in native code)", "SIGKILL": " (out of memory?)"}.get(name, "")
+        return f"killed by signal {name}{hint}"
+    return f"exited with code {exitcode}"
+
+
+class _Worker:
+    def __init__(self, ctx: Any, run_dir: Path, threads: int):
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(
+            target=_worker_main, args=(child, str(run_dir), threads, os.getpid()), daemon=True
+        )
+        self.proc.start()
+        child.close()
+        self.cell: dict | None = None
+
+    def give(self, cell: dict, attempt: int) -> None:
+        self.cell = cell
+        self.conn.send((cell, attempt))
+
+    def stop(self) -> None:
+        try:
+            self.conn.send(None)
+        except OSError:
+            pass
+
+
+class WorkerFailed(KdbenchError):
+    """A worker reported an error that stops the sweep (e.g. the disk is full)."""
+
+
+def run_pool(
+    todo: list[dict],
+    run_dir: Path,
+    n_workers: int,
+    threads: int,
+    attempts: dict[str, int],
+    on_result: Callable[[dict], None],
+    on_progress: Callable[[dict, dict], None] | None = None,
+) -> None:
+    """Run ``todo`` on ``n_workers`` spawned processes; ``on_result`` gets every cell's result.
+
+    A worker that dies fails its cell (status "failed", the exit code or signal as error) and
+    is replaced; the other cells go on.
+    """
+    ctx = mp.get_context("spawn")  # fork after torch initialised its thread pools is unsafe
+    queue = deque(todo)
+    workers = [_Worker(ctx, run_dir, threads) for _ in range(min(n_workers, len(todo)))]
+    try:
+        while queue or any(w.cell is not None for w in workers):
+            for i, w in enumerate(workers):
+                if w.cell is None and queue:
+                    if not w.proc.is_alive():
+                        workers[i] = w = _Worker(ctx, run_dir, threads)
+                    cell = queue.popleft()
+                    w.give(cell, attempts[cell["id"]])
+            busy = [w for w in workers if w.cell is not None]
+            wait([w.conn for w in busy] + [w.proc.sentinel for w in busy])
+            for i, w in enumerate(workers):
+                if w.cell is None:
+                    continue
+                _drain(w, on_result, on_progress)
+                if w.cell is not None and not w.proc.is_alive():
+                    w.proc.join()
+                    cell, w.cell = w.cell, None
+                    on_result(_died(cell, attempts[cell["id"]], w.proc.exitcode, run_dir))
+                    if queue:
+                        workers[i] = _Worker(ctx, run_dir, threads)
+    finally:
+        _shutdown(workers)
+
+
+def _drain(w: _Worker, on_result: Callable, on_progress: Callable | None) -> None:
+    """Handle every message waiting from ``w``."""
+    while w.cell is not None:
+        try:
+            if not w.conn.poll():
+                return
+            kind, _, payload = w.conn.recv()
+        except (EOFError, OSError):  # it is dying: let it finish so the caller sees its exit code
+            w.proc.join(5)
+            return
+        if kind == "progress":
+            if on_progress is not None:
+                on_progress(w.cell, payload)
+        elif kind == "result":
+            w.cell = None
+            on_result(payload)
+        else:
+            name, message, code = payload
+            err = WorkerFailed(message)
+            err.exit_code = code
+            if name == "DiskError":
+                from kdbench.artifacts import DiskError
+
+                err = DiskError(message)
+            raise err
+
+
+def _died(cell: dict, attempt: int, exitcode: int | None, run_dir: Path) -> dict:
+    reason = f"worker process {death_reason(exitcode)} while running this cell"
+    try:  # leave the reason where the cell's own log is
+        with open(run_dir / "cells" / cell["id"] / "log.txt", "a") as f:
+            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} failed: {reason}\n")
+    except OSError:
+        pass
+    return {"cell": cell, "status": "failed", "error": reason, "attempt": attempt}
+
+
+def _shutdown(workers: list[_Worker], grace: float = 5.0) -> None:
+    """Ask idle workers to stop; terminate busy ones (their cells resume from checkpoints)."""
+    for w in workers:
+        if w.cell is None:
+            w.stop()
+        elif w.proc.is_alive():
+            w.proc.terminate()
+    deadline = time.monotonic() + grace
+    for w in workers:
+        w.proc.join(max(0.0, deadline - time.monotonic()))
+        if w.proc.is_alive():
+            w.proc.kill()
+            w.proc.join()
+        w.conn.close()
