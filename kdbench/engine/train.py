@@ -216,7 +216,7 @@ class Trainer:
         if not torch.isfinite(loss):
             values = {k: float(v.detach()) for k, v in terms.items()}
             raise FloatingPointError(
-                f"{self.stage.name} loss is {float(loss)} at epoch {epoch + 1} step {step} "
+                f"{self.stage.name} loss is {float(loss.detach())} at epoch {epoch + 1} step {step} "
                 f"(terms {values}); lower the lr or the method's weights"
             )
         self.opt.zero_grad(set_to_none=True)
