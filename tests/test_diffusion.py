@@ -116,7 +116,9 @@ def test_unsupported_or_missing_directories_are_clear_errors(tmp_path):
     text = tmp_path / "sd"
     (text / "unet").mkdir(parents=True)
     (text / "model_index.json").write_text(
-        json.dumps({"unet": ["diffusers", "UNet2DConditionModel"], "text_encoder": ["transformers", "CLIPTextModel"]})
+        json.dumps(
+            {"unet": ["diffusers", "UNet2DConditionModel"], "text_encoder": ["transformers", "CLIPTextModel"]}
+        )
     )
     with pytest.raises(ConfigError, match="component 'text_encoder'"):
         inspect_local(text)
