@@ -256,6 +256,14 @@ def validate_params(ref: PluginRef, path: tuple, problems: Problems, reserved: t
         problems.add(path, str(e))
         return
     params = {k: v for k, v in ref.params.items() if k not in reserved}
+    # a plugin taking **kwargs (torchvision, timm, hf) may check them itself: ``obj.check_params``
+    check = getattr(obj, "check_params", None)
+    if callable(check):
+        try:
+            check({**params, **{k: ref.params[k] for k in reserved if k in ref.params}})
+        except KdbenchError as e:
+            problems.add(path, str(e))
+            return
     model = signature_model(obj)
     if model is None:
         return
@@ -361,6 +369,27 @@ def load_yaml(path: Path) -> tuple[Any, yaml.Node | None]:
     return data, root
 
 
+#: keys a recipe accepts in one place but that have no effect in the other: rejected, not ignored
+INERT_KEYS: dict[str, dict[str, str]] = {
+    "train": {
+        "seed": "the student's seeds are the grid's `seeds:` list; set teacher seeds in `teacher_train.seed`",
+    },
+    "teacher_train": {
+        "views": "teachers train with cross-entropy alone and read no extra views; set views in `train`",
+        "init_lr": "teachers have no initialisation stage; `init_lr` belongs to `train`",
+        "device": "the teacher trains on the cell's device; set `train.device`",
+        "teacher_view": "`teacher_view` (what the teacher sees while distilling) belongs to `train`",
+    },
+}
+
+
+def _reject_inert(raw: dict, key: str, problems: Problems) -> None:
+    for k, why in INERT_KEYS.get(key, {}).items():
+        # `teacher_train.views: {}` says what is true (no views) and is part of existing teacher ids
+        if k in raw and not (k == "views" and raw[k] == {}):
+            problems.add((key, k), f"has no effect here: {why}")
+
+
 def apply_preset(raw: dict | None, path: tuple, problems: Problems) -> dict:
     raw = dict(raw or {})
     preset = raw.get("preset")
@@ -407,6 +436,7 @@ def load_grid(path: str | Path) -> Grid:
             problems.add((key,), f"expected a mapping, got {data[key]!r}")
             data.pop(key)
         elif key in data:
+            _reject_inert(data[key], key, problems)
             data[key] = apply_preset(data[key], (key,), problems)
     try:
         cfg = GridConfig.model_validate(data)

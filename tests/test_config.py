@@ -151,6 +151,8 @@ train: {preset: repdistiller, epochs: 2}
 def test_external_models_are_expressible(tmp_path: Path):
     """torchvision by name, and the ViT → MobileNetV2 grid of the Transformers KD guide."""
     vit = tmp_path / "vit-checkpoint"
+    vit.mkdir()
+    (vit / "config.json").write_text('{"model_type": "vit", "num_labels": 3}')
     f = write_grid(
         tmp_path / "g.yaml",
         f"""\
@@ -228,3 +230,77 @@ def test_loss_weights_problems_are_reported(tmp_path: Path):
     assert "methods[0].fitnet.loss_weights.hnt: fitnet has no loss term 'hnt'" in text
     assert "methods[1].kd.weights: set the loss-term weights once" in text
     assert "methods[2].ckakd.loss_weights: expected a mapping of loss term -> number" in text
+
+
+def test_keys_without_effect_are_rejected(tmp_path: Path):
+    f = write_grid(
+        tmp_path / "g.yaml",
+        """\
+name: inert
+datasets: [digits]
+pairs:
+  - {teacher: smallcnn_wide, student: smallcnn_thin}
+methods: [kd]
+train: {seed: 3}
+teacher_train: {views: {strong: randaugment}, init_lr: 0.01, device: cpu, seed: 1}
+""",
+    )
+    with pytest.raises(ConfigError) as e:
+        load_grid(f)
+    text = "\n".join(e.value.problems)
+    assert len(e.value.problems) == 4
+    assert f"{f}:6: train.seed: has no effect here" in text and "`seeds:`" in text
+    for k in ("views", "init_lr", "device"):
+        assert f"{f}:7: teacher_train.{k}: has no effect here" in text
+
+
+def test_packaged_dataset_refuses_a_root(tmp_path: Path):
+    f = write_grid(
+        tmp_path / "g.yaml",
+        f"""\
+name: root
+output: {tmp_path / "runs"}
+datasets:
+  - {{mnist5k: {{root: {tmp_path}}}}}
+pairs:
+  - {{teacher: smallcnn_wide, student: smallcnn_thin}}
+methods: [kd]
+""",
+    )
+    with pytest.raises(ConfigError) as e:
+        plan(load_grid(f))
+    assert f"{f}:4: datasets[0]:" in str(e.value) and "remove `root`" in str(e.value)
+
+
+def test_external_model_parameters_checked_against_the_library(tmp_path: Path):
+    """torchvision/timm/hf take **kwargs: the library itself judges them at config time."""
+    vit = tmp_path / "vit"
+    vit.mkdir()
+    (vit / "config.json").write_text('{"model_type": "vit", "num_labels": 3}')
+    f = write_grid(
+        tmp_path / "g.yaml",
+        f"""\
+name: ext
+datasets: [digits]
+pairs:
+  - {{teacher: {{torchvision: {{name: resnet18, colour: 1}}}}, student: "torchvision:resnet81"}}
+  - teacher: {{timm: {{name: resnet18, colour: 1}}}}
+    student: {{timm: {{name: resnet18, drop_rate: 0.1}}}}
+  - {{teacher: {{hf: {{path: {vit}, colour: 1}}}}, student: {{hf: {{path: {tmp_path / "none"}}}}}}}
+  - teacher: {{hf: {{path: {vit}, hidden_dropout_prob: 0.2}}}}
+    student: {{torchvision: {{name: resnet18, width_per_group: 32}}}}
+methods: [kd]
+""",
+    )
+    with pytest.raises(ConfigError) as e:
+        load_grid(f)
+    text = "\n".join(e.value.problems)
+    assert f"{f}:4: pairs[0].teacher:" in text and "unexpected keyword argument 'colour'" in text
+    assert "pairs[0].student:" in text and "no classification model 'resnet81'; did you mean resnet18" in text
+    assert f"{f}:5: pairs[1].teacher:" in text and "timm model 'resnet18'" in text
+    assert "pairs[1].student" not in text  # drop_rate is a timm ResNet argument
+    assert f"{f}:7: pairs[2].teacher:" in text and "colour: neither a field of the checkpoint" in text
+    assert "pairs[2].student:" in text and "no config.json" in text
+    assert "pairs[3].teacher" not in text  # a config field
+    assert "pairs[3].student:" in text and "BasicBlock only supports groups=1" in text
+    assert len(e.value.problems) == 6

@@ -17,7 +17,7 @@ import torch
 
 from kdbench.datasets._util import InMemoryDataset, file_digest, stratified_split, to_uint8
 from kdbench.datasets.base import KDDataset
-from kdbench.errors import DataError
+from kdbench.errors import ConfigError, DataError
 
 #: seed of the fixed train/test split of datasets that ship without one
 SPLIT_SEED = 0
@@ -34,7 +34,14 @@ class _PackagedArrays(InMemoryDataset):
     pixel_scale: ClassVar[float] = 1.0
 
     def __init__(self, root: str | None = None, test_fraction: float = 0.2, limit: int | None = None):
-        super().__init__(None, limit)  # the data is inside a package; ``root`` is ignored
+        # ``root`` stays in the signature (it is part of existing cell ids) but may not be set:
+        # the data is inside a package, and a root that is silently ignored misleads
+        if root is not None:
+            raise ConfigError(
+                f"root: {type(self).__name__} ships inside a Python package and reads no files; "
+                "remove `root` (datasets read from disk, e.g. fashion_mnist or imagefolder, take one)"
+            )
+        super().__init__(None, limit)
         if not 0.0 < test_fraction < 1.0:
             raise DataError(f"test_fraction must be in (0, 1), got {test_fraction}")
         self.test_fraction = test_fraction

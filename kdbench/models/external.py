@@ -199,6 +199,46 @@ def torchvision_model(
     return model
 
 
+def _build_on_meta(what: str, build: Any) -> None:
+    """Build a model on the meta device (no memory, no weights): the library checks its arguments."""
+    import warnings
+
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            build()
+    except (TypeError, ValueError, AssertionError, KeyError) as e:
+        raise ConfigError(f"{what}: {e}") from None
+    except (NotImplementedError, RuntimeError) as e:
+        if "meta" in str(e).lower():
+            return  # the model cannot be built on the meta device; it is checked when it is built
+        raise ConfigError(f"{what}: {e}") from None
+
+
+def check_torchvision_params(params: dict[str, Any]) -> None:
+    """Config-time check (``check_params`` hook): the name exists, the weights file too, and
+    torchvision's builder accepts the other parameters (built on the meta device)."""
+    import torchvision.models as tvm
+
+    name = params.get("name")
+    known = tvm.list_models(module=tvm)
+    if name not in known:
+        import difflib
+
+        close = difflib.get_close_matches(str(name), known, n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else f"; known: {', '.join(known)}"
+        raise ConfigError(f"torchvision has no classification model {name!r}{hint}")
+    if params.get("weights"):
+        _existing_file(params["weights"], "torchvision weights")
+    kwargs = {k: v for k, v in params.items() if k not in ("name", "weights", "taps")}
+    _build_on_meta(
+        f"torchvision model {name!r}", lambda: tvm.get_model(name, weights=None, num_classes=10, **kwargs)
+    )
+
+
+torchvision_model.check_params = check_torchvision_params  # type: ignore[attr-defined]
+
+
 # --------------------------------------------------------------------------- timm
 
 
@@ -227,6 +267,30 @@ def timm_model(
         load_into(model, read_state_dict(path), str(path))
     model.kd_taps = taps_from_params(model, taps)
     return model
+
+
+def check_timm_params(params: dict[str, Any]) -> None:
+    """Config-time check: timm is installed, knows the name, and accepts the other parameters."""
+    try:
+        import timm
+    except ImportError:
+        raise ConfigError("the `timm` model source needs timm: pip install 'kdbench[timm]'") from None
+    name = params.get("name")
+    if not timm.is_model(name):
+        import difflib
+
+        close = difflib.get_close_matches(str(name), timm.list_models(), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ConfigError(f"timm has no model {name!r}{hint}")
+    if params.get("checkpoint_path"):
+        _existing_file(params["checkpoint_path"], "timm checkpoint_path")
+    kwargs = {k: v for k, v in params.items() if k not in ("name", "checkpoint_path", "taps")}
+    _build_on_meta(
+        f"timm model {name!r}", lambda: timm.create_model(name, pretrained=False, num_classes=10, **kwargs)
+    )
+
+
+timm_model.check_params = check_timm_params  # type: ignore[attr-defined]
 
 
 # --------------------------------------------------------------------------- Hugging Face
@@ -288,3 +352,50 @@ def hf_model(
     wrapped = HFImageClassifier(model, in_channels, input_size)
     wrapped.kd_taps = taps_from_params(wrapped, taps)
     return wrapped
+
+
+#: keyword arguments of ``from_pretrained`` itself that are not fields of a model config
+HF_LOAD_KWARGS = {
+    "attn_implementation",
+    "device_map",
+    "dtype",
+    "ignore_mismatched_sizes",
+    "low_cpu_mem_usage",
+    "output_loading_info",
+    "revision",
+    "subfolder",
+    "torch_dtype",
+    "use_safetensors",
+    "variant",
+}
+
+
+def check_hf_params(params: dict[str, Any]) -> None:
+    """Config-time check: a local checkpoint directory whose config transformers reads, and
+    every other parameter either a field of that config or an argument of ``from_pretrained``."""
+    root = Path(str(params.get("path"))).expanduser()
+    if not (root / "config.json").is_file():
+        raise ConfigError(
+            f"hf: {str(root)!r} is not a Hugging Face checkpoint directory (no config.json); give a "
+            "local directory written by save_pretrained (kdbench never downloads models)"
+        )
+    try:
+        from transformers import AutoConfig
+    except ImportError:
+        raise ConfigError("the `hf` model source needs transformers: pip install 'kdbench[hf]'") from None
+    kwargs = {k: v for k, v in params.items() if k not in ("path", "input_size", "taps")}
+    try:
+        _, unused = AutoConfig.from_pretrained(
+            str(root), local_files_only=True, return_unused_kwargs=True, **kwargs
+        )
+    except (OSError, ValueError, KeyError) as e:
+        raise ConfigError(f"hf: cannot read the config in {str(root)!r}: {e}") from None
+    unknown = sorted(set(unused) - HF_LOAD_KWARGS)
+    if unknown:
+        raise ConfigError(
+            f"hf: {', '.join(unknown)}: neither a field of the checkpoint's config nor an argument "
+            "of from_pretrained"
+        )
+
+
+hf_model.check_params = check_hf_params  # type: ignore[attr-defined]
