@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from kdbench import __version__, registry
 from kdbench.artifacts import save_atomic
+from kdbench.cells import Cell, PluginKey, TeacherSpec
 from kdbench.engine import evaluation as ev
 from kdbench.engine.build import build_augmenter, build_dataset, build_model, resolve_device
 from kdbench.engine.data import Batches, holdout
@@ -139,17 +140,24 @@ def cell_logger(path: Path) -> Iterator[logging.Logger]:
 _DATASETS: OrderedDict[str, Any] = OrderedDict()
 
 
-def _ref_key(ref: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(ref, sort_keys=True, default=str).encode()).hexdigest()[:16]
+def _plain(ref: PluginKey | dict[str, Any]) -> dict[str, Any]:
+    """A plugin reference as the builders take it: ``{"name", "params"}``."""
+    if isinstance(ref, dict):
+        return {"name": ref["name"], "params": dict(ref.get("params") or {})}
+    return {"name": ref.name, "params": dict(ref.params)}
 
 
-def load_dataset(ref: dict[str, Any]) -> Any:
+def _ref_key(ref: PluginKey | dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(_plain(ref), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def load_dataset(ref: PluginKey | dict[str, Any]) -> Any:
     """The dataset plugin for ``ref``, built once per process (least recently used dropped)."""
-    key = _ref_key({"name": ref["name"], "params": ref.get("params", {})})
+    key = _ref_key(ref)
     if key in _DATASETS:
         _DATASETS.move_to_end(key)
         return _DATASETS[key]
-    ds = build_dataset(ref)
+    ds = build_dataset(_plain(ref))
     _DATASETS[key] = ds
     while len(_DATASETS) > DATASET_CACHE_SIZE:
         _DATASETS.popitem(last=False)
@@ -201,7 +209,7 @@ class CellData:
 
 
 def cell_data(
-    ref: dict[str, Any], batch_size: int, eval_batch_size: int, val_fraction: float = 0.0
+    ref: PluginKey | dict[str, Any], batch_size: int, eval_batch_size: int, val_fraction: float = 0.0
 ) -> CellData:
     """Batches of a dataset's splits; ``val_fraction`` > 0 holds out a stratified part of train
     (or uses the dataset's own ``val`` split when it ships one)."""
@@ -228,22 +236,31 @@ def cell_data(
 
 
 def obtain_teacher(
-    spec: dict, run_dir: Path, device: torch.device, cell_eval: dict, progress: Progress | None = None
+    spec: TeacherSpec,
+    run_dir: Path,
+    device: torch.device,
+    eval_batch_size: int = 512,
+    ece_bins: int = 15,
+    progress: Progress | None = None,
 ) -> tuple[nn.Module, TapSpec]:
-    """The trained teacher for ``spec`` and its taps, from the cache or obtained now (once, under a lock)."""
+    """The trained teacher for ``spec`` and its taps, from the cache or obtained now (once, under a lock).
+
+    The teacher trains on its own dataset spec (``spec.dataset``, which may differ from the
+    student's) less the same validation hold-out as its cells (``spec.val_fraction``).
+    """
     tdir = run_dir / "teachers"
-    weights = tdir / f"{spec['id']}.pt"
-    data = _teacher_data(spec, cell_eval)
-    with file_lock(tdir / f"{spec['id']}.lock"):
+    weights = tdir / f"{spec.id}.pt"
+    data = cell_data(spec.dataset, spec.train.batch_size, eval_batch_size, spec.val_fraction)
+    with file_lock(tdir / f"{spec.id}.lock"):
         if not weights.exists():
-            _make_teacher(spec, tdir, device, data, cell_eval, progress)
-    model, taps = build_model(spec["model"], data.num_classes, data.in_channels)
+            _make_teacher(spec, tdir, device, data, ece_bins, progress)
+    model, taps = build_model(_plain(spec.model), data.num_classes, data.in_channels)
     try:
         model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     except RuntimeError as e:
         # the architecture's code changed under an unchanged plugin version
         raise KdbenchError(
-            f"cached teacher {weights} no longer fits model {spec['label']!r} ({e}); "
+            f"cached teacher {weights} no longer fits model {spec.label!r} ({e}); "
             "delete it (and its folder) to train it again"
         ) from None
     model.to(device).eval()
@@ -252,35 +269,33 @@ def obtain_teacher(
     return model, taps
 
 
-def _teacher_data(spec: dict, cell_eval: dict) -> CellData:
-    """The teacher's own dataset (its spec may name another than the student's), same val hold-out."""
-    tr = spec["train"]
-    val_fraction = spec.get("val_fraction", cell_eval.get("val_fraction", 0.0)) or 0.0
-    return cell_data(spec["dataset"], tr["batch_size"], cell_eval["batch_size"], val_fraction)
-
-
 def _make_teacher(
-    spec: dict, tdir: Path, device: torch.device, data: CellData, cell_eval: dict, progress: Progress | None
+    spec: TeacherSpec,
+    tdir: Path,
+    device: torch.device,
+    data: CellData,
+    ece_bins: int,
+    progress: Progress | None,
 ) -> None:
     t0 = time.perf_counter()
-    work = tdir / spec["id"]
+    work = tdir / spec.id
     work.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(work / "config.json", spec)
-    seed_everything(spec["seed"])
-    model, taps = build_model(spec["model"], data.num_classes, data.in_channels)
+    write_json_atomic(work / "config.json", spec.to_dict())
+    seed_everything(spec.seed)
+    model, taps = build_model(_plain(spec.model), data.num_classes, data.in_channels)
     model.to(device)
     reader = FeatureReader(model, taps, ["logits"])
-    source = registry.load("teachers", spec["source"]["name"])(**spec["source"]["params"])
+    source = registry.load("teachers", spec.source.name)(**spec.source.params)
 
     def recipe(m: nn.Module) -> dict:
         setup = TrainSetup(
             student=m,
             student_reader=reader,
-            train_cfg=spec["train"],
+            train_cfg=dict(spec.train),
             train_data=data.train,
             device=device,
-            seed=spec["seed"],
-            augment=build_augmenter(spec["augment"], data.train.data).__call__,
+            seed=spec.seed,
+            augment=build_augmenter(_plain(spec.augment), data.train.data).__call__,
             workdir=work,
             progress=(lambda r: progress({**r, "stage": "teacher"})) if progress else None,
         )
@@ -289,44 +304,36 @@ def _make_teacher(
     source.obtain(model, recipe)
     model.eval()
     sets = data.eval_sets(None, tdir.parent / "cache")
-    per_set = ev.evaluate(
-        lambda x: reader.read(x).logits, sets, device, data.context(cell_eval.get("ece_bins", 15))
-    )
+    per_set = ev.evaluate(lambda x: reader.read(x).logits, sets, device, data.context(ece_bins))
     reader.close()
     result = {
-        "teacher": spec,
+        "teacher": spec.to_dict(),
         "metrics": ev.final_metrics(per_set),
         "wall_s": time.perf_counter() - t0,
         "env": environment(),
     }
     write_json_atomic(work / "result.json", result)
-    save_atomic(model.state_dict(), tdir / f"{spec['id']}.pt")
+    save_atomic(model.state_dict(), tdir / f"{spec.id}.pt")
 
 
 # ------------------------------------------------------------------------------------ cell
 
 
-def run_cell(cell: dict, run_dir: Path, progress: Progress | None = None, attempt: int = 1) -> dict:
+def run_cell(cell: Cell | dict, run_dir: Path, progress: Progress | None = None, attempt: int = 1) -> dict:
     """Run one cell to completion and write its ``result.json``; returns the result dict.
 
     Failures are recorded (status "failed" with the traceback) rather than raised, so one
     broken cell never stops a sweep.
     """
-    cdir = run_dir / "cells" / cell["id"]
+    cell = Cell.coerce(cell)
+    cdir = run_dir / "cells" / cell.id
     cdir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(cdir / "config.json", cell)
+    record = cell.to_dict()
+    write_json_atomic(cdir / "config.json", record)
     with cell_logger(cdir / "log.txt") as log:
-        log.info(
-            "cell %s attempt %d: %s %s→%s seed %s",
-            cell["id"],
-            attempt,
-            cell["method"]["label"],
-            cell["teacher"]["label"],
-            cell["student"]["label"],
-            cell["seed"],
-        )
+        log.info("cell %s attempt %d: %s", cell.id, attempt, cell.describe)
         t0 = time.perf_counter()
-        result: dict[str, Any] = {"cell": cell, "attempt": attempt, "env": environment()}
+        result: dict[str, Any] = {"cell": record, "attempt": attempt, "env": environment()}
         try:
             result["metrics"], result["summary"] = _run(cell, run_dir, cdir, progress, log)
             result["status"] = "done"
@@ -349,17 +356,22 @@ def _view(ref: Any, data: CellData) -> Callable[[Tensor, torch.Generator], Tenso
         return None
     if ref == "clean":
         return lambda x, g: x
-    if isinstance(ref, str):
-        ref = {"name": ref, "params": {}}
-    return build_augmenter(ref, data.train.data).__call__
+    return build_augmenter(_plain({"name": ref} if isinstance(ref, str) else ref), data.train.data).__call__
 
 
-def _dataset_augmenters(cell: dict, student_aug: Any, data: CellData) -> list[Any]:
+def _teacher_view(cell: Cell, method_cls: type[Distiller]) -> Any:
+    """The grid's ``train.teacher_view`` when it is not the default, else the method's choice."""
+    grid = cell.train.teacher_view
+    if grid not in (None, "student"):
+        return grid
+    return method_cls.teacher_view or "student"
+
+
+def _dataset_augmenters(cell: Cell, student_aug: Any, data: CellData) -> list[Any]:
+    """Dataset-level augmenters: the student's augmenter if it is one, plus ``dataset_augment``."""
     refs = cell.get("dataset_augment") or []
-    refs = [refs] if isinstance(refs, dict | str) else list(refs)
-    augs = [
-        build_augmenter({"name": r, "params": {}} if isinstance(r, str) else r, data.train.data) for r in refs
-    ]
+    refs = [refs] if isinstance(refs, dict | str | PluginKey) else list(refs)
+    augs = [build_augmenter(_plain({"name": r} if isinstance(r, str) else r), data.train.data) for r in refs]
     if getattr(student_aug, "dataset_level", False):
         augs.insert(0, student_aug)
     for a in augs:
@@ -369,20 +381,20 @@ def _dataset_augmenters(cell: dict, student_aug: Any, data: CellData) -> list[An
 
 
 def _run(
-    cell: dict, run_dir: Path, cdir: Path, progress: Progress | None, log: logging.Logger
+    cell: Cell, run_dir: Path, cdir: Path, progress: Progress | None, log: logging.Logger
 ) -> tuple[dict, dict]:
-    tr, evc = cell["train"], cell["eval"]
-    device = resolve_device(tr["device"])
-    data = cell_data(cell["dataset"], tr["batch_size"], evc["batch_size"], evc.get("val_fraction", 0.0))
-    method_cls: type[Distiller] = registry.load("losses", cell["method"]["name"])
-    params = cell["method"]["params"]
+    tr, evc = cell.train, cell.eval
+    device = resolve_device(tr.device)
+    data = cell_data(cell.dataset, tr.batch_size, evc.batch_size, evc.val_fraction)
+    method_cls: type[Distiller] = registry.load("losses", cell.method.name)
+    params = dict(cell.method.params)
 
     teacher = tspec = None
-    if cell["uses_teacher"]:
-        teacher, tspec = obtain_teacher(cell["teacher"], run_dir, device, evc, progress)
+    if cell.uses_teacher:
+        teacher, tspec = obtain_teacher(cell.teacher, run_dir, device, evc.batch_size, evc.ece_bins, progress)
 
-    seed_everything(cell["seed"])
-    student, sspec = build_model(cell["student"], data.num_classes, data.in_channels)
+    seed_everything(cell.seed)
+    student, sspec = build_model(_plain(cell.student), data.num_classes, data.in_channels)
     student.to(device)
 
     # probe both models once, reading every tap they expose: feature shapes for the method,
@@ -394,8 +406,8 @@ def _run(
     ctx = MethodContext(
         num_classes=data.num_classes,
         num_train=len(data.train),
-        epochs=tr["epochs"],
-        batch_size=tr["batch_size"],
+        epochs=tr.epochs,
+        batch_size=tr.batch_size,
         student_shapes=s_probe.shapes(),
         teacher_shapes=t_probe.shapes() if t_probe else {},
         student_probe=s_probe,
@@ -411,12 +423,11 @@ def _run(
     if teacher is not None:
         teacher_reader = FeatureReader(teacher, tspec, taps.teacher or ("logits",))
 
-    views = {name: build_augmenter(ref, data.train.data).__call__ for name, ref in cell["views"].items()}
-    student_aug = build_augmenter(cell["augment"], data.train.data)
+    views = {name: build_augmenter(_plain(ref), data.train.data).__call__ for name, ref in cell.views.items()}
+    student_aug = build_augmenter(_plain(cell.augment), data.train.data)
     dataset_augs = _dataset_augmenters(cell, student_aug, data)
-    teacher_view = tr.get("teacher_view") or method_cls.teacher_view
     sets = data.eval_sets(cell, run_dir / "cache")
-    base_ctx = data.context(evc["ece_bins"])
+    base_ctx = data.context(evc.ece_bins)
 
     def student_logits(x: Tensor) -> Tensor:
         return distiller.predict(student_reader.read(x))
@@ -429,20 +440,20 @@ def _run(
     setup = TrainSetup(
         student=student,
         student_reader=student_reader,
-        train_cfg=tr,
+        train_cfg=dict(tr),
         train_data=data.train,
         device=device,
-        seed=cell["seed"],
+        seed=cell.seed,
         augment=(lambda x, g: x) if student_aug in dataset_augs else student_aug.__call__,
         distiller=distiller,
         teacher_reader=teacher_reader,
-        teacher_augment=_view(teacher_view, data),
+        teacher_augment=_view(_teacher_view(cell, method_cls), data),
         views=views,
-        weights={"ce": 1.0, **method_cls.weights_for(**params), **cell["method"]["weights"]},
+        weights={"ce": 1.0, **method_cls.weights_for(**params), **cell.method.weights},
         workdir=cdir,
         progress=progress,
         epoch_eval=epoch_eval,
-        eval_every=int(evc.get("every", 0) or 0),
+        eval_every=evc.every,
         dataset_augmenters=dataset_augs,
         log=log,
     )
@@ -453,7 +464,7 @@ def _run(
     t_eval = time.perf_counter()
     teacher_logits = None
     if teacher_reader is not None:
-        tdir = run_dir / "teachers" / cell["teacher"]["id"] / "eval"
+        tdir = run_dir / "teachers" / cell.teacher.id / "eval"
         teacher_logits = ev.TeacherLogits(lambda x: teacher_reader.read(x).logits, device, tdir)
     with _eval_mode(student, distiller):
         per_set = ev.evaluate(student_logits, sets, device, base_ctx, teacher=teacher_logits)
