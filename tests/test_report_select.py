@@ -346,3 +346,13 @@ def test_report_kinds_dispatch(run_dir, monkeypatch):
         report(run_dir, kind="groups")
     monkeypatch.setitem(reports.KINDS, "groups", "kdbench.reports.leaderboard")
     assert report(run_dir, kind="groups") == report(run_dir)
+
+
+def test_dfr_values_become_a_row_of_their_own(tmp_path):
+    for seed in range(2):
+        final = {"top1": 90.0, "worst_group": 40.0 + seed, "dfr/top1": 88.0, "dfr/worst_group": 70.0 + seed}
+        add(tmp_path, "kd", seed, None, final=final)
+    recs = records(tmp_path, metric="worst_group")
+    assert recs["kd"]["metrics"]["worst_group"]["mean"] == 40.5 and "dfr/top1" not in recs["kd"]["metrics"]
+    assert recs["kd+dfr"]["metrics"]["worst_group"]["mean"] == 70.5 and recs["kd+dfr"]["best"]
+    assert "| kd+dfr" in report(tmp_path, metric="worst_group")

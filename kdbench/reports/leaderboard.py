@@ -25,6 +25,9 @@ from kdbench.metric_defs import MetricInfo, declared, metric_info, split_metric
 from kdbench.reports import OPTIMISTIC, SPREAD_LABEL, ReportArgs, RunData, footer, spread
 
 TEACHER_ROW = "teacher"
+#: metric prefixes of a post-hoc variant of the trained student, shown as an extra row
+#: "<method>+<variant>" (``dfr/worst_group`` -> row "kd+dfr", metric ``worst_group``)
+VARIANTS = ("dfr",)
 ALPHA = 0.05
 NOT_SIGNIFICANT = "≈"
 
@@ -147,11 +150,22 @@ def build_board(run: RunData, args: ReportArgs) -> Board:
                 info = metric_info(m)
                 if info is not None and info.family == "cost":
                     metrics.setdefault(m, v)
-        for m, v in metrics.items():
-            if isinstance(v, int | float) and not isinstance(v, bool):
-                s = stats[row][col][m]
-                s.values.append(float(v))
-                s.seeds.append(cfg.get("seed"))
+        per_row = {row: metrics}
+        if args.select == "last":  # variants are fitted on the final model only
+            for variant in VARIANTS:
+                vm = {k[len(variant) + 1 :]: v for k, v in metrics.items() if k.startswith(variant + "/")}
+                if vm:
+                    per_row[f"{row}+{variant}"] = vm
+                    metrics = {k: v for k, v in metrics.items() if not k.startswith(variant + "/")}
+                    per_row[row] = metrics
+        for r, ms in per_row.items():
+            if r not in rows:
+                rows.append(r)
+            for m, v in ms.items():
+                if isinstance(v, int | float) and not isinstance(v, bool):
+                    s = stats[r][col][m]
+                    s.values.append(float(v))
+                    s.seeds.append(cfg.get("seed"))
         if cfg.get("uses_teacher"):
             teacher_ids[col].add(cfg["teacher"]["id"])
     for col, ids in teacher_ids.items():
