@@ -58,7 +58,7 @@ def add(run_dir: Path, method: str, seed: int, epochs: list[dict] | None, final:
 def curve(test: list[float], val: list[float], **extra: list[float]) -> list[dict]:
     rows = []
     for e, (t, v) in enumerate(zip(test, val, strict=True)):
-        row = {"test/top1": t, "val/top1": v, "test/nll": 1.0 - t / 100, "val/nll": 1.0 - v / 100}
+        row = {"test/top1": t, "val/top1": v, "test/nll": 1 - t / 100, "val/nll": 1 - v / 100, "eval_s": 0.05}
         row.update({k.replace("__", "/"): vs[e] for k, vs in extra.items()})
         rows.append(row)
     return rows
@@ -99,6 +99,7 @@ def test_best_val_picks_the_epoch_the_validation_curve_says(run_dir):
     assert recs["kd"]["protocol"]["selected_epochs"] == [2] * 6
     md = report(run_dir, select="best_val")
     assert "selection: epoch with the best validation top1" in md and "selected epochs 2" in md
+    assert "per-epoch evaluation: 0.20 s per cell (mean)" in md
     assert OPTIMISTIC not in md
     rows = csv_rows(report(run_dir, "csv", select="best_val"))
     assert {r["select"] for r in rows} == {"best_val"} and {r["optimistic"] for r in rows} == {"0"}

@@ -168,6 +168,9 @@ class RunData:
         }
         if selected_epochs:
             out["selected_epochs"] = sorted(e + 1 for e in selected_epochs)  # 1-based, as printed
+        costs = [sum(r.get("eval_s", 0.0) for r in self.epochs(c["id"])) for c in done]
+        if any(costs):
+            out["epoch_eval_s"] = sum(costs) / len(costs)  # what per-epoch evaluation cost a cell
         return out
 
 
@@ -214,6 +217,8 @@ def footer(protocol: dict[str, Any], extra: list[str] | None = None) -> list[str
         f"mean ± {SPREAD_LABEL[protocol['spread']]} over seeds, (n) seeds per cell",
         "hardware: " + ("; ".join(protocol["hardware"]) or "not recorded"),
     ]
+    if protocol.get("epoch_eval_s"):
+        lines.append(f"per-epoch evaluation: {protocol['epoch_eval_s']:.2f} s per cell (mean)")
     return lines + (extra or [])
 
 
