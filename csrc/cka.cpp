@@ -1,18 +1,30 @@
-// Linear CKA between every pair of layer activations, written with ATen so the same code
-// runs on CPU (BLAS) and CUDA (cuBLAS).
+// Linear CKA between every pair of layer activations. Device-generic ATen code (CPU BLAS,
+// cuBLAS), with an AVX2 kernel for the float32 Grams on CPU.
 //
-// Forward: each layer's Gram X X^T is computed once (one GEMM), centred in place (double
-// centring for the biased HSIC, U-centring for the unbiased estimator of Song et al. 2012
-// used by Nguyen et al. 2021), and all Lx x Ly HSIC values come from one GEMM over the
-// flattened centred Grams; self-HSIC values are their squared norms.
-// Backward: the same structure in reverse. Both centring maps are self-adjoint on symmetric
-// matrices, so dX = 2 * centre(sym(dK)) @ X, one GEMM per layer.
+// Forward, per layer: the features are centred (Xc = X - 1 mean^T) and only the upper
+// triangle of the Gram Xc Xc^T is computed (a symmetric rank-k update: half a GEMM's
+// FLOPs); for the biased HSIC that Gram is already the doubly centred one. The unbiased
+// estimator (Song et al. 2012, as used by Nguyen et al. 2021) U-centres it; U-centring
+// removes any a 1^T + 1 a^T term, so centring the features first changes nothing there but
+// rounding. Each centred Gram K is stored packed: its n(n+1)/2 upper-triangle entries with
+// the off-diagonal ones scaled by sqrt(2), so that <pack K, pack L> = <K, L>_F. All
+// Lx x Ly HSIC values are then one GEMM over the packed Grams (half the flattened size),
+// and the self-HSIC norms are their norms. On CPU the layers run in parallel (one thread
+// per layer, each GEMM single-threaded inside the parallel region).
+// Backward: the packed gradient is unpacked into a symmetric n x n matrix S; both centring
+// maps are self-adjoint on symmetric matrices and their results have zero row sums, so
+// dX = 2 centre(S) @ X, one GEMM per layer (no centred copy of X is kept).
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
+#include <cmath>
 #include <limits>
 #include <vector>
 
+#include "gram_cpu.h"
 #include "kd_ops.h"
 
 namespace kdbench {
@@ -36,17 +48,115 @@ void centre_(at::Tensor& g, bool unbiased) {
   g.diagonal().zero_();
 }
 
-// [L, n * n]: the centred Gram of every layer, flattened.
-at::Tensor centred_grams(at::TensorList xs, bool unbiased) {
-  const int64_t n = xs[0].size(0);
-  at::Tensor out = at::empty({static_cast<int64_t>(xs.size()), n, n}, xs[0].options());
-  for (size_t l = 0; l < xs.size(); ++l) {
-    const at::Tensor x = xs[l].reshape({n, -1});
-    at::Tensor g = out[static_cast<int64_t>(l)];
-    at::mm_out(g, x, x.t());
-    centre_(g, unbiased);
+bool use_avx2_gram(const at::Tensor& x) {
+  static const bool cpu_ok = kGramAvx2Built && [] {
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+    return false;
+#endif
+  }();
+  return cpu_ok && x.device().is_cpu() && x.scalar_type() == at::kFloat;
+}
+
+// Writes the upper triangle (i <= j) of the centred Gram of one layer into g ([n, n]
+// contiguous); entries below the diagonal are unspecified. `work` is scratch space.
+void centred_gram_upper(const at::Tensor& act, at::Tensor g, std::vector<float>& work) {
+  const int64_t n = act.size(0);
+  const at::Tensor x = act.reshape({n, -1}).contiguous();
+  if (use_avx2_gram(x)) {
+    const int64_t d = x.size(1);
+    work.resize(static_cast<size_t>(gram_upper_avx2_workspace(n, d)));
+    gram_upper_avx2(x.data_ptr<float>(), n, d, g.data_ptr<float>(), work.data());
+    return;
   }
-  return out.view({static_cast<int64_t>(xs.size()), n * n});
+  const at::Tensor xc = x - x.mean(0);
+  if (!x.device().is_cpu()) {
+    at::mm_out(g, xc, xc.t());
+    return;
+  }
+  // CPU BLAS: one GEMM per block of rows, right of the diagonal only (5/8 of the FLOPs).
+  constexpr int64_t kBlock = 64;
+  for (int64_t r = 0; r < n; r += kBlock) {
+    const int64_t rows = std::min(kBlock, n - r);
+    at::Tensor out = g.narrow(0, r, rows).narrow(1, r, n - r);
+    at::mm_out(out, xc.narrow(0, r, rows), xc.narrow(0, r, n - r).t());
+  }
+}
+
+// Copies the upper triangle of g ([n, n]) row by row into p ([n(n+1)/2]), off-diagonal
+// entries times `off` (sqrt(2) for the weighted packing, 1 for the raw one).
+void pack_upper_cpu(const at::Tensor& g, at::Tensor p, double off) {
+  const int64_t n = g.size(0);
+  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "kdbench_pack_upper", [&] {
+    const scalar_t* src = g.data_ptr<scalar_t>();
+    scalar_t* dst = p.data_ptr<scalar_t>();
+    const auto w = static_cast<scalar_t>(off);
+    for (int64_t i = 0; i < n; ++i) {
+      const scalar_t* row = src + i * n;
+      *dst++ = row[i];
+      for (int64_t j = i + 1; j < n; ++j) *dst++ = row[j] * w;
+    }
+  });
+}
+
+// Index tensors of the packed upper triangle of an n x n matrix.
+struct Triangle {
+  at::Tensor rows, cols;  // [m] long: entry k is (rows[k], cols[k]), rows[k] <= cols[k]
+  at::Tensor flat;        // rows * n + cols
+  at::Tensor flat_t;      // cols * n + rows
+  at::Tensor diag;        // [m] bool
+  at::Tensor weight;      // [m]: 1 on the diagonal, sqrt(2) off it
+};
+
+Triangle triangle(int64_t n, const at::TensorOptions& opts) {
+  Triangle t;
+  const at::Tensor ij = at::triu_indices(n, n, 0, opts.dtype(at::kLong));
+  t.rows = ij[0];
+  t.cols = ij[1];
+  t.flat = t.rows * n + t.cols;
+  t.flat_t = t.cols * n + t.rows;
+  t.diag = t.rows == t.cols;
+  t.weight = at::where(t.diag, at::ones({}, opts), at::full({}, std::sqrt(2.0), opts));
+  return t;
+}
+
+// [L, n(n+1)/2]: every layer's centred (or U-centred) Gram, packed and weighted. On CPU
+// the layers run in parallel, each Gram packed right after it is computed (still in cache).
+at::Tensor packed_grams(at::TensorList acts, bool unbiased, const Triangle& tri) {
+  const int64_t n = acts[0].size(0);
+  const auto L = static_cast<int64_t>(acts.size());
+  const at::TensorOptions opts = acts[0].options();
+  at::Tensor p;
+  if (acts[0].device().is_cpu()) {
+    p = at::empty({L, n * (n + 1) / 2}, opts);
+    const double off = unbiased ? 1.0 : std::sqrt(2.0);
+    at::parallel_for(0, L, 1, [&](int64_t begin, int64_t end) {
+      at::Tensor g = at::empty({n, n}, opts);
+      std::vector<float> work;
+      for (int64_t l = begin; l < end; ++l) {
+        centred_gram_upper(acts[l], g, work);
+        pack_upper_cpu(g, p[l], off);
+      }
+    });
+    if (!unbiased) return p;
+  } else {
+    at::Tensor grams = at::empty({L, n, n}, opts);
+    std::vector<float> work;
+    for (int64_t l = 0; l < L; ++l) centred_gram_upper(acts[l], grams[l], work);
+    p = grams.view({L, n * n}).index_select(1, tri.flat);
+    if (!unbiased) return p.mul_(tri.weight);
+  }
+  // U-centring on the packed entries: zero diagonal, full-matrix row sums r, then
+  // K_ij - (r_i + r_j) / (n - 2) + sum(r) / ((n - 1)(n - 2)) off the diagonal.
+  p.masked_fill_(tri.diag, 0);
+  at::Tensor r = at::zeros({L, n}, p.options());
+  r.index_add_(1, tri.rows, p).index_add_(1, tri.cols, p);
+  const at::Tensor total = r.sum(1, true);
+  p.sub_(r.index_select(1, tri.rows).add_(r.index_select(1, tri.cols)), 1.0 / (n - 2))
+      .add_(total, 1.0 / ((n - 1.0) * (n - 2.0)));
+  p.masked_fill_(tri.diag, 0);
+  return p.mul_(tri.weight);
 }
 
 void check_inputs(at::TensorList xs, at::TensorList ys, bool unbiased) {
@@ -77,17 +187,37 @@ double tiny(const at::Tensor& x) {
                                         : std::numeric_limits<float>::min();
 }
 
-std::vector<at::Tensor> grams_backward(const at::Tensor& dk, at::TensorList xs, bool unbiased) {
-  const int64_t n = xs[0].size(0);
-  std::vector<at::Tensor> out;
-  out.reserve(xs.size());
-  for (size_t l = 0; l < xs.size(); ++l) {
-    const at::Tensor w = dk[static_cast<int64_t>(l)].view({n, n});
-    at::Tensor ws = (w + w.t()).mul_(0.5);
-    centre_(ws, unbiased);
-    const at::Tensor x = xs[l].reshape({n, -1});
-    out.push_back(at::mm(ws, x).mul_(2.0).view(xs[l].sizes()));
+// Runs fn(l) for l in [0, count): in parallel on CPU, in order elsewhere (CUDA work stays
+// on the caller's thread and stream).
+template <typename F>
+void for_each_layer(int64_t count, bool cpu, const F& fn) {
+  if (!cpu) {
+    for (int64_t l = 0; l < count; ++l) fn(l);
+    return;
   }
+  at::parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t l = begin; l < end; ++l) fn(l);
+  });
+}
+
+// d/dX of every layer from the gradient w.r.t. its packed Gram ([L, n(n+1)/2]).
+std::vector<at::Tensor> grams_backward(const at::Tensor& dp, at::TensorList acts, bool unbiased,
+                                       const Triangle& tri) {
+  const int64_t n = acts[0].size(0);
+  const auto L = static_cast<int64_t>(acts.size());
+  // <pack K, v> = sum_{i<=j} w_ij K_ij v_ij = <K, S> with S symmetric,
+  // S_ij = S_ji = w_ij v_ij / 2 off the diagonal and S_ii = v_ii (added twice below).
+  const at::Tensor half = dp * tri.weight.mul(0.5);
+  at::Tensor s = at::zeros({L, n * n}, dp.options());
+  s.index_add_(1, tri.flat, half).index_add_(1, tri.flat_t, half);
+  s = s.view({L, n, n});
+  std::vector<at::Tensor> out(acts.size());
+  for_each_layer(L, dp.device().is_cpu(), [&](int64_t l) {
+    at::Tensor sl = s[l];
+    centre_(sl, unbiased);
+    const at::Tensor x = acts[l].reshape({n, -1});
+    out[l] = at::mm(sl, x).mul_(2.0).view(acts[l].sizes());
+  });
   return out;
 }
 
@@ -96,8 +226,9 @@ std::vector<at::Tensor> grams_backward(const at::Tensor& dk, at::TensorList xs, 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cka_matrix_fwd(
     at::TensorList xs, at::TensorList ys, bool unbiased) {
   check_inputs(xs, ys, unbiased);
-  at::Tensor kx = centred_grams(xs, unbiased);
-  at::Tensor ky = centred_grams(ys, unbiased);
+  const Triangle tri = triangle(xs[0].size(0), xs[0].options());
+  at::Tensor kx = packed_grams(xs, unbiased, tri);
+  at::Tensor ky = packed_grams(ys, unbiased, tri);
   const at::Tensor hsic = at::mm(kx, ky.t());
   at::Tensor nx = kx.norm(2, {1});
   at::Tensor ny = ky.norm(2, {1});
@@ -112,6 +243,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> cka_matrix_bwd(
     bool unbiased, bool need_x, bool need_y) {
   const double eps = tiny(cka);
   const at::Tensor g = grad.to(cka.scalar_type());
+  const Triangle tri = triangle(xs[0].size(0), kx.options());
   // cka = hsic / (nx ny^T): d/dhsic = g / (nx ny^T), d/dnx_i = -sum_j g_ij cka_ij / nx_i.
   const at::Tensor gh = g / (nx.unsqueeze(1) * ny.unsqueeze(0)).clamp_min(eps);
   const at::Tensor gc = g * cka;
@@ -119,12 +251,12 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> cka_matrix_bwd(
   if (need_x) {
     const at::Tensor coef = -gc.sum(1) / (nx * nx).clamp_min(eps);  // d/dkx of nx = kx / nx
     const at::Tensor dkx = at::addmm(kx * coef.unsqueeze(1), gh, ky);
-    dxs = grams_backward(dkx, xs, unbiased);
+    dxs = grams_backward(dkx, xs, unbiased, tri);
   }
   if (need_y) {
     const at::Tensor coef = -gc.sum(0) / (ny * ny).clamp_min(eps);
     const at::Tensor dky = at::addmm(ky * coef.unsqueeze(1), gh.t(), kx);
-    dys = grams_backward(dky, ys, unbiased);
+    dys = grams_backward(dky, ys, unbiased, tri);
   }
   return {dxs, dys};
 }

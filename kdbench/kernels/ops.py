@@ -63,10 +63,11 @@ if AVAILABLE:
     @torch.library.register_fake("kdbench::cka_matrix_fwd")
     def _cka_matrix_fwd_fake(xs: Sequence[Tensor], ys: Sequence[Tensor], unbiased: bool):
         x0, n = xs[0], xs[0].shape[0]
+        m = n * (n + 1) // 2  # packed upper triangle of each centred Gram
         return (
             x0.new_empty((len(xs), len(ys))),
-            x0.new_empty((len(xs), n * n)),
-            x0.new_empty((len(ys), n * n)),
+            x0.new_empty((len(xs), m)),
+            x0.new_empty((len(ys), m)),
             x0.new_empty((len(xs),)),
             x0.new_empty((len(ys),)),
         )
