@@ -242,7 +242,7 @@ def least_confident(student: Any, chunks: Callable[[], Any], fraction: float, de
 
 
 def save_grid_png(
-    path: Path, gen: Generated, sources: Tensor, space: PixelSpace, max_pairs: int = 16, scale: int = 3
+    path: Path, gen: Generated, sources: Tensor, space: PixelSpace, max_pairs: int = 16
 ) -> None:
     """A PNG of up to ``max_pairs`` (source | generated) pairs, t and f before -> after under each."""
     from PIL import Image, ImageDraw
@@ -251,6 +251,7 @@ def save_grid_png(
     if n == 0:
         return
     _, c, h, w = sources.shape
+    scale = max(1, math.ceil(64 / max(h, w)))  # each image at least 64 px: room for the text
     cols = min(4, n)
     rows = math.ceil(n / cols)
     cw, ch, text_h, pad = 2 * w * scale + 4, h * scale, 26, 6

@@ -49,17 +49,20 @@ class ExtraSamples:
     x: Tensor
     y: Tensor
     meta: dict[str, Tensor] = field(default_factory=dict)
+    #: True: these samples replace every extra sample added before (ConfiG's rounds), not join them
+    replace: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "x": self.x.detach().cpu(),
             "y": self.y.cpu(),
             "meta": {k: v.cpu() for k, v in self.meta.items()},
+            "replace": self.replace,
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ExtraSamples:
-        return cls(d["x"], d["y"], dict(d.get("meta") or {}))
+        return cls(d["x"], d["y"], dict(d.get("meta") or {}), bool(d.get("replace", False)))
 
 
 @dataclass
@@ -148,6 +151,11 @@ class Batches:
             if new is None:
                 new = torch.full((len(y),), -1, dtype=old.dtype)
             self.meta[k] = torch.cat([old, torch.as_tensor(new).cpu()])
+
+    def clear_samples(self) -> None:
+        """Drop every extra sample; the split's own samples stay."""
+        self.extra_x = self.extra_y = None
+        self.meta = {k: v[: self.n_base] for k, v in self.meta.items()}
 
     def targets(self) -> Tensor:
         base = self._base_targets()

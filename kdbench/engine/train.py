@@ -319,6 +319,8 @@ class DatasetAugment(Hook):
             extra = aug.on_epoch_start(epoch, ctx)
             if extra is not None and len(extra.y):
                 save_checked(extra.to_dict(), extra_path(s.workdir, epoch, i))
+                if extra.replace:
+                    s.train_data.clear_samples()
                 s.train_data.add_samples(extra.x, extra.y, extra.meta)
 
     def state_dict(self) -> dict[str, Any]:
@@ -342,6 +344,8 @@ def restore_extra_samples(workdir: Path, data: Batches, epochs_done: int) -> Non
         epoch = int(p.name[5:9])
         if epoch < epochs_done:
             e = ExtraSamples.from_dict(load_checked(p))
+            if e.replace:
+                data.clear_samples()
             data.add_samples(e.x, e.y, e.meta)
         else:
             p.unlink()
