@@ -132,7 +132,7 @@ class TrainRecipe(Record):
 class EvalSpec(Record):
     """Evaluation settings that are part of a cell (``val_fraction``/``every`` only when set)."""
 
-    OMIT_IF_DEFAULT: ClassVar[frozenset[str]] = frozenset({"val_fraction", "every"})
+    OMIT_IF_DEFAULT: ClassVar[frozenset[str]] = frozenset({"val_fraction", "every", "dfr"})
 
     batch_size: int = Field(512, ge=1)
     ece_bins: int = Field(15, ge=1)
@@ -140,6 +140,8 @@ class EvalSpec(Record):
     val_fraction: float = Field(0.0, ge=0, lt=1)
     #: evaluate every N epochs into metrics.jsonl (0 = the final model only)
     every: int = Field(0, ge=0)
+    #: Deep Feature Reweighting of the finished student (data with groups): "dfr/..." metrics
+    dfr: bool = False
 
 
 class TeacherSpec(Record):

@@ -99,12 +99,24 @@ def report_cmd(
         str | None, typer.Option(help="mark methods not significantly different from this method")
     ] = None,
     kind: Annotated[str, typer.Option(help="leaderboard | groups | shift | corruptions")] = "leaderboard",
+    plot: Annotated[
+        str | None, typer.Option(help="--kind groups: also draw per-group accuracy bars into this PNG")
+    ] = None,
 ) -> None:
     """Print the leaderboard (or another report kind) of a run from its results store."""
     from kdbench.report import report
 
     text = report(
-        run_dir, fmt, metric, details, everything, select=select, spread=spread, baseline=baseline, kind=kind
+        run_dir,
+        fmt,
+        metric,
+        details,
+        everything,
+        select=select,
+        spread=spread,
+        baseline=baseline,
+        kind=kind,
+        plot=plot,
     )
     out.print(text, markup=False, highlight=False, soft_wrap=True)
 

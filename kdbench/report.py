@@ -77,9 +77,10 @@ def report(
     spread: str = "std",
     baseline: str | None = None,
     kind: str = "leaderboard",
+    plot: str | None = None,
 ) -> str:
     """The ``kind`` report of the grid last run in ``run_dir``."""
-    args = ReportArgs(fmt, metric, select, spread, baseline, details, everything, kind)
+    args = ReportArgs(fmt, metric, select, spread, baseline, details, everything, kind, plot)
     args.check()
     render = load(kind)
     run = open_run(run_dir, everything)

@@ -305,10 +305,15 @@ def _make_teacher(
     model.eval()
     sets = data.eval_sets(None, tdir.parent / "cache")
     per_set = ev.evaluate(lambda x: reader.read(x).logits, sets, device, data.context(ece_bins))
+    metrics = ev.final_metrics(per_set)
+    hook_view = dict(sets=sets, train=data.train, val=data.val, device=device, ctx=data.context(ece_bins))
+    metrics.update(
+        ev.model_hooks(ev.TrainedModel("teacher", model, taps, lambda x: reader.read(x).logits, **hook_view))
+    )
     reader.close()
     result = {
         "teacher": spec.to_dict(),
-        "metrics": ev.final_metrics(per_set),
+        "metrics": metrics,
         "wall_s": time.perf_counter() - t0,
         "env": environment(),
     }
@@ -468,7 +473,11 @@ def _run(
         teacher_logits = ev.TeacherLogits(lambda x: teacher_reader.read(x).logits, device, tdir)
     with _eval_mode(student, distiller):
         per_set = ev.evaluate(student_logits, sets, device, base_ctx, teacher=teacher_logits)
-    metrics = ev.final_metrics(per_set)
+        metrics = ev.final_metrics(per_set)
+        hook_view = dict(sets=sets, train=data.train, val=data.val, device=device, ctx=base_ctx)
+        student_view = ev.TrainedModel("student", student, sspec, student_logits, **hook_view)
+        student_view.options, student_view.seed = dict(evc), cell.seed
+        metrics.update(ev.model_hooks(student_view))
     metrics["train_s"] = train_s
     metrics["eval_s"] = time.perf_counter() - t_eval
     save_atomic(student.state_dict(), cdir / "student.pt")

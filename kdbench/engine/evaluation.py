@@ -95,6 +95,44 @@ EXTENSIONS: list[str] = ["kdbench.engine.groups", "kdbench.robustness.corruption
 _loaded: set[str] = set()
 
 
+@dataclass
+class TrainedModel:
+    """A trained model as model hooks see it: hooks need more than logits (pooled features)."""
+
+    role: str  # "student" | "teacher"
+    model: Any  # nn.Module, in eval mode while hooks run
+    taps: Any  # its features.TapSpec
+    logits: Callable[[Tensor], Tensor]
+    sets: dict[str, EvalSet]
+    train: Batches
+    val: Batches | None
+    device: torch.device
+    ctx: EvalContext
+    #: the cell's (or teacher's) eval settings, e.g. {"dfr": True}
+    options: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+
+
+#: fn(TrainedModel) -> flat metrics; run once per model after its final evaluation pass
+ModelHook = Callable[[TrainedModel], dict[str, float]]
+MODEL_HOOKS: list[ModelHook] = []
+
+
+def register_model_hook(fn: ModelHook) -> ModelHook:
+    if fn not in MODEL_HOOKS:
+        MODEL_HOOKS.append(fn)
+    return fn
+
+
+def model_hooks(m: TrainedModel) -> dict[str, float]:
+    """Every registered model hook's metrics for ``m``, merged."""
+    load_extensions()
+    out: dict[str, float] = {}
+    for hook in MODEL_HOOKS:
+        out.update(hook(m))
+    return out
+
+
 def register_family(fn: Family) -> Family:
     if fn not in FAMILIES:
         FAMILIES.append(fn)

@@ -46,6 +46,8 @@ class ReportArgs:
     details: bool = False
     everything: bool = False
     kind: str = "leaderboard"
+    #: where a kind that draws (groups) writes its PNG; None: no plot
+    plot: str | None = None
 
     def check(self) -> None:
         for name, value, allowed in (

@@ -1,0 +1,250 @@
+"""``kdbench report RUN --kind shift``: where a student's errors under a spurious shift come from.
+
+Per (dataset, pair), from the store alone:
+
+1. **Error decomposition** per method and group (test set): the student's error splits into
+   errors it *inherits* (the teacher is wrong on the sample too) and its *own* (the teacher
+   is right); the teacher's own error and the student–teacher disagreement are shown beside
+   them. Summary rows give the method's worst group and the mean over groups.
+2. **Train vs test** accuracy per group: the in-distribution (training split) accuracy, the
+   test accuracy and the gap, for students and the teacher.
+3. **Spurious-feature scan**: how strongly the pooled penultimate features separate the
+   attribute values within a class (Cohen's d per dimension, averaged over classes and pairs
+   of values; see ``kdbench.engine.groups.feature_scan``): max and mean over dimensions and
+   the top dimensions, teacher and students side by side.
+
+Numbers are means over seeds. Metrics come from the group family and hook
+(``group/<g>/{acc,teacher_acc,agreement,err_inherited,err_own}``, ``train/group/<g>/acc``,
+``scan/*``).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from tabulate import tabulate
+
+from kdbench.errors import KdbenchError
+from kdbench.reports import ReportArgs, RunData, footer
+from kdbench.reports.groups import group_names, group_sizes
+from kdbench.reports.leaderboard import TEACHER_ROW, VARIANTS, Board, build_board
+
+TOP_DIMS = 5
+
+
+def _mean(board: Board, row: str, col: str, metric: str) -> float | None:
+    s = board.stat(row, col, metric)
+    return s.mean if s.n else None
+
+
+def _f(v: float | None, digits: int = 1) -> str:
+    return "—" if v is None else f"{v:.{digits}f}"
+
+
+def _avg(vs: list[float | None]) -> float | None:
+    got = [v for v in vs if v is not None]
+    return sum(got) / len(got) if got else None
+
+
+def group_rows(board: Board, row: str, col: str, groups: list[str]) -> list[dict[str, Any]]:
+    """Per group: acc, err, teacher err, inherited, own, disagreement, train acc, gap."""
+    out = []
+    for g in groups:
+        acc = _mean(board, row, col, f"group/{g}/acc")
+        if acc is None:
+            continue
+        train = _mean(board, row, col, f"train/group/{g}/acc")
+        if row == TEACHER_ROW:
+            t_acc, inh, own, agree = acc, None, None, None
+        else:
+            t_acc = _mean(board, row, col, f"group/{g}/teacher_acc")
+            if t_acc is None:  # a teacher-free student (ce): the grid's teacher on its own test set
+                t_acc = _mean(board, TEACHER_ROW, col, f"group/{g}/acc")
+            inh = _mean(board, row, col, f"group/{g}/err_inherited")
+            own = _mean(board, row, col, f"group/{g}/err_own")
+            agree = _mean(board, row, col, f"group/{g}/agreement")
+        out.append(
+            {
+                "group": g,
+                "acc": acc,
+                "err": 100.0 - acc,
+                "teacher_err": None if t_acc is None else 100.0 - t_acc,
+                "inherited": inh,
+                "own": own,
+                "disagreement": None if agree is None else 100.0 - agree,
+                "train_acc": train,
+                "gap": None if train is None else train - acc,
+            }
+        )
+    return out
+
+
+def scan_row(board: Board, row: str, col: str) -> dict[str, Any] | None:
+    mx, mean = board.stat(row, col, "scan/max"), board.stat(row, col, "scan/mean")
+    if not mx.n:
+        return None
+    dims = []
+    for r in range(1, TOP_DIMS + 1):
+        d, s = board.stat(row, col, f"scan/top{r}/dim"), board.stat(row, col, f"scan/top{r}/score")
+        if d.n and s.n:
+            dims.append((int(d.values[0]), s.values[0]))  # the first seed's model
+    return {"max": mx.mean, "mean": mean.mean, "n": mx.n, "top": dims}
+
+
+def analyse(board: Board, args: ReportArgs) -> list[dict[str, Any]]:
+    out = []
+    rows = [r for r in board.rows if not any(r.endswith("+" + v) for v in VARIANTS)]
+    for col in board.columns:
+        groups = group_names(board, col, "test")
+        if not groups:
+            continue
+        per = {r: group_rows(board, r, col, groups) for r in rows}
+        per = {r: v for r, v in per.items() if v}
+        scans = {r: s for r in rows if (s := scan_row(board, r, col)) is not None}
+        out.append(
+            {
+                "column": col,
+                "sizes": group_sizes(board, col, "test", groups),
+                "groups": per,
+                "scan": scans,
+            }
+        )
+    return out
+
+
+def _summary(rows: list[dict[str, Any]]) -> list[Any]:
+    worst = min(rows, key=lambda r: r["acc"])
+    keys = ("err", "teacher_err", "inherited", "own", "disagreement", "gap")
+    return [worst["group"]] + [_f(worst[k]) for k in keys] + [_f(_avg([r[k] for r in rows])) for k in keys]
+
+
+def render(run: RunData, args: ReportArgs) -> str:
+    board = build_board(run, args)
+    recs = analyse(board, args)
+    if not recs:
+        raise KdbenchError(
+            f"no per-group metrics in {run.run_dir}: the shift report needs a dataset with groups "
+            "(spurious, waterbirds, celeba)"
+        )
+    if args.fmt in ("json", "csv"):
+        data = [
+            {"column": r["column"], "sizes": r["sizes"], "groups": r["groups"], "scan": r["scan"]}
+            for r in recs
+        ]
+        if args.fmt == "json":
+            return json.dumps(data, indent=2)
+        lines = ["column,method,group,n,acc,err,teacher_err,inherited,own,disagreement,train_acc,gap"]
+        for r in data:
+            for method, rows in r["groups"].items():
+                for g in rows:
+                    vals = [
+                        g[k]
+                        for k in (
+                            "acc",
+                            "err",
+                            "teacher_err",
+                            "inherited",
+                            "own",
+                            "disagreement",
+                            "train_acc",
+                            "gap",
+                        )
+                    ]
+                    lines.append(
+                        ",".join(
+                            [
+                                f'"{r["column"]}"',
+                                f'"{method}"',
+                                g["group"],
+                                str(r["sizes"].get(g["group"], "")),
+                            ]
+                            + ["" if v is None else f"{v:.6g}" for v in vals]
+                        )
+                    )
+        return "\n".join(lines) + "\n"
+    tablefmt = "latex_booktabs" if args.fmt == "latex" else "github"
+    parts = []
+    for r in recs:
+        col = r["column"]
+        head = [
+            "method",
+            "worst group",
+            "err",
+            "teacher err",
+            "inherited",
+            "own",
+            "disagree",
+            "train−test",
+            "mean err",
+            "mean teacher err",
+            "mean inherited",
+            "mean own",
+            "mean disagree",
+            "mean train−test",
+        ]
+        body = [[m] + _summary(rows) for m, rows in r["groups"].items()]
+        parts.append(
+            f"{col} — error decomposition on test (%): worst group of each method, and mean over groups\n\n"
+            + tabulate(body, headers=head, tablefmt=tablefmt, disable_numparse=True)
+        )
+        detail = []
+        for m, rows in r["groups"].items():
+            for g in rows:
+                detail.append(
+                    [m, g["group"], r["sizes"].get(g["group"], "?")]
+                    + [
+                        _f(g[k])
+                        for k in (
+                            "err",
+                            "teacher_err",
+                            "inherited",
+                            "own",
+                            "disagreement",
+                            "train_acc",
+                            "acc",
+                            "gap",
+                        )
+                    ]
+                )
+        parts.append(
+            f"{col} — per group (%)\n\n"
+            + tabulate(
+                detail,
+                headers=[
+                    "method",
+                    "group",
+                    "n",
+                    "err",
+                    "teacher err",
+                    "inherited",
+                    "own",
+                    "disagree",
+                    "train acc",
+                    "test acc",
+                    "train−test",
+                ],
+                tablefmt=tablefmt,
+                disable_numparse=True,
+            )
+        )
+        if r["scan"]:
+            scan = [
+                [m, _f(s["max"], 2), _f(s["mean"], 3), ", ".join(f"{d}:{v:.2f}" for d, v in s["top"])]
+                for m, s in r["scan"].items()
+            ]
+            parts.append(
+                f"{col} — spurious-feature scan of pooled features (Cohen's d between attribute values "
+                "within a class; higher = the attribute is more linearly visible)\n\n"
+                + tabulate(
+                    scan,
+                    headers=["model", "max d", "mean d", f"top {TOP_DIMS} dims (first seed)"],
+                    tablefmt=tablefmt,
+                    disable_numparse=True,
+                )
+            )
+    notes = footer(run.protocol(args)) + [
+        "err = inherited (teacher also wrong) + own (teacher right); teacher err and disagreement are on the "
+        "student's test set; train−test = accuracy on the training split minus test accuracy"
+    ]
+    return "\n\n".join(parts) + "\n\n" + "\n".join(f"- {n}" for n in notes)
