@@ -306,7 +306,9 @@ class ConfigAugmenter:
     strength)`` sampler steps), ``batch_size`` (samples optimised together), ``keep``
     (``replace`` the previous round's samples or ``accumulate`` them, at most ``cap``, oldest
     dropped first), ``model`` (``{path: DIR}`` for a local diffusers directory, else keys of
-    :class:`kdbench.diffusion.Recipe` for the default UNet), ``grid_images`` (pairs in the PNG).
+    :class:`kdbench.diffusion.Recipe` for the default UNet), ``grid_images`` (pairs in the PNG),
+    ``grad_checkpoint`` (recompute each sampler step in the backward pass: memory of one UNet
+    forward instead of one per step, for about a third more time).
     """
 
     dataset_level = True
@@ -325,6 +327,7 @@ class ConfigAugmenter:
         cap: int | None = None,
         model: dict[str, Any] | None = None,
         grid_images: int = 16,
+        grad_checkpoint: bool = True,
     ) -> None:
         problems = []
         if every < 1:
@@ -346,6 +349,7 @@ class ConfigAugmenter:
         self.every, self.fraction, self.steps, self.lr, self.gamma = every, fraction, steps, lr, gamma
         self.ddim_steps, self.strength, self.batch_size = ddim_steps, strength, batch_size
         self.keep, self.cap, self.grid_images = keep, cap, grid_images
+        self.grad_checkpoint = grad_checkpoint
         self.model = dict(model or {})
         self._path = self.model.pop("path", None)
         self._local_info: dict[str, Any] | None = None
@@ -408,6 +412,9 @@ class ConfigAugmenter:
     def on_epoch_start(self, epoch: int, ctx: Any) -> Any:
         """Generate (or reload) the round that starts at ``epoch``; None between rounds."""
         out_dir = Path(ctx.cell_dir) / "config"
+        if not self._checked:  # at the cell's first epoch: fail before training, not at round 1
+            first_x, _ = next(iter(self._chunks(ctx)()))
+            self._check_models(ctx, first_x, int(ctx.train.targets().max()) + 1)
         if epoch == 0 or epoch % self.every:
             self._restore_rows(ctx, epoch)
             return None
@@ -516,6 +523,7 @@ class ConfigAugmenter:
             ddim_steps=self.ddim_steps,
             strength=self.strength,
             batch_size=self.batch_size,
+            grad_checkpoint=self.grad_checkpoint,
             device=ctx.device,
             source_index=positions,
         )
