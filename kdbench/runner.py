@@ -32,6 +32,7 @@ from kdbench.config import Grid, Problems, load_yaml
 from kdbench.errors import KdbenchError
 from kdbench.grid import expand
 from kdbench.pool import cpu_budget, run_pool
+from kdbench.preflight import method_fit_problems
 from kdbench.store import Store
 
 
@@ -53,9 +54,11 @@ def plan(grid: Grid, out: Path | None = None) -> Plan:
     _, root = load_yaml(Path(grid.file))
     problems = Problems(grid.file, root)
     ds_fp: list[dict] = []
+    instances: list[Any] = []
     for i, ref in enumerate(grid.datasets):
         try:
-            ds_fp.append(registry.load("datasets", ref.name)(**ref.params).fingerprint())
+            instances.append(registry.load("datasets", ref.name)(**ref.params))
+            ds_fp.append(instances[-1].fingerprint())
         except KdbenchError as e:
             problems.add(("datasets", i), str(e))
     src_fp: list[dict] = []
@@ -64,6 +67,11 @@ def plan(grid: Grid, out: Path | None = None) -> Plan:
             src_fp.append(registry.load("teachers", src.name)(**src.params).fingerprint())
         except KdbenchError as e:
             problems.add(("pairs", i, "source"), str(e))
+    problems.raise_if_any()
+    # every method built once per (dataset, pair) from untrained models: FSP's channel
+    # mismatch and the like are config problems here, not failures after the teacher trained
+    for where, msg in method_fit_problems(grid, instances):
+        problems.add(where, msg)
     problems.raise_if_any()
     cells = expand(grid, ds_fp, src_fp)
     run_dir = Path(out) if out is not None else grid.run_dir

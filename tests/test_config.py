@@ -304,3 +304,27 @@ methods: [kd]
     assert "pairs[3].teacher" not in text  # a config field
     assert "pairs[3].student:" in text and "BasicBlock only supports groups=1" in text
     assert len(e.value.problems) == 6
+
+
+def test_dry_run_catches_a_method_that_does_not_fit_the_pair(tmp_path: Path):
+    """FSP needs equal channels per stage: found before any teacher trains, with the grid line."""
+    out = tmp_path / "runs"
+    f = write_grid(
+        tmp_path / "g.yaml",
+        f"""\
+name: fsp
+output: {out}
+datasets: [{{digits: {{limit: 200}}}}]
+pairs:
+  - {{teacher: {{smallcnn: {{width: 8}}}}, student: {{smallcnn: {{width: 4}}}}}}
+  - {{teacher: {{smallcnn: {{width: 4}}}}, student: {{smallcnn: {{width: 4}}}}}}
+methods: [kd, fsp]
+""",
+    )
+    r = kdbench_cli("run", str(f), "--dry-run")
+    assert r.returncode == 2, r.stderr
+    err = " ".join(r.stderr.split())  # undo the console's line wrapping
+    assert f"{f}:7: methods[1]: fsp does not fit smallcnn(width=4) student, smallcnn(width=8) teacher" in err
+    assert "same number of stages with equal channels" in err
+    assert err.count("fsp does not fit") == 1  # the equal-width pair fits
+    assert not out.exists()

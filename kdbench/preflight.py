@@ -1,0 +1,144 @@
+"""Checks that need the models built, run before anything trains (``kdbench run``, ``--dry-run``).
+
+A method can only tell whether it fits a pair from the pair's feature shapes (FSP needs equal
+channels stage by stage; FitNet-style regressors need stage taps). Those shapes do not depend
+on training, so each (dataset, pair) is built UNTRAINED, one random probe batch of the
+dataset's image shape goes through both models, and every method of the grid is constructed
+from that context. A method that raises a KdbenchError there would fail in every cell of the
+pair, after its teacher trained; here it is a config problem naming the method and the pair.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+
+from kdbench import registry
+from kdbench.config import Grid, PluginRef
+from kdbench.errors import KdbenchError
+
+#: images of the random probe batch (>1 so batch statistics are defined)
+PROBE_SIZE = 4
+
+
+def _probe(model: torch.nn.Module, spec: Any, x: torch.Tensor) -> Any:
+    from kdbench.features import FeatureReader
+
+    wanted = (
+        ["logits"]
+        + (["stages"] if spec.stages else [])
+        + (["preact"] if any(spec.preact) else [])
+        + (["pooled"] if spec.classifier else [])
+    )
+    reader = FeatureReader(model, spec, wanted)
+    model.eval()
+    try:
+        with torch.no_grad():
+            return reader.read(x).detach()
+    finally:
+        reader.close()
+
+
+def _shape(ds: Any) -> tuple[int, int, int] | None:
+    """(num_classes, in_channels, image_size) of a dataset instance, or None if it does not say."""
+    try:
+        return int(ds.num_classes), int(ds.in_channels), int(ds.image_size)
+    except (AttributeError, TypeError, ValueError):
+        return None
+
+
+def method_fit_problems(grid: Grid, datasets: list[Any] | None = None) -> list[tuple[tuple[Any, ...], str]]:
+    """``[(grid key path, message)]`` for every method that cannot be built for a (dataset, pair).
+
+    ``datasets`` are the instantiated dataset plugins in grid order (the runner's plan has them);
+    None builds them here. A dataset that does not state its image shape is skipped.
+    """
+    from kdbench.engine.build import build_model
+    from kdbench.grid import model_label, uses_teacher
+    from kdbench.methods.base import MethodContext
+
+    problems: list[tuple[tuple[Any, ...], str]] = []
+    seen: set[tuple[int, str]] = set()
+    for d_i, ref in enumerate(grid.datasets):
+        ds = datasets[d_i] if datasets is not None else _instantiate(ref)
+        shape = _shape(ds) if ds is not None else None
+        if shape is None:
+            continue
+        num_classes, in_channels, size = shape
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(PROBE_SIZE, in_channels, size, size, generator=gen)
+        for p_i, (t_ref, s_ref, _) in enumerate(grid.pairs):
+            where = f"{model_label(s_ref)} student, {model_label(t_ref)} teacher on {ref.name}"
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    torch.manual_seed(0)
+                    student, sspec = build_model(s_ref.key(), num_classes, in_channels)
+                    s_probe = _probe(student, sspec, x)
+                    teacher = tspec = t_probe = None
+                    if any(uses_teacher(m) for m in grid.methods):
+                        teacher, tspec = build_model(t_ref.key(), num_classes, in_channels)
+                        t_probe = _probe(teacher, tspec, x)
+            except KdbenchError as e:
+                problems.append((("pairs", p_i), f"cannot build the pair ({where}): {e}"))
+                continue
+            except Exception as e:  # a model that fails on the probe fails in every cell
+                problems.append((("pairs", p_i), f"the pair fails on a probe batch ({where}): {e!r}"))
+                continue
+            for m_i, m in enumerate(grid.methods):
+                key = (d_i, f"{p_i}/{m_i}")
+                if key in seen:
+                    continue
+                seen.add(key)
+                msg = _build_method(m, student, teacher, tspec, s_probe, t_probe, num_classes, MethodContext)
+                if msg:
+                    problems.append((("methods", m_i), f"{m.name} does not fit {where}: {msg}"))
+    return problems
+
+
+def _instantiate(ref: PluginRef) -> Any:
+    try:
+        return registry.load("datasets", ref.name)(**ref.params)
+    except KdbenchError:
+        return None  # the runner's plan reports dataset problems itself
+
+
+def _build_method(m, student, teacher, tspec, s_probe, t_probe, num_classes, ctx_cls) -> str | None:
+    from kdbench.grid import uses_teacher
+
+    needs = uses_teacher(m)
+    if needs and teacher is None:
+        return None
+    classifier = None
+    if needs and tspec is not None and tspec.classifier:
+        classifier = teacher.get_submodule(tspec.classifier)
+    n_train = 2 * num_classes
+    ctx = ctx_cls(
+        num_classes=num_classes,
+        num_train=n_train,
+        epochs=1,
+        batch_size=PROBE_SIZE,
+        student_shapes=s_probe.shapes(),
+        teacher_shapes=t_probe.shapes() if needs and t_probe is not None else {},
+        student_probe=s_probe,
+        teacher_probe=t_probe if needs else None,
+        teacher_classifier=classifier,
+        train_targets=torch.arange(n_train) % num_classes,
+    )
+    cls = registry.load("losses", m.name)
+    # the method's own layers are made on the meta device (no memory, no init: SemCKD's
+    # projections for wide pairs take seconds to initialise); a method that computes from the
+    # probe features during construction and cannot do so there is rebuilt on the CPU
+    for device in ("meta", "cpu"):
+        try:
+            with warnings.catch_warnings(), torch.device(device):
+                warnings.simplefilter("ignore")
+                cls(ctx, **m.method_params)
+            return None
+        except KdbenchError as e:
+            return str(e)
+        except Exception:
+            continue  # not a config problem we can name here; the cell itself will tell
+    return None
