@@ -1,0 +1,77 @@
+"""Engine end to end on a tiny offline grid: validation hold-out, per-epoch evaluation, one final
+evaluation, datasets loaded once per process, the environment recorded with every result."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from kdbench.config import load_grid
+from kdbench.engine import cell as engine
+from kdbench.runner import plan
+from tests.conftest import write_grid
+
+pytestmark = pytest.mark.slow
+
+GRID = """
+name: eng
+output: {out}
+datasets: [{{digits: {{limit: 400}}}}]
+pairs: [{{teacher: {{smallcnn: {{width: 8}}}}, student: {{smallcnn: {{width: 4}}}}}}]
+methods: [kd]
+train: {{epochs: 2, batch_size: 64, lr: 0.05, schedule: cosine, views: {{}}}}
+teacher_train: {{epochs: 1, batch_size: 64, lr: 0.05, schedule: cosine}}
+eval: {eval}
+"""
+
+
+def _cell(tmp_path: Path, eval_: str):
+    g = write_grid(tmp_path / "g.yaml", GRID.format(out=tmp_path / "runs", eval=eval_))
+    return plan(load_grid(g)).cells[0]
+
+
+def _rows(run_dir: Path, cell) -> list[dict]:
+    text = (run_dir / "cells" / cell.id / "metrics.jsonl").read_text()
+    return [json.loads(ln) for ln in text.splitlines()]
+
+
+def test_val_split_and_per_epoch_evaluation(tmp_path):
+    cell = _cell(tmp_path, "{batch_size: 500, val_fraction: 0.25, every: 1}")
+    assert cell.teacher.val_fraction == 0.25  # the teacher holds out the same split
+    run = tmp_path / "runs"
+    res = engine.run_cell(cell, run)
+    assert res["status"] == "done", res.get("error")
+    m = res["metrics"]
+    assert {"top1", "nll", "ece", "agreement", "val/top1", "val/nll"} <= set(m)
+    rows = [r for r in _rows(run, cell) if r["stage"] == "train"]
+    assert [r["epoch"] for r in rows] == [0, 1]
+    for r in rows:
+        assert {"test/top1", "test/nll", "val/top1", "val/nll"} <= set(r) and "test/ece" not in r
+    assert rows[-1]["test/top1"] == m["top1"]  # the last epoch's model is the final model
+    teacher = json.loads(next((run / "teachers").glob("*/result.json")).read_text())
+    assert "val/top1" in teacher["metrics"] and "top1" in teacher["metrics"]
+    env = res["env"]
+    assert {"cpu_capability", "blas", "threads", "torch", "kernels"} <= set(env)
+
+    # the split: stratified, disjoint from train, stable, and what the cell trained on
+    data = engine.cell_data(cell.dataset, 64, 500, 0.25)
+    keep, held = data.train.indices, data.val.indices
+    assert abs(len(held) - 100) <= 5 and len(keep) + len(held) == 400  # per-class rounding
+    assert not set(keep.tolist()) & set(held.tolist())
+    y = data.train.data.tensors[1]
+    share = torch.bincount(y[held], minlength=10).float() / torch.bincount(y, minlength=10).float()
+    assert (share - 0.25).abs().max() < 0.1
+    assert torch.equal(engine.cell_data(cell.dataset, 64, 500, 0.25).val.indices, held)
+
+
+def test_default_evaluates_the_final_model_only(tmp_path):
+    cell = _cell(tmp_path, "{batch_size: 500}")
+    res = engine.run_cell(cell, tmp_path / "runs")
+    assert res["status"] == "done", res.get("error")
+    assert not any(k.startswith("val/") for k in res["metrics"])
+    assert all(not any("/" in k for k in r) for r in _rows(tmp_path / "runs", cell))
+    # datasets are loaded once per process
+    assert engine.load_dataset(cell.dataset) is engine.load_dataset(cell.dataset)
