@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from kdbench.cells import CELL_FORMAT, CellFormatError
 from kdbench.errors import KdbenchError
 from kdbench.reports import FORMATS, ReportArgs, RunData, load
 from kdbench.reports.leaderboard import TEACHER_ROW, Board, Stat, build_board, column_label, render_board
@@ -60,6 +61,10 @@ def open_run(run_dir: Path, everything: bool = False) -> RunData:
     try:
         only = None if everything else current_cells(run_dir)
         cells = [c for c in store.cells() if only is None or c["id"] in only]
+        for c in cells:
+            fmt = c["config"].get("format")
+            if fmt is not None and fmt != CELL_FORMAT:  # another kdbench wrote it: keys may differ
+                raise CellFormatError(f"the store of {run_dir} (cell {c['id']})", fmt)
         teachers = {t["id"]: t for t in store.teachers()}
     finally:
         store.close()

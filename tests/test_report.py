@@ -178,3 +178,13 @@ def test_spread_kinds(run_dir):
     assert "mean ± 95% CI half-width (t)" in report(run_dir, spread="ci95")
     with pytest.raises(KdbenchError, match="--spread"):
         report(run_dir, spread="iqr")
+
+
+def test_a_store_of_another_cell_format_is_refused(run_dir):
+    s = Store(run_dir / "results.sqlite")
+    future = {**cell("kd", 7), "format": 99}
+    s.record({"cell": future, "status": "done", "metrics": {"top1": 1.0}, "wall_s": 1.0})
+    s.close()
+    with pytest.raises(KdbenchError, match="cell format 99") as e:
+        report(run_dir)
+    assert e.value.exit_code == 2
