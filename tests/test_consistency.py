@@ -1,0 +1,107 @@
+"""Consistency training: the loss, its declared views, and the RandAugment view it trains on."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kdbench import registry
+from kdbench.augment.basic import RandAugmentView
+from kdbench.errors import ConfigError
+from kdbench.features import Features
+from kdbench.methods.base import Batch, MethodContext
+from kdbench.methods.consistency import Consistency
+
+MEAN, STD = [0.5, 0.4, 0.3], [0.25, 0.2, 0.3]
+
+
+def _method(**kw) -> Consistency:
+    return Consistency(MethodContext(num_classes=5, num_train=10, epochs=1, batch_size=4), **kw)
+
+
+def test_loss_is_the_keras_example_kl_without_t_squared():
+    g = torch.Generator().manual_seed(0)
+    zs, zt = torch.randn(4, 5, generator=g), torch.randn(4, 5, generator=g)
+    batch = Batch(x=torch.zeros(4, 3, 8, 8), y=torch.zeros(4, dtype=torch.long), index=torch.arange(4))
+    m = _method()
+    kl = m(Features(logits=zs), Features(logits=zt), batch)["kd"]
+    pt, ps = F.softmax(zt / 10, 1), F.softmax(zs / 10, 1)
+    want = (pt * (pt.log() - ps.log())).sum(1).mean()  # Keras KLDivergence: batch mean of sum
+    assert float(kl) == pytest.approx(float(want), rel=1e-5)
+    kl2 = _method(t_squared=True)(Features(logits=zs), Features(logits=zt), batch)["kd"]
+    assert float(kl2) == pytest.approx(100 * float(want), rel=1e-5)
+    # (CE + KL) / 2 through the engine's weights
+    assert Consistency.default_weights == {"ce": 0.5, "kd": 0.5}
+    with pytest.raises(ConfigError, match="T must be > 0"):
+        _method(T=0)
+
+
+def test_declares_strong_student_and_clean_teacher_views():
+    assert Consistency.student_view == "strong" and Consistency.teacher_view == "clean"
+    assert registry.load("losses", "consistency") is Consistency
+
+
+def _record_ops(aug: RandAugmentView) -> list:
+    """Patch the torchvision op so every applied (op, magnitude) is recorded."""
+    calls: list = []
+    original = aug._op._apply_image_or_video_transform
+
+    def spy(image, transform_id, magnitude, **kw):
+        calls.append((transform_id, round(magnitude, 4)))
+        return original(image, transform_id, magnitude, **kw)
+
+    aug._op._apply_image_or_video_transform = spy
+    return calls
+
+
+def _images(n=12) -> torch.Tensor:
+    """One structured image repeated n times, normalised with MEAN/STD."""
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, 16), torch.linspace(0, 1, 16), indexing="ij")
+    img = torch.stack([xx, yy, (xx * yy) ** 0.5])
+    img[:, 4:8, 4:12] = 1.0
+    x = (img - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(STD).view(3, 1, 1)
+    return x.expand(n, 3, 16, 16).contiguous()
+
+
+def test_randaugment_draws_ops_per_sample_and_a_seed_reproduces_them():
+    x = _images()
+    aug = RandAugmentView(num_ops=2, magnitude=9, mean=MEAN, std=STD)
+    calls = _record_ops(aug)
+    out = aug(x, torch.Generator().manual_seed(3))
+    ops = [tuple(calls[i : i + 2]) for i in range(0, len(calls), 2)]
+    assert len(ops) == len(x)  # two torchvision ops per sample
+    assert ops[0] != ops[1] and len(set(ops)) > len(x) // 2  # samples of one batch differ
+    assert not torch.equal(out[0], out[1])
+    # a seed reproduces ops and pixels; another seed gives other ops
+    calls.clear()
+    again = aug(x, torch.Generator().manual_seed(3))
+    assert [tuple(calls[i : i + 2]) for i in range(0, len(calls), 2)] == ops
+    assert torch.equal(again, out)
+    calls.clear()
+    aug(x, torch.Generator().manual_seed(4))
+    assert [tuple(calls[i : i + 2]) for i in range(0, len(calls), 2)] != ops
+
+
+def test_randaugment_leaves_the_global_rng_and_the_input_alone():
+    x = _images(4)
+    before = x.clone()
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    RandAugmentView(mean=MEAN, std=STD)(x, torch.Generator().manual_seed(0))
+    assert torch.equal(torch.rand(3), expected)
+    assert torch.equal(x, before)
+
+
+def test_randaugment_round_trip_is_exact_in_normalised_space():
+    # no ops: de-normalise, clamp to [0, 1], re-normalise gives the input back
+    x = _images(3)
+    out = RandAugmentView(num_ops=0, mean=MEAN, std=STD)(x, torch.Generator().manual_seed(0))
+    assert torch.allclose(out, x, atol=1e-5)
+    # with ops, every pixel stays a valid image value after de-normalising
+    out = RandAugmentView(num_ops=2, magnitude=9, mean=MEAN, std=STD)(x, torch.Generator().manual_seed(1))
+    unit = out * torch.tensor(STD).view(1, 3, 1, 1) + torch.tensor(MEAN).view(1, 3, 1, 1)
+    assert unit.min() >= -1e-5 and unit.max() <= 1 + 1e-5 and math.isfinite(float(out.sum()))
