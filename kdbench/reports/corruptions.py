@@ -1,0 +1,245 @@
+"""``kdbench report RUN --kind corruptions``: accuracy under common corruptions, per method.
+
+One table per (dataset, pair): rows are methods, columns the corruptions the run evaluated
+(top-1 averaged over severities and seeds), then the clean top-1, the mean corruption accuracy
+(``corruption_acc``: the mean over every corruption × severity set, RobustBench's convention),
+the relative drop, and Hendrycks & Dietterich's mCE and relative mCE normalised by a baseline
+row (``--baseline``, default ``ce``: AlexNet's errors, the paper's normaliser, mean nothing here):
+
+    CE_c   = Σ_s E_{c,s} / Σ_s E^base_{c,s}
+    relCE_c = Σ_s (E_{c,s} − E_clean) / Σ_s (E^base_{c,s} − E^base_clean)
+
+with E = 100 − top-1 (means over seeds), both averaged over corruptions and shown in %.
+``--plot out.png`` draws accuracy vs severity (mean over corruptions; severity 0 = clean),
+one line per method, one panel per (dataset, pair).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+from tabulate import tabulate
+
+from kdbench.errors import KdbenchError
+from kdbench.reports import ReportArgs, RunData, footer
+from kdbench.reports.leaderboard import Board, build_board
+
+_SET = re.compile(r"^c/(?P<name>[^/]+)/(?P<sev>\d+)/top1$")
+#: short column names
+SHORT = {
+    "gaussian_noise": "gauss",
+    "shot_noise": "shot",
+    "impulse_noise": "impulse",
+    "defocus_blur": "defocus",
+    "glass_blur": "glass",
+    "motion_blur": "motion",
+    "zoom_blur": "zoom",
+    "snow": "snow",
+    "frost": "frost",
+    "fog": "fog",
+    "brightness": "bright",
+    "contrast": "contrast",
+    "elastic_transform": "elastic",
+    "pixelate": "pixel",
+    "jpeg_compression": "jpeg",
+}
+
+
+def _order(name: str) -> tuple[int, str]:
+    names = list(SHORT)
+    return (names.index(name) if name in names else len(names), name)
+
+
+def _mean(board: Board, row: str, col: str, metric: str) -> float:
+    s = board.stat(row, col, metric)
+    return s.mean if s.n else math.nan
+
+
+def table(board: Board, col: str, baseline: str) -> dict[str, Any] | None:
+    """The numbers of one column: corruptions, severities, and per-row results."""
+    found: dict[str, set[int]] = {}
+    for r in board.rows:
+        for m in board.stats.get(r, {}).get(col, {}):
+            hit = _SET.match(m)
+            if hit:
+                found.setdefault(hit["name"], set()).add(int(hit["sev"]))
+    if not found:
+        return None
+    names = sorted(found, key=_order)
+    sevs = sorted(set().union(*found.values()))
+    rows = []
+    for r in board.rows:
+        acc = {(c, s): _mean(board, r, col, f"c/{c}/{s}/top1") for c in names for s in sevs}
+        if all(math.isnan(v) for v in acc.values()):
+            continue
+        clean = _mean(board, r, col, "top1")
+        per_c = {c: _nanmean([acc[c, s] for s in sevs]) for c in names}
+        mean = _nanmean(list(acc.values()))
+        s_mean = board.stat(r, col, "corruption_acc")
+        rows.append(
+            {
+                "method": r,
+                "acc": acc,
+                "per_corruption": per_c,
+                "clean": clean,
+                "corruption_acc": s_mean.mean if s_mean.n else mean,
+                "corruption_acc_spread": s_mean.spread("std") if s_mean.n else math.nan,
+                "n": s_mean.n,
+                "rel_drop": 100.0 * (clean - mean) / clean if clean and not math.isnan(clean) else math.nan,
+                "by_severity": {s: _nanmean([acc[c, s] for c in names]) for s in sevs},
+            }
+        )
+    base = next((x for x in rows if x["method"] == baseline), None)
+    for x in rows:
+        x["mCE"], x["rel_mCE"] = _mce(x, base, names, sevs) if base is not None else (math.nan, math.nan)
+    return {"column": col, "corruptions": names, "severities": sevs, "rows": rows, "baseline": baseline}
+
+
+def _nanmean(vals: list[float]) -> float:
+    v = [x for x in vals if not math.isnan(x)]
+    return sum(v) / len(v) if v else math.nan
+
+
+def _mce(row: dict, base: dict, names: list[str], sevs: list[int]) -> tuple[float, float]:
+    """(mCE, relative mCE) in % of ``base`` (errors are 100 − top-1)."""
+    ces, rels = [], []
+    for c in names:
+        e = [100.0 - row["acc"][c, s] for s in sevs]
+        b = [100.0 - base["acc"][c, s] for s in sevs]
+        if any(math.isnan(v) for v in e + b):
+            continue
+        if sum(b) > 0:
+            ces.append(sum(e) / sum(b))
+        e0, b0 = 100.0 - row["clean"], 100.0 - base["clean"]
+        denom = sum(v - b0 for v in b)
+        if denom > 0 and not math.isnan(e0):
+            rels.append(sum(v - e0 for v in e) / denom)
+    return (100.0 * _nanmean(ces) if ces else math.nan, 100.0 * _nanmean(rels) if rels else math.nan)
+
+
+def _f(v: float, digits: int = 1) -> str:
+    return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
+
+
+def _none(v: float) -> float | None:
+    return None if v is None or (isinstance(v, float) and math.isnan(v)) else v
+
+
+def render(run: RunData, args: ReportArgs) -> str:
+    board = build_board(run, args)
+    baseline = args.baseline or "ce"
+    recs = [t for t in (table(board, col, baseline) for col in board.columns) if t is not None]
+    if not recs:
+        raise KdbenchError(
+            f"no corruption metrics (c/<corruption>/<severity>/top1) in {run.run_dir}: set "
+            "`eval: {corruptions: all}` in the grid and run it again"
+        )
+    if args.baseline and not any(x["method"] == args.baseline for t in recs for x in t["rows"]):
+        have = sorted({x["method"] for t in recs for x in t["rows"]})
+        raise KdbenchError(f"--baseline {args.baseline!r} is not a row here; rows: {', '.join(have)}")
+    if args.plot:
+        plot(recs, Path(args.plot))
+    if args.fmt == "json":
+        return json.dumps([_json(t) for t in recs], indent=2)
+    if args.fmt == "csv":
+        return _csv(recs)
+    tablefmt = "latex_booktabs" if args.fmt == "latex" else "github"
+    parts = []
+    for t in recs:
+        head = ["method"] + [SHORT.get(c, c) for c in t["corruptions"]]
+        head += ["clean", "corruption acc", "rel. drop", f"mCE ({baseline}=100)", "rel. mCE"]
+        body = []
+        for x in t["rows"]:
+            mean = _f(x["corruption_acc"], 2)
+            if not math.isnan(x["corruption_acc_spread"]):
+                mean += f" ± {x['corruption_acc_spread']:.2f}"
+            body.append(
+                [x["method"]]
+                + [_f(x["per_corruption"][c]) for c in t["corruptions"]]
+                + [_f(x["clean"], 2), mean, _f(x["rel_drop"]), _f(x["mCE"]), _f(x["rel_mCE"])]
+            )
+        sev = ", ".join(map(str, t["severities"]))
+        title = f"{t['column']} — top-1 (%) under corruption, mean over severities {sev}"
+        parts.append(title + "\n\n" + tabulate(body, headers=head, tablefmt=tablefmt, disable_numparse=True))
+    notes = footer(run.protocol(args)) + [
+        "corruption acc: mean top-1 over every corruption × severity set (RobustBench), "
+        "mean ± sample std over seeds; rel. drop: 100·(clean − corruption acc)/clean",
+        f"mCE / rel. mCE (Hendrycks & Dietterich 2019): errors summed over severities, divided by the "
+        f"{baseline!r} row's (relative: minus each row's clean error), averaged over corruptions",
+    ]
+    if args.plot:
+        notes.append(f"plot: {args.plot}")
+    return "\n\n".join(parts) + "\n\n" + "\n".join(f"- {n}" for n in notes)
+
+
+def _json(t: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "column": t["column"],
+        "baseline": t["baseline"],
+        "corruptions": t["corruptions"],
+        "severities": t["severities"],
+        "rows": [
+            {
+                "method": x["method"],
+                "clean": _none(x["clean"]),
+                "corruption_acc": _none(x["corruption_acc"]),
+                "corruption_rel_drop": _none(x["rel_drop"]),
+                "mCE": _none(x["mCE"]),
+                "rel_mCE": _none(x["rel_mCE"]),
+                "per_corruption": {c: _none(v) for c, v in x["per_corruption"].items()},
+                "by_severity": {str(s): _none(v) for s, v in x["by_severity"].items()},
+                "acc": {f"{c}/{s}": _none(v) for (c, s), v in x["acc"].items()},
+            }
+            for x in t["rows"]
+        ],
+    }
+
+
+def _csv(recs: list[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["column", "method", "corruption", "severity", "top1"])
+    for t in recs:
+        for x in t["rows"]:
+            for (c, s), v in x["acc"].items():
+                w.writerow([t["column"], x["method"], c, s, "" if math.isnan(v) else f"{v:.6g}"])
+            for key in ("clean", "corruption_acc", "rel_drop", "mCE", "rel_mCE"):
+                v = x[key]
+                w.writerow([t["column"], x["method"], key, "", "" if math.isnan(v) else f"{v:.6g}"])
+    return buf.getvalue()
+
+
+def plot(recs: list[dict[str, Any]], path: Path) -> Path:
+    """Accuracy vs severity (0 = clean), one line per method, one panel per column; PNG."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise KdbenchError("--plot needs matplotlib: pip install 'kdbench[plot]'") from None
+    fig, axes = plt.subplots(1, len(recs), figsize=(5.0 * len(recs), 4.0), squeeze=False)
+    for ax, t in zip(axes[0], recs, strict=True):
+        for x in t["rows"]:
+            xs = [0] + t["severities"]
+            ys = [x["clean"]] + [x["by_severity"][s] for s in t["severities"]]
+            ax.plot(xs, ys, marker="o", label=x["method"])
+        ax.set_xticks([0] + t["severities"])
+        ax.set_xticklabels(["clean"] + [str(s) for s in t["severities"]])
+        ax.set_xlabel("severity")
+        ax.set_ylabel("top-1 (%), mean over corruptions")
+        ax.set_title(t["column"], fontsize=9)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+    return path

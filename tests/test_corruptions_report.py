@@ -1,0 +1,101 @@
+"""``--kind corruptions``: per-corruption table, mCE / relative mCE, plot; leaderboard on corruption_acc."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from kdbench.errors import KdbenchError
+from kdbench.reports import ReportArgs, RunData, leaderboard
+from kdbench.reports import corruptions as report
+
+
+def _metrics(clean: float, acc: dict[tuple[str, int], float]) -> dict:
+    m = {"top1": clean}
+    m.update({f"c/{c}/{s}/top1": v for (c, s), v in acc.items()})
+    m.update({f"c/{c}/{s}/nll": 1.0 for (c, s) in acc})
+    vals = list(acc.values())
+    m["corruption_acc"] = sum(vals) / len(vals)
+    m["corruption_rel_drop"] = 100 * (clean - m["corruption_acc"]) / clean
+    return m
+
+
+def _cell(i: int, method: str, seed: int, metrics: dict) -> dict:
+    return {
+        "id": f"c{i}",
+        "status": "done",
+        "config": {
+            "dataset": {"name": "mnist5k"},
+            "teacher": {"label": "T", "id": "t0"},
+            "student": {"label": "S"},
+            "method": {"label": method, "name": method},
+            "seed": seed,
+            "uses_teacher": method != "ce",
+            "train": {"epochs": 1},
+        },
+        "metrics": metrics,
+        "env": {"threads": 1},
+        "error": None,
+        "wall_s": 1.0,
+        "attempts": 1,
+    }
+
+
+# ce: errors 20/40 (fog), 10/30 (snow), clean error 10; kd: errors 10/20, 10/10, clean error 5
+CE = {("fog", 1): 80.0, ("fog", 3): 60.0, ("snow", 1): 90.0, ("snow", 3): 70.0}
+KD = {("fog", 1): 90.0, ("fog", 3): 80.0, ("snow", 1): 90.0, ("snow", 3): 90.0}
+
+
+@pytest.fixture
+def run(tmp_path: Path) -> RunData:
+    cells = [
+        _cell(0, "ce", 0, _metrics(90.0, CE)),
+        _cell(1, "ce", 1, _metrics(90.0, CE)),
+        _cell(2, "kd", 0, _metrics(95.0, KD)),
+        _cell(3, "kd", 1, _metrics(95.0, KD)),
+    ]
+    return RunData(tmp_path, cells, {"t0": {"id": "t0", "metrics": {"top1": 99.0}}}, {})
+
+
+def test_table_numbers(run):
+    t = report.table(leaderboard.build_board(run, ReportArgs(kind="corruptions")), "mnist5k: T→S", "ce")
+    assert t["corruptions"] == ["snow", "fog"]  # CIFAR-10-C order
+    assert t["severities"] == [1, 3]
+    rows = {x["method"]: x for x in t["rows"]}
+    assert "teacher" not in rows  # no corruption metrics for it
+    ce, kd = rows["ce"], rows["kd"]
+    assert ce["per_corruption"] == {"snow": 80.0, "fog": 70.0}
+    assert ce["corruption_acc"] == 75.0 and ce["rel_drop"] == pytest.approx(100 * 15 / 90)
+    assert ce["mCE"] == pytest.approx(100.0) and ce["rel_mCE"] == pytest.approx(100.0)
+    # kd: CE_fog = 30/60, CE_snow = 20/40 -> mCE 50; rel: fog (30-10)/(60-20)=0.5, snow (20-10)/(40-20)=0.5
+    assert kd["mCE"] == pytest.approx(50.0) and kd["rel_mCE"] == pytest.approx(50.0)
+    assert kd["by_severity"] == {1: 90.0, 3: 85.0}
+
+
+def test_render_formats_and_plot(run, tmp_path):
+    out = report.render(run, ReportArgs(kind="corruptions"))
+    assert "| method" in out and "mCE (ce=100)" in out and "| kd " in out
+    assert "snow" in out and "fog" in out and "RobustBench" in out
+    data = json.loads(report.render(run, ReportArgs(kind="corruptions", fmt="json", baseline="kd")))
+    kd = next(r for r in data[0]["rows"] if r["method"] == "kd")
+    assert data[0]["baseline"] == "kd" and kd["mCE"] == pytest.approx(100.0) and kd["acc"]["fog/3"] == 80.0
+    csv = report.render(run, ReportArgs(kind="corruptions", fmt="csv"))
+    assert "mnist5k: T→S,ce,fog,3,60" in csv
+    png = tmp_path / "sev.png"
+    report.render(run, ReportArgs(kind="corruptions", plot=str(png)))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_missing_metrics_and_baseline_are_explained(run, tmp_path):
+    with pytest.raises(KdbenchError, match="--baseline 'dkd' is not a"):
+        report.render(run, ReportArgs(kind="corruptions", baseline="dkd"))
+    bare = RunData(tmp_path, [_cell(0, "ce", 0, {"top1": 90.0})], {}, {})
+    with pytest.raises(KdbenchError, match="corruptions: all"):
+        report.render(bare, ReportArgs(kind="corruptions"))
+
+
+def test_corruption_acc_leaderboard(run):
+    out = leaderboard.render(run, ReportArgs(metric="corruption_acc"))
+    assert "75.00" in out and "87.50" in out and "corruption acc (%) ↑" in out
