@@ -17,7 +17,7 @@ import hashlib
 import json
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer
 
 from kdbench.errors import KdbenchError
 
@@ -93,14 +93,34 @@ class SourceRef(PluginKey):
     fingerprint: dict[str, Any] = Field(default_factory=dict)
 
 
+def short(v: Any) -> str:
+    if isinstance(v, list | tuple):
+        return "[" + " ".join(short(x) for x in v) + "]"
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
 class MethodRef(Record):
     """A KD method: constructor ``params`` and the engine's loss-term ``weights``."""
+
+    OMIT_IF_DEFAULT: ClassVar[frozenset[str]] = frozenset({"filled_by"})
 
     name: str
     label: str
     params: dict[str, Any] = Field(default_factory=dict)
     #: loss term -> weight, merged by the engine over the method's ``default_weights``
     weights: dict[str, Any] = Field(default_factory=dict)
+    #: presentation (not in the id): parameters / "w.<term>" a protocol preset filled in -> preset
+    filled_by: dict[str, str] = Field(default_factory=dict)
+
+    def resolved(self) -> str:
+        """Every parameter and weight as the cell runs it; preset-filled values marked ``(preset)``."""
+
+        def mark(key: str) -> str:
+            return f" ({self.filled_by[key]})" if key in self.filled_by else ""
+
+        args = [f"{k}={short(v)}{mark(k)}" for k, v in sorted(self.params.items())]
+        args += [f"w.{k}={short(v)}{mark('w.' + k)}" for k, v in sorted(self.weights.items())]
+        return ", ".join(args)
 
 
 class TrainRecipe(Record):
@@ -132,7 +152,9 @@ class TrainRecipe(Record):
 class EvalSpec(Record):
     """Evaluation settings that are part of a cell (``val_fraction``/``every`` only when set)."""
 
-    OMIT_IF_DEFAULT: ClassVar[frozenset[str]] = frozenset({"val_fraction", "every", "dfr"})
+    OMIT_IF_DEFAULT: ClassVar[frozenset[str]] = frozenset(
+        {"val_fraction", "every", "dfr", "corruptions", "severities", "corruption_seed", "corruptions_root"}
+    )
 
     batch_size: int = Field(512, ge=1)
     ece_bins: int = Field(15, ge=1)
@@ -142,6 +164,33 @@ class EvalSpec(Record):
     every: int = Field(0, ge=0)
     #: Deep Feature Reweighting of the finished student (data with groups): "dfr/..." metrics
     dfr: bool = False
+    #: corrupted test sets "c/<corruption>/<severity>" (kdbench/datasets/cifar_c.py): "all" or names
+    corruptions: str | list[str] | None = None
+    #: their severities (None: 1..5), seed of the random corruptions (None: 0), and a CIFAR-10-C /
+    #: CIFAR-100-C folder to read instead of generating (alone it means all corruptions)
+    severities: list[int] | None = None
+    corruption_seed: int | None = None
+    corruptions_root: str | None = None
+
+    @field_validator("corruptions", "severities")
+    @classmethod
+    def _known_corruptions(cls, v: Any, info: Any) -> Any:
+        from kdbench.robustness.corruptions import CORRUPTIONS, SEVERITIES
+
+        if v is None:
+            return v
+        if info.field_name == "severities":
+            bad = [s for s in v if s not in SEVERITIES]
+            if bad or not v:
+                raise ValueError(f"severities are 1..5, got {v}")
+            return v
+        names = [v] if isinstance(v, str) and v != "all" else v
+        bad = [] if names == "all" else [n for n in names if n not in CORRUPTIONS]
+        if bad:
+            raise ValueError(
+                f"unknown corruption {', '.join(map(repr, bad))}; 'all' or: {', '.join(CORRUPTIONS)}"
+            )
+        return v
 
 
 class TeacherSpec(Record):
@@ -197,6 +246,7 @@ class Cell(Record):
         """The hash of everything that determines the result (not the grid name or row label)."""
         d = self.model_dump(mode="json", exclude={"id", "grid"})
         d["method"].pop("label", None)
+        d["method"].pop("filled_by", None)
         return digest(d)
 
     @classmethod

@@ -72,6 +72,17 @@ def _print_plan(p) -> None:
         pair = f"{c.teacher.label} → {c.student.label}"
         table.add_row(c.id, c.dataset.name, pair, c.method.label, str(c.seed), state)
     out.print(table)
+    from rich.markup import escape
+
+    # every method's parameters and loss weights as its cells run them, once per pair
+    resolved = Table("method", "teacher → student", "parameters as run; (preset): the preset's value")
+    seen: set[tuple[str, str, str]] = set()
+    for c in p.cells:
+        row = (c.method.label, f"{c.teacher.label} → {c.student.label}", c.method.resolved() or "-")
+        if row not in seen:
+            seen.add(row)
+            resolved.add_row(*(escape(x) for x in row))
+    out.print(resolved)
 
 
 @app.command("report")

@@ -60,6 +60,44 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+#: Method defaults of a protocol preset, per (teacher, student) pair: what the authors ran.
+#: {preset: {method: [(pairs or None for every pair, {param: value, "loss_weights": {term: w}})]}};
+#: the first matching row wins. Applied by ``grid.expand`` to cells whose ``train.preset`` is
+#: the key, only to values the grid did not set itself; ``kdbench run --dry-run`` shows them.
+PAIR_DEFAULTS: dict[str, dict[str, list[tuple[frozenset[tuple[str, str]] | None, dict[str, Any]]]]] = {
+    "mdistiller": {
+        # megvii-research/mdistiller configs/cifar100/dkd/*.yaml (DKD.BETA; 8 in the others)
+        "dkd": [
+            (frozenset({("resnet56", "resnet20"), ("resnet110", "resnet32")}), {"beta": 2.0}),
+            (
+                frozenset(
+                    {
+                        ("vgg13", "vgg8"),
+                        ("vgg13", "mobilenetv2"),
+                        ("wrn_40_2", "wrn_16_2"),
+                        ("wrn_40_2", "wrn_40_1"),
+                    }
+                ),
+                {"beta": 6.0},
+            ),
+            (None, {"beta": 8.0}),
+        ],
+        # mdistiller configs/cifar100/reviewkd.yaml: REVIEWKD.REVIEWKD_WEIGHT 5.0
+        "reviewkd": [(None, {"loss_weights": {"reviewkd": 5.0}})],
+        # hunto/DIST_KD: the DIST term has loss weight 2 in every CIFAR-100 and ImageNet config
+        "dist": [(None, {"loss_weights": {"dist": 2.0}})],
+    },
+}
+
+
+def pair_defaults(preset: str | None, method: str, teacher: str, student: str) -> dict[str, Any]:
+    """The preset's reference values of ``method`` for a (teacher, student) pair (may be {})."""
+    for pairs, values in PAIR_DEFAULTS.get(preset or "", {}).get(method, []):
+        if pairs is None or (teacher, student) in pairs:
+            return values
+    return {}
+
+
 class EvalConfig(EvalSpec):
     """``eval``: the cell's ``EvalSpec`` (kdbench/cells.py)."""
 

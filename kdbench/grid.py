@@ -8,19 +8,13 @@ file or a plugin version and the cell is new; change nothing and it is skipped.
 from __future__ import annotations
 
 import itertools
-from typing import Any
 
 from kdbench import registry
 from kdbench.cells import CELL_FORMAT, Cell, DatasetRef, MethodRef, TeacherSpec, canonical, digest
-from kdbench.config import Grid, PluginRef
+from kdbench.cells import short as _short
+from kdbench.config import Grid, PluginRef, pair_defaults
 
 __all__ = ["CELL_FORMAT", "canonical", "digest", "expand", "method_label", "model_label", "teacher_spec"]
-
-
-def _short(v: Any) -> str:
-    if isinstance(v, list | tuple):
-        return "[" + " ".join(_short(x) for x in v) + "]"
-    return f"{v:g}" if isinstance(v, float) else str(v)
 
 
 def method_label(ref: PluginRef) -> str:
@@ -100,6 +94,22 @@ def uses_teacher(m: PluginRef) -> bool:
     return bool(needs)
 
 
+def method_ref(grid: Grid, m: PluginRef, teacher: PluginRef, student: PluginRef) -> MethodRef:
+    """A method as a cell runs it: the grid's values, then the preset's reference values for
+    this pair (``config.PAIR_DEFAULTS``) where the grid set none, then the method's defaults."""
+    params, weights = dict(m.method_params), dict(m.loss_weights)
+    filled: dict[str, str] = {}
+    preset = grid.config.train.preset
+    for key, value in pair_defaults(preset, m.name, teacher.name, student.name).items():
+        if key == "loss_weights":
+            for term, w in value.items():
+                if term not in weights:
+                    weights[term], filled[f"w.{term}"] = w, str(preset)
+        elif key not in m.given:
+            params[key], filled[key] = value, str(preset)
+    return MethodRef(name=m.name, label=method_label(m), params=params, weights=weights, filled_by=filled)
+
+
 def expand(grid: Grid, dataset_fingerprints: list[dict], source_fingerprints: list[dict]) -> list[Cell]:
     """All cells of the grid in a stable order (dataset, pair, method, seed)."""
     cells = []
@@ -115,9 +125,7 @@ def expand(grid: Grid, dataset_fingerprints: list[dict], source_fingerprints: li
             student={**s.key(), "label": model_label(s)},
             teacher=teacher_spec(grid, dataset, t, src, source_fingerprints[p_i], seed),
             uses_teacher=uses_teacher(m),
-            method=MethodRef(
-                name=m.name, label=method_label(m), params=m.method_params, weights=m.loss_weights
-            ),
+            method=method_ref(grid, m, t, s),
             seed=seed,
             train=student_train(grid, s),
             augment=grid.train_augment.key(),

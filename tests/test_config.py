@@ -178,6 +178,8 @@ def test_dry_run_lists_cells_and_writes_nothing(tiny_grid, tmp_path: Path):
     assert r.returncode == 0, r.stderr
     assert "4 cells, 1 teacher(s)" in r.stderr
     assert r.stdout.count("to run") == 4
+    # the parameters each method runs with, once per pair
+    assert "parameters as run" in r.stdout and "T=4" in r.stdout
     assert not (tmp_path / "runs").exists()
 
 
@@ -328,3 +330,60 @@ methods: [kd, fsp]
     assert "same number of stages with equal channels" in err
     assert err.count("fsp does not fit") == 1  # the equal-width pair fits
     assert not out.exists()
+
+
+def _preset_grid(tmp_path: Path, methods: str, preset: str = "mdistiller") -> Path:
+    return write_grid(
+        tmp_path / "md.yaml",
+        f"""\
+name: md
+datasets: [digits]
+pairs:
+  - {{teacher: resnet56, student: resnet20}}
+  - {{teacher: resnet110, student: resnet32}}
+  - {{teacher: vgg13, student: mobilenetv2}}
+  - {{teacher: wrn_40_2, student: wrn_40_1}}
+  - {{teacher: resnet32x4, student: resnet8x4}}
+methods: {methods}
+train: {{preset: {preset}, epochs: 1}}
+""",
+    )
+
+
+def test_mdistiller_preset_applies_the_reference_values_per_pair(tmp_path: Path):
+    from kdbench.grid import expand
+
+    grid = load_grid(
+        _preset_grid(tmp_path, "[dkd, {dkd: {beta: 3}}, reviewkd, dist, {dist: {loss_weights: {dist: 1}}}]")
+    )
+    cells = expand(grid, [{}], [{}] * 5)
+    by = {(c.method.label, c.student.name): c.method for c in cells}
+    betas = {
+        s: by["dkd", s].params["beta"]
+        for s in ("resnet20", "resnet32", "mobilenetv2", "wrn_40_1", "resnet8x4")
+    }
+    assert betas == {"resnet20": 2.0, "resnet32": 2.0, "mobilenetv2": 6.0, "wrn_40_1": 6.0, "resnet8x4": 8.0}
+    assert by["dkd", "resnet20"].filled_by == {"beta": "mdistiller"}
+    assert "beta=2 (mdistiller)" in by["dkd", "resnet20"].resolved()
+    # what the grid sets wins
+    assert {by["dkd(beta=3)", s].params["beta"] for s in ("resnet20", "mobilenetv2")} == {3}
+    assert by["reviewkd", "resnet20"].weights == {"reviewkd": 5.0}
+    assert by["dist", "resnet8x4"].weights == {"dist": 2.0}
+    assert by["dist(w.dist=1)", "resnet8x4"].weights == {"dist": 1}
+    # without the preset nothing changes: the method's own defaults, no weights in the cell
+    plain = expand(load_grid(_preset_grid(tmp_path, "[dkd, reviewkd]", "repdistiller")), [{}], [{}] * 5)
+    assert {c.method.params.get("beta", 8.0) for c in plain} == {8.0}
+    assert all(c.method.weights == {} and c.method.filled_by == {} for c in plain)
+
+
+def test_filled_by_is_presentation_only(tmp_path: Path):
+    """The marker of preset-filled values does not enter the id: resnet32x4's beta 8 is the default."""
+    from kdbench.grid import expand
+
+    md = expand(load_grid(_preset_grid(tmp_path, "[dkd]")), [{}], [{}] * 5)[-1]
+    data = md.to_dict()
+    assert data["method"]["filled_by"] == {"beta": "mdistiller"}
+    data["method"].pop("filled_by")
+    from kdbench.cells import Cell
+
+    assert Cell.model_validate(data).content_id() == md.id
