@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.data import TensorDataset
 
 from kdbench.artifacts import ArtifactCorrupt, load_checked, save_checked
 from kdbench.datasets._util import NormalizedImages
@@ -144,6 +145,27 @@ class CorruptionSets(Mapping):
         name, severity = parsed
         images, labels = self._from_root(name, severity) if self.root else self._generated(name, severity)
         return NormalizedImages(images, labels, self.test.mean, self.test.std)
+
+    def labels(self, key: str) -> torch.Tensor:
+        """The labels of set ``key`` without loading its images."""
+        parsed = parse_set_name(key)
+        if key not in self._keys or parsed is None:
+            raise KeyError(key)
+        if self.root is None:
+            return self.test.labels
+        labels = self._load(self.root / "labels.npy")
+        m = len(labels) // 5
+        return torch.from_numpy(np.asarray(labels[(parsed[1] - 1) * m : parsed[1] * m]).astype(np.int64))
+
+    def source_key(self, name: str, severity: int) -> str:
+        """Identifies the samples of a set across cells (the generation key, or the file read)."""
+        if self.root is None:
+            return self.cache_key(name, severity)
+        f = self.root / f"{name}.npy"
+        st = f.stat()
+        return _digest(
+            {"root": str(self.root.resolve()), "file": f.name, "size": st.st_size, "mtime": st.st_mtime}
+        )
 
     # ------------------------------------------------------------------ generated
 
@@ -267,3 +289,86 @@ def corruption_aggregates(metrics: Mapping[str, float], clean_key: str = "top1")
     if clean:
         out["corruption_rel_drop"] = 100.0 * (clean - acc) / clean
     return out
+
+
+# --------------------------------------------------------------------------- engine hooks
+
+
+class _LazySet(TensorDataset):
+    """One corrupted set as the engine batches it, loaded (or generated) on first use.
+
+    At most one loaded set is kept per process, so evaluating 75 sets one after the other
+    holds one in memory. Labels are known without loading the images.
+    """
+
+    _slot: tuple[int, NormalizedImages] | None = None
+
+    def __init__(self, sets: CorruptionSets, name: str):  # no super().__init__: lazy tensors
+        self.sets = sets
+        self.name = name
+        self.labels = sets.labels(name)
+
+    def _data(self) -> NormalizedImages:
+        slot = _LazySet._slot
+        if slot is None or slot[0] != id(self):
+            _LazySet._slot = None  # free the previous set first
+            _LazySet._slot = (id(self), self.sets[self.name])
+        return _LazySet._slot[1]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index):  # type: ignore[override]
+        return self._data()[index]
+
+    @property
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        return self._data().tensors
+
+
+def _plain(obj: Any) -> dict:
+    if obj is None:
+        return {}
+    return obj.model_dump(mode="json") if hasattr(obj, "model_dump") else dict(obj)
+
+
+def eval_set_provider(dataset: Any, cell: Any, cache_dir: Path) -> dict:
+    """``evaluation.register_eval_sets`` hook: the cell's corrupted sets as lazy EvalSets."""
+    from kdbench.engine.data import Batches
+    from kdbench.engine.evaluation import EvalSet
+
+    if cell is None:  # a teacher's own evaluation: it has no eval config
+        return {}
+    evc = _plain(cell["eval"])
+    names, _ = selected(evc)
+    if not names:
+        return {}
+    fingerprint = _plain(cell["dataset"]).get("fingerprint")
+    sets = corruption_sets(fingerprint, dataset.split("test"), evc, None)
+    sets.cache_dir = Path(cache_dir) / "corruptions"
+    out = {}
+    for key in sets:
+        name, severity = parse_set_name(key)  # type: ignore[misc]
+        batches = Batches(_LazySet(sets, key), int(evc.get("batch_size") or 512))
+        out[key] = EvalSet(key, batches, key=f"c-{name}-{severity}-{sets.source_key(name, severity)}")
+    return out
+
+
+def aggregate(per_set: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+    """``evaluation.register_aggregate`` hook: corruption_acc and corruption_rel_drop."""
+    flat = {f"{k}/{m}": v for k, ms in per_set.items() if parse_set_name(k) for m, v in ms.items()}
+    if "test" in per_set and "top1" in per_set["test"]:
+        flat["top1"] = per_set["test"]["top1"]
+    return corruption_aggregates(flat)
+
+
+def _register() -> None:
+    try:
+        from kdbench.engine import evaluation
+    except ImportError:  # pragma: no cover - the engine is part of the package
+        return
+    evaluation.register_eval_sets(eval_set_provider)
+    evaluation.register_aggregate(aggregate)
+
+
+_register()

@@ -91,7 +91,7 @@ FAMILIES: list[Family] = [classification_family]
 SET_PROVIDERS: list[SetProvider] = []
 AGGREGATES: list[Aggregate] = []
 #: modules imported before a cell evaluates, so their registrations take effect (absent ones skipped)
-EXTENSIONS: list[str] = ["kdbench.engine.groups", "kdbench.robustness.corruptions"]
+EXTENSIONS: list[str] = ["kdbench.engine.groups", "kdbench.datasets.cifar_c"]
 _loaded: set[str] = set()
 
 
