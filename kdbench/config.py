@@ -117,6 +117,9 @@ class PairConfig(_Strict):
     student: Any
     #: how the teacher is obtained: a ``kdbench.teachers`` plugin ("recipe" trains it)
     source: Any = "recipe"
+    #: the teacher's own training data (a dataset reference, e.g. the balanced variant of a
+    #: spurious set); default: the cell's dataset. Same classes, channels and image size.
+    teacher_dataset: Any = None
 
 
 class ReferenceValue(_Strict):
@@ -453,6 +456,8 @@ class Grid(BaseModel):
     views: dict[str, PluginRef]
     #: the ``train`` keys the grid set itself (presets only fill the others)
     train_given: list[str] = Field(default_factory=list)
+    #: per pair (aligned with ``pairs``): the teacher's own dataset, or None for the cell's
+    teacher_datasets: list[PluginRef | None] = Field(default_factory=list)
 
     @property
     def run_dir(self) -> Path:
@@ -491,6 +496,7 @@ def load_grid(path: str | Path) -> Grid:
     datasets = _refs(cfg.datasets, "datasets", ("datasets",), problems)
     methods = _refs(cfg.methods, "losses", ("methods",), problems)
     pairs = []
+    teacher_datasets: list[PluginRef | None] = []
     for i, pair in enumerate(cfg.pairs):
         t = parse_ref(pair.teacher, "models", ("pairs", i, "teacher"), problems)
         s = parse_ref(pair.student, "models", ("pairs", i, "student"), problems)
@@ -498,8 +504,15 @@ def load_grid(path: str | Path) -> Grid:
         for ref, where in ((t, "teacher"), (s, "student"), (src, "source")):
             if ref is not None:
                 validate_params(ref, ("pairs", i, where), problems, reserved=("taps",))
+        tds = None
+        if pair.teacher_dataset is not None:
+            where = ("pairs", i, "teacher_dataset")
+            tds = parse_ref(pair.teacher_dataset, "datasets", where, problems)
+            if tds is not None:
+                validate_params(tds, where, problems)
         if t and s and src:
             pairs.append((t, s, src))
+            teacher_datasets.append(tds)
     augs = {}
     for key, tc in (("train", cfg.train), ("teacher_train", cfg.teacher_train)):
         a = parse_ref(tc.augment, "augmenters", (key, "augment"), problems)
@@ -527,6 +540,7 @@ def load_grid(path: str | Path) -> Grid:
         teacher_augment=augs["teacher_train"],
         views=views,
         train_given=train_given,
+        teacher_datasets=teacher_datasets,
     )
 
 

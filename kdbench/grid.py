@@ -110,20 +110,32 @@ def method_ref(grid: Grid, m: PluginRef, teacher: PluginRef, student: PluginRef)
     return MethodRef(name=m.name, label=method_label(m), params=params, weights=weights, filled_by=filled)
 
 
-def expand(grid: Grid, dataset_fingerprints: list[dict], source_fingerprints: list[dict]) -> list[Cell]:
-    """All cells of the grid in a stable order (dataset, pair, method, seed)."""
+def expand(
+    grid: Grid,
+    dataset_fingerprints: list[dict],
+    source_fingerprints: list[dict],
+    teacher_dataset_fingerprints: list[dict | None] | None = None,
+) -> list[Cell]:
+    """All cells of the grid in a stable order (dataset, pair, method, seed).
+
+    ``teacher_dataset_fingerprints`` (aligned with the pairs) fingerprint the pairs' own
+    teacher datasets (``teacher_dataset:``); a pair without one trains its teacher on the cell's.
+    """
+    tds_fp = teacher_dataset_fingerprints or [None] * len(grid.pairs)
     cells = []
     evalc = grid.config.eval.model_dump(mode="json")
     for (d_i, ds), (p_i, (t, s, src)), m, seed in itertools.product(
         enumerate(grid.datasets), enumerate(grid.pairs), grid.methods, grid.config.seeds
     ):
         dataset = DatasetRef(**ds.key(), fingerprint=dataset_fingerprints[d_i])
+        tds = grid.teacher_datasets[p_i] if p_i < len(grid.teacher_datasets) else None
+        t_data = dataset if tds is None else DatasetRef(**tds.key(), fingerprint=tds_fp[p_i] or {})
         cell = Cell.build(
             format=CELL_FORMAT,
             grid=grid.config.name,
             dataset=dataset,
             student={**s.key(), "label": model_label(s)},
-            teacher=teacher_spec(grid, dataset, t, src, source_fingerprints[p_i], seed),
+            teacher=teacher_spec(grid, t_data, t, src, source_fingerprints[p_i], seed),
             uses_teacher=uses_teacher(m),
             method=method_ref(grid, m, t, s),
             seed=seed,

@@ -142,3 +142,37 @@ def _build_method(m, student, teacher, tspec, s_probe, t_probe, num_classes, ctx
         except Exception:
             continue  # not a config problem we can name here; the cell itself will tell
     return None
+
+
+def teacher_datasets(
+    grid: Grid, datasets: list[Any]
+) -> tuple[list[dict | None], list[tuple[tuple[Any, ...], str]]]:
+    """Fingerprints of the pairs' own teacher datasets (None where a pair has none) and problems:
+    a teacher dataset that cannot be built, or whose classes, channels or image size differ
+    from a grid dataset its teacher would distil on."""
+    fps: list[dict | None] = []
+    problems: list[tuple[tuple[Any, ...], str]] = []
+    for p_i, ref in enumerate(grid.teacher_datasets):
+        if ref is None:
+            fps.append(None)
+            continue
+        where = ("pairs", p_i, "teacher_dataset")
+        try:
+            tds = registry.load("datasets", ref.name)(**ref.params)
+            fps.append(tds.fingerprint())
+        except KdbenchError as e:
+            problems.append((where, str(e)))
+            fps.append(None)
+            continue
+        t_shape = _shape(tds)
+        for d_ref, ds in zip(grid.datasets, datasets, strict=False):
+            d_shape = _shape(ds)
+            if t_shape and d_shape and t_shape != d_shape:
+                problems.append(
+                    (
+                        where,
+                        f"{ref.name} has (classes, channels, image size) {t_shape} but the student's "
+                        f"dataset {d_ref.name} has {d_shape}; the teacher must see the same kind of images",
+                    )
+                )
+    return fps, problems

@@ -32,7 +32,7 @@ from kdbench.config import Grid, Problems, load_yaml
 from kdbench.errors import KdbenchError
 from kdbench.grid import expand
 from kdbench.pool import cpu_budget, run_pool
-from kdbench.preflight import method_fit_problems
+from kdbench.preflight import method_fit_problems, teacher_datasets
 from kdbench.store import Store
 
 
@@ -70,10 +70,11 @@ def plan(grid: Grid, out: Path | None = None) -> Plan:
     problems.raise_if_any()
     # every method built once per (dataset, pair) from untrained models: FSP's channel
     # mismatch and the like are config problems here, not failures after the teacher trained
-    for where, msg in method_fit_problems(grid, instances):
+    tds_fp, tds_problems = teacher_datasets(grid, instances)
+    for where, msg in tds_problems + method_fit_problems(grid, instances):
         problems.add(where, msg)
     problems.raise_if_any()
-    cells = expand(grid, ds_fp, src_fp)
+    cells = expand(grid, ds_fp, src_fp, tds_fp)
     run_dir = Path(out) if out is not None else grid.run_dir
     teachers = {c.teacher.id: c.teacher for c in cells if c.uses_teacher}
     return Plan(grid, run_dir, cells, teachers)

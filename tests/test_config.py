@@ -387,3 +387,48 @@ def test_filled_by_is_presentation_only(tmp_path: Path):
     from kdbench.cells import Cell
 
     assert Cell.model_validate(data).content_id() == md.id
+
+
+def test_a_pair_can_train_its_teacher_on_its_own_dataset(tmp_path: Path):
+    f = write_grid(
+        tmp_path / "g.yaml",
+        """\
+name: tds
+datasets: [{digits: {limit: 400}}]
+pairs:
+  - {teacher: smallcnn_wide, student: smallcnn_thin, teacher_dataset: {digits: {limit: 300}}}
+  - {teacher: smallcnn_wide, student: smallcnn_thin}
+methods: [kd]
+""",
+    )
+    p = plan(load_grid(f))
+    own, shared = p.cells
+    assert own.dataset == shared.dataset and own.dataset.params["limit"] == 400
+    assert own.teacher.dataset.name == "digits" and own.teacher.dataset.params["limit"] == 300
+    assert own.teacher.dataset.fingerprint  # fingerprinted like any dataset: changed data, new teacher
+    assert shared.teacher.dataset == shared.dataset
+    assert own.teacher.id != shared.teacher.id and own.id != shared.id
+    assert len(p.teachers) == 2
+
+
+def test_teacher_dataset_must_match_the_students_images(tmp_path: Path):
+    f = write_grid(
+        tmp_path / "g.yaml",
+        """\
+name: tds
+datasets: [digits]
+pairs:
+  - {teacher: smallcnn_wide, student: smallcnn_thin, teacher_dataset: mnist5k}
+  - {teacher: smallcnn_wide, student: smallcnn_thin, teacher_dataset: {digits: {limitt: 3}}}
+methods: [kd]
+""",
+    )
+    with pytest.raises(ConfigError) as e:
+        load_grid(f)
+    assert f"{f}:5: pairs[1].teacher_dataset.limitt: unknown key" in str(e.value)
+    f.write_text(f.read_text().replace("limitt", "limit"))
+    with pytest.raises(ConfigError) as e:
+        plan(load_grid(f))
+    assert f"{f}:4: pairs[0].teacher_dataset: mnist5k has (classes, channels, image size) (10, 1, 28)" in str(
+        e.value
+    )
