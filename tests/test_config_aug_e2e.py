@@ -64,3 +64,28 @@ def test_kd_with_config_runs_rounds_and_replaces_them(tmp_path):
     start = c["t_start"] ** 2 + (1 - c["f_start"]) ** 2
     assert bool((after >= start).all())
     assert len(list((run_dir / "diffusion").glob("*/model.pt"))) == 1
+
+
+def test_a_cell_interrupted_after_a_round_resumes_to_the_same_images_and_numbers(tmp_path):
+    torch.set_num_threads(1)
+    grid = write_grid(tmp_path / "grid.yaml", GRID.format(out=tmp_path / "runs"))
+    cell = plan(load_grid(grid)).cells[0]
+
+    def stop_after_two_epochs(row: dict) -> None:
+        if row.get("stage") == "train" and row.get("epoch") == 2:
+            raise KeyboardInterrupt  # the checkpoint after epoch 2 is written before this hook
+
+    with pytest.raises(KeyboardInterrupt):
+        run_cell(cell, tmp_path / "a", progress=stop_after_two_epochs)
+    cdir = tmp_path / "a" / "cells" / cell.id
+    assert (cdir / "config" / "round_001.pt").exists() and not (cdir / "config" / "round_002.pt").exists()
+    resumed = run_cell(cell, tmp_path / "a")
+    straight = run_cell(cell, tmp_path / "b")
+    assert resumed["status"] == straight["status"] == "done"
+    for r in (1, 2):
+        a = load_checked(cdir / "config" / f"round_{r:03d}.pt")
+        b = load_checked(tmp_path / "b" / "cells" / cell.id / "config" / f"round_{r:03d}.pt")
+        assert torch.equal(a["x"], b["x"]) and torch.equal(a["source"], b["source"])
+    assert resumed["metrics"]["top1"] == straight["metrics"]["top1"]
+    rows = [json.loads(ln) for ln in (cdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows if r["stage"] == "config"] == [1, 2]

@@ -175,3 +175,36 @@ def test_recipe_rejects_unknown_keys_and_bad_values():
     with pytest.raises(ConfigError, match="beta_schedule"):
         Recipe.from_params({"beta_schedule": "cosine"})
     assert Recipe.from_params({"widths": [8, 16, 32]}).downsample() == 4
+
+
+def test_latent_model_with_its_vae_loads_inverts_and_decodes(tmp_path):
+    import diffusers
+
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16),
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=16,
+    )
+    tiny_unet(8, 4, None, widths=(8, 16)).save_pretrained(tmp_path / "ldm" / "unet")
+    vae.save_pretrained(tmp_path / "ldm" / "vae")
+    diffusers.DDIMScheduler(num_train_timesteps=100).save_pretrained(tmp_path / "ldm" / "scheduler")
+    model = load_local(tmp_path / "ldm")
+    assert model.vae is not None and model.image_channels == 3 and not model.conditional
+    model.check(in_channels=3, image_size=16, num_classes=10)
+    with pytest.raises(ConfigError, match="cannot take 9x9 inputs"):
+        model.check(in_channels=3, image_size=18, num_classes=10)
+    path = DDIMPath(model, steps=4, strength=0.5)
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    z = path.invert(x, None)
+    assert z.shape == (2, 4, 8, 8)
+    z.requires_grad_(True)
+    out = path.sample(z, None)
+    assert out.shape == x.shape
+    (g,) = torch.autograd.grad(out.sum(), z)
+    assert g.abs().sum() > 0

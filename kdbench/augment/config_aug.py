@@ -415,8 +415,8 @@ class ConfigAugmenter:
         if not self._checked:  # at the cell's first epoch: fail before training, not at round 1
             first_x, _ = next(iter(self._chunks(ctx)()))
             self._check_models(ctx, first_x, int(ctx.train.targets().max()) + 1)
+        self._restore_rows(ctx, epoch - 1)  # earlier rounds' rows first, in order
         if epoch == 0 or epoch % self.every:
-            self._restore_rows(ctx, epoch)
             return None
         r = epoch // self.every
         path = out_dir / f"round_{r:03d}.pt"
