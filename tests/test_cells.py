@@ -135,3 +135,36 @@ def test_result_round_trip_and_store_accepts_records(tmp_path, monkeypatch):
     (row,) = store.cells()
     assert row["id"] == c.id and row["status"] == "done" and row["config"] == c.to_dict()
     store.close()
+
+
+def test_val_fraction_and_every_enter_the_id_only_when_set(tmp_path, monkeypatch):
+    base = _expand(tmp_path, GRID_A, monkeypatch)
+    assert "val_fraction" not in base[0].to_dict()["eval"] and "every" not in base[0].to_dict()["eval"]
+    assert "val_fraction" not in base[0].to_dict()["teacher"]
+    explicit_zero = _expand(
+        tmp_path, GRID_A.replace("{batch_size: 500}", "{batch_size: 500, val_fraction: 0}"), monkeypatch
+    )
+    assert [c.id for c in explicit_zero] == PINNED["A"]
+
+    val = _expand(
+        tmp_path, GRID_A.replace("{batch_size: 500}", "{batch_size: 500, val_fraction: 0.1}"), monkeypatch
+    )
+    assert val[0].eval.val_fraction == 0.1 and val[0].teacher.val_fraction == 0.1
+    assert val[0].id != base[0].id
+    # the teacher holds out the same split: a teacher of its own
+    assert val[0].teacher.id != base[0].teacher.id
+
+    every = _expand(tmp_path, GRID_A.replace("{batch_size: 500}", "{batch_size: 500, every: 2}"), monkeypatch)
+    assert every[0].eval.every == 2 and every[0].id != base[0].id
+    assert every[0].teacher.id == base[0].teacher.id  # per-epoch evaluation does not change the teacher
+    assert Cell.from_dict(every[0].to_dict()) == every[0]
+
+
+@pytest.mark.parametrize("bad", ["val_fraction: 1.0", "val_fraction: -0.1", "every: -1"])
+def test_eval_settings_are_validated(tmp_path, bad):
+    from kdbench.errors import ConfigError
+
+    body = GRID_A.replace("{batch_size: 500}", "{batch_size: 500, " + bad + "}")
+    with pytest.raises(ConfigError) as e:
+        load_grid(write_grid(tmp_path / "g.yaml", body))
+    assert "eval." + bad.split(":")[0] in str(e.value)
