@@ -10,6 +10,7 @@ import torch
 pytest.importorskip("diffusers")
 
 from kdbench.artifacts import load_checked  # noqa: E402
+from kdbench.augment.config_aug import generation_cost  # noqa: E402
 from kdbench.config import load_grid  # noqa: E402
 from kdbench.engine.cell import run_cell  # noqa: E402
 from kdbench.runner import plan  # noqa: E402
@@ -64,6 +65,9 @@ def test_kd_with_config_runs_rounds_and_replaces_them(tmp_path):
     start = c["t_start"] ** 2 + (1 - c["f_start"]) ** 2
     assert bool((after >= start).all())
     assert len(list((run_dir / "diffusion").glob("*/model.pt"))) == 1
+    cost = generation_cost(cdir)
+    assert cost["rounds"] == 2 and cost["images"] == 40 and cost["images_per_s"] > 0
+    assert 0 < cost["gen_share"] < 1 and 0 < cost["diffusion_share"] < 1
 
 
 def test_a_cell_interrupted_after_a_round_resumes_to_the_same_images_and_numbers(tmp_path):

@@ -576,3 +576,35 @@ class ConfigAugmenter:
             if r not in have and p.exists():
                 d = load_checked(p)
                 self._append_row(ctx, self._row(d["epoch"], d["round"], d["stats"]))
+
+
+def generation_cost(cell_dir: Path) -> dict[str, float]:
+    """A finished cell's ConfiG cost from its files: images generated, seconds, images/s, the
+    share of the cell's wall time spent generating (and training the diffusion model, when this
+    cell trained it)."""
+    cell_dir = Path(cell_dir)
+    rows = []
+    mpath = cell_dir / "metrics.jsonl"
+    if mpath.exists():
+        rows = [json.loads(ln) for ln in mpath.read_text().splitlines() if ln.strip()]
+    rows = [r for r in rows if r.get("stage") == "config"]
+    n = sum(r["config/n"] for r in rows)
+    gen_s = sum(r["config/gen_s"] for r in rows)
+    train_s = max(
+        (r.get("config/diffusion_train_s", 0.0) for r in rows if r.get("config/diffusion_trained_here")),
+        default=0.0,
+    )
+    out = {
+        "rounds": len(rows),
+        "images": n,
+        "gen_s": gen_s,
+        "images_per_s": n / gen_s if gen_s else float("nan"),
+        "diffusion_train_s": train_s,
+    }
+    rpath = cell_dir / "result.json"
+    if rpath.exists():
+        wall = json.loads(rpath.read_text()).get("wall_s")
+        if wall:
+            out["gen_share"] = gen_s / wall
+            out["diffusion_share"] = train_s / wall
+    return out
