@@ -187,16 +187,43 @@ double tiny(const at::Tensor& x) {
                                         : std::numeric_limits<float>::min();
 }
 
-// Runs fn(l) for l in [0, count): in parallel on CPU, in order elsewhere (CUDA work stays
-// on the caller's thread and stream).
-template <typename F>
-void for_each_layer(int64_t count, bool cpu, const F& fn) {
-  if (!cpu) {
-    for (int64_t l = 0; l < count; ++l) fn(l);
-    return;
-  }
-  at::parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t l = begin; l < end; ++l) fn(l);
+// 2 * centre(S) for one layer on CPU, S the symmetric matrix with <pack K, v> = <K, S>:
+// S_ij = S_ji = w_ij v_ij / 2 off the diagonal, S_ii = v_ii (v = packed gradient [m]).
+// Plain loops, so that nothing inside the parallel region starts another one.
+void unpack_centred_cpu(const at::Tensor& v, at::Tensor s, bool unbiased) {
+  const int64_t n = s.size(0);
+  AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "kdbench_unpack_centred", [&] {
+    const scalar_t* src = v.data_ptr<scalar_t>();
+    scalar_t* S = s.data_ptr<scalar_t>();
+    const auto r2 = static_cast<scalar_t>(std::sqrt(2.0));  // 2 * sqrt(2) / 2
+    for (int64_t i = 0; i < n; ++i) {
+      S[i * n + i] = unbiased ? scalar_t(0) : 2 * *src;
+      ++src;
+      for (int64_t j = i + 1; j < n; ++j, ++src) S[i * n + j] = S[j * n + i] = r2 * *src;
+    }
+    std::vector<double> r(static_cast<size_t>(n));
+    double total = 0.0;
+    for (int64_t i = 0; i < n; ++i) {
+      double acc = 0.0;
+      for (int64_t j = 0; j < n; ++j) acc += S[i * n + j];
+      r[i] = acc;
+      total += acc;
+    }
+    if (!unbiased) {  // H S H: subtract row and column means, add the grand mean
+      for (int64_t i = 0; i < n; ++i) r[i] /= static_cast<double>(n);
+      const double mean = total / (static_cast<double>(n) * n);
+      for (int64_t i = 0; i < n; ++i) {
+        for (int64_t j = 0; j < n; ++j) S[i * n + j] -= static_cast<scalar_t>(r[i] + r[j] - mean);
+      }
+      return;
+    }
+    const double a = 1.0 / (n - 2.0), c = total / ((n - 1.0) * (n - 2.0));
+    for (int64_t i = 0; i < n; ++i) {
+      for (int64_t j = 0; j < n; ++j) {
+        S[i * n + j] = i == j ? scalar_t(0)
+                              : static_cast<scalar_t>(S[i * n + j] - (r[i] + r[j]) * a + c);
+      }
+    }
   });
 }
 
@@ -205,19 +232,32 @@ std::vector<at::Tensor> grams_backward(const at::Tensor& dp, at::TensorList acts
                                        const Triangle& tri) {
   const int64_t n = acts[0].size(0);
   const auto L = static_cast<int64_t>(acts.size());
-  // <pack K, v> = sum_{i<=j} w_ij K_ij v_ij = <K, S> with S symmetric,
-  // S_ij = S_ji = w_ij v_ij / 2 off the diagonal and S_ii = v_ii (added twice below).
+  std::vector<at::Tensor> out(acts.size());
+  if (dp.device().is_cpu()) {
+    const at::Tensor v = dp.contiguous();
+    at::parallel_for(0, L, 1, [&](int64_t begin, int64_t end) {
+      at::Tensor s = at::empty({n, n}, dp.options());
+      for (int64_t l = begin; l < end; ++l) {
+        unpack_centred_cpu(v[l], s, unbiased);
+        const at::Tensor x = acts[l].reshape({n, -1});
+        at::Tensor dx = at::empty({n, x.size(1)}, x.options());
+        at::mm_out(dx, s, x);
+        out[l] = dx.view(acts[l].sizes());
+      }
+    });
+    return out;
+  }
+  // Device-generic: S from the packed gradient by scatter, then centre(S) @ X per layer.
   const at::Tensor half = dp * tri.weight.mul(0.5);
   at::Tensor s = at::zeros({L, n * n}, dp.options());
   s.index_add_(1, tri.flat, half).index_add_(1, tri.flat_t, half);
   s = s.view({L, n, n});
-  std::vector<at::Tensor> out(acts.size());
-  for_each_layer(L, dp.device().is_cpu(), [&](int64_t l) {
+  for (int64_t l = 0; l < L; ++l) {
     at::Tensor sl = s[l];
     centre_(sl, unbiased);
     const at::Tensor x = acts[l].reshape({n, -1});
     out[l] = at::mm(sl, x).mul_(2.0).view(acts[l].sizes());
-  });
+  }
   return out;
 }
 
