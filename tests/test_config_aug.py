@@ -158,3 +158,21 @@ def test_a_teacherless_method_is_refused(tmp_path):
     ctx.cell_dir.mkdir(parents=True)
     with pytest.raises(ConfigError, match="needs a teacher"):
         ConfigAugmenter(every=2, model=TINY_MODEL, **FAST).on_epoch_start(2, ctx)
+
+
+def test_accumulate_up_to_a_cap_keeps_the_newest_samples(tmp_path):
+    teacher, student = _net(0), _net(1)
+    aug = ConfigAugmenter(every=1, fraction=0.25, keep="accumulate", cap=7, model=TINY_MODEL, **FAST)
+    ctx = _ctx(tmp_path, student, teacher, 0)
+    ctx.cell_dir.mkdir(parents=True)
+    first = aug.on_epoch_start(1, ctx)
+    assert len(first.y) == 5 and not first.replace
+    student[-1].bias.data += torch.tensor([3.0, -3.0, 0.0])  # the student changes between rounds
+    second = aug.on_epoch_start(2, ctx)
+    r2 = torch.load(ctx.cell_dir / "config" / "round_002.pt", weights_only=True)
+    # the engine replaces its extra samples with: the last 2 of round 1, then all 5 of round 2
+    assert second.replace and len(second.y) == 7
+    assert torch.equal(second.x[:2], first.x[-2:]) and torch.equal(second.x[2:], r2["x"])
+    uncapped = ConfigAugmenter(every=1, fraction=0.25, keep="accumulate", model=TINY_MODEL, **FAST)
+    only_new = uncapped.on_epoch_start(2, ctx)  # round files exist: reloaded, not regenerated
+    assert not only_new.replace and torch.equal(only_new.x, r2["x"])
