@@ -1,8 +1,9 @@
 """Micro-benchmarks of the fused ops (``kdbench bench``): native vs eager vs compiled PyTorch.
 
 Every case times one forward + backward step per implementation (median of repeated runs
-after warm-up) and reports, next to the time, the speed-up over eager PyTorch and over
-``torch.compile`` of the same eager code, and the memory-bandwidth floor of the case: the
+after warm-up; CKA also forward alone) and reports, next to the time, the speed-up over
+eager PyTorch and over ``torch.compile`` of the same eager code (for CKA: over the six-line
+PyTorch version, :func:`sixline_cka`), and the memory-bandwidth floor of the case: the
 bytes any implementation must move (read the inputs, write the gradients) divided by the
 bandwidth of a large tensor copy measured on this machine. ``x floor`` is how far an
 implementation is from that limit. The pytest-benchmark suites in benchmarks/ time the
@@ -36,6 +37,7 @@ class Case:
     bytes_moved: int  # minimum traffic of one forward + backward step
     baseline: str = "eager"
     compiled: str | None = "compiled"
+    torch_ref: str | None = None  # plain-PyTorch version to beat (CKA: the six-line one)
     notes: dict[str, str] = field(default_factory=dict)
 
 
@@ -86,6 +88,16 @@ def batched_cka(xs: list[Tensor], ys: list[Tensor]) -> Tensor:
         g = g - g.mean(1, keepdim=True)
         g = g - g.mean(2, keepdim=True)
         return g.flatten(1)
+
+    gx, gy = grams(xs), grams(ys)
+    return (gx @ gy.T) / (gx.norm(dim=1)[:, None] * gy.norm(dim=1)[None, :])
+
+
+def sixline_cka(xs: list[Tensor], ys: list[Tensor]) -> Tensor:
+    """Plain PyTorch linear CKA: centre the features, one Gram per layer, one GEMM."""
+
+    def grams(a: list[Tensor]) -> Tensor:
+        return torch.stack([(c := v.flatten(1) - v.flatten(1).mean(0)) @ c.T for v in a]).flatten(1)
 
     gx, gy = grams(xs), grams(ys)
     return (gx @ gy.T) / (gx.norm(dim=1)[:, None] * gy.norm(dim=1)[None, :])
@@ -155,32 +167,36 @@ def dkd_case(B: int, C: int, with_compiled: bool = True) -> Case:
     )
 
 
-def cka_case(n: int, L: int, d: int) -> Case:
+def cka_case(n: int, L: int, d: int, forward_only: bool = False) -> Case:
     g = torch.Generator().manual_seed(0)
     xs = [torch.randn(n, d, generator=g).requires_grad_(True) for _ in range(L)]
     ys = [torch.randn(n, d, generator=g) for _ in range(L)]
 
     def step_of(fn: Callable[[list[Tensor], list[Tensor]], Tensor]) -> Step:
         def step() -> None:
+            if forward_only:
+                with torch.no_grad():
+                    fn(xs, ys)
+                return
             for x in xs:
                 x.grad = None
             fn(xs, ys).sum().backward()
 
         return step
 
-    steps = {
-        "native": step_of(K.cka_matrix),
-        "per-pair loop": step_of(loop_cka),
-        "Gram-once PyTorch": step_of(batched_cka),
-    }
-    # read xs and ys, read xs again for the backward GEMMs, write d xs
-    bytes_moved = (4 * L) * n * d * xs[0].element_size()
+    steps = {"native": step_of(K.cka_matrix), "six-line PyTorch": step_of(sixline_cka)}
+    if not forward_only:
+        steps["per-pair loop"] = step_of(loop_cka)
+    steps["Gram-once PyTorch"] = step_of(batched_cka)
+    # read xs and ys (forward); read xs again for the backward GEMMs, write d xs
+    bytes_moved = (2 * L if forward_only else 4 * L) * n * d * xs[0].element_size()
     return Case(
-        f"CKA fwd+bwd n={n} L={L}+{L} d={d}",
+        f"CKA {'fwd' if forward_only else 'fwd+bwd'} n={n} L={L}+{L} d={d}",
         steps,
         bytes_moved,
-        baseline="per-pair loop",
+        baseline="six-line PyTorch" if forward_only else "per-pair loop",
         compiled="Gram-once PyTorch",
+        torch_ref="six-line PyTorch",
     )
 
 
@@ -208,46 +224,72 @@ def measure_bandwidth(n_bytes: int = 256 * 2**20, repeats: int = 10) -> float:
     return 2 * n_bytes / seconds
 
 
-def run_bench(quick: bool = False, json_path: str | Path | None = None) -> list[dict]:
-    """Runs every case and returns one row per (case, implementation); also writes JSON."""
+def run_bench(
+    quick: bool = False,
+    json_path: str | Path | None = None,
+    threads: list[int] | None = None,
+    only: str | None = None,
+) -> list[dict]:
+    """Runs every case (at each thread count in ``threads``; default: the current one) and
+    returns one row per (case, threads, implementation); also writes JSON. ``only``
+    keeps the cases of one op ("kd", "dkd", "cka")."""
     repeats = 5 if quick else 20
     if quick:
-        cases = [lambda: kd_case(1024, 1000), lambda: dkd_case(1024, 1000), lambda: cka_case(128, 4, 1024)]
+        cases = [
+            ("kd", lambda: kd_case(1024, 1000)),
+            ("dkd", lambda: dkd_case(1024, 1000)),
+            ("cka", lambda: cka_case(128, 4, 1024, forward_only=True)),
+            ("cka", lambda: cka_case(128, 4, 1024)),
+        ]
     else:
         cases = [
-            lambda: kd_case(1024, 1000),
-            lambda: kd_case(1024, 32000),
-            lambda: dkd_case(1024, 1000),
-            lambda: dkd_case(1024, 32000),
-            lambda: cka_case(256, 16, 4096),
+            ("kd", lambda: kd_case(1024, 1000)),
+            ("kd", lambda: kd_case(1024, 32000)),
+            ("dkd", lambda: dkd_case(1024, 1000)),
+            ("dkd", lambda: dkd_case(1024, 32000)),
+            ("cka", lambda: cka_case(256, 16, 4096, forward_only=True)),
+            ("cka", lambda: cka_case(256, 16, 4096)),
         ]
+    cases = [make for op, make in cases if only is None or op == only.lower()]
+    previous_threads = torch.get_num_threads()
     bandwidth = measure_bandwidth(64 * 2**20 if quick else 256 * 2**20)
     rows: list[dict] = []
-    for make in cases:
-        case = make()
-        times = {name: time_step(step, repeats) for name, step in case.steps.items()}
-        floor = case.bytes_moved / bandwidth
-        for name, seconds in times.items():
-            rows.append(
-                {
-                    "case": case.name,
-                    "impl": name,
-                    "ms": seconds * 1e3,
-                    "speedup_vs_baseline": times[case.baseline] / seconds,
-                    "baseline": case.baseline,
-                    "speedup_vs_compiled": (times[case.compiled] / seconds) if case.compiled else None,
-                    "compiled": case.compiled,
-                    "floor_ms": floor * 1e3,
-                    "x_floor": seconds / floor,
-                    "backend": K.backend(),
-                    "threads": torch.get_num_threads(),
-                    "bandwidth_GBps": bandwidth / 1e9,
-                }
-            )
-        del case
+    try:
+        for n_threads in threads or [previous_threads]:
+            torch.set_num_threads(n_threads)
+            for make in cases:
+                case = make()
+                times = {name: time_step(step, repeats) for name, step in case.steps.items()}
+                rows.extend(_rows(case, times, bandwidth))
+                del case
+    finally:
+        torch.set_num_threads(previous_threads)
     if json_path is not None:
         Path(json_path).write_text(json.dumps(rows, indent=2) + "\n")
     return rows
+
+
+def _rows(case: Case, times: dict[str, float], bandwidth: float) -> list[dict]:
+    floor = case.bytes_moved / bandwidth
+    return [
+        {
+            "case": case.name,
+            "impl": name,
+            "ms": seconds * 1e3,
+            "speedup_vs_baseline": times[case.baseline] / seconds,
+            "baseline": case.baseline,
+            "speedup_vs_compiled": (times[case.compiled] / seconds) if case.compiled else None,
+            "compiled": case.compiled,
+            "speedup_vs_torch": (times[case.torch_ref] / seconds) if case.torch_ref else None,
+            "torch_ref": case.torch_ref,
+            "floor_ms": floor * 1e3,
+            "x_floor": seconds / floor,
+            "backend": K.backend(),
+            "threads": torch.get_num_threads(),
+            "bandwidth_GBps": bandwidth / 1e9,
+        }
+        for name, seconds in times.items()
+    ]
 
 
 def format_table(rows: list[dict]) -> str:
@@ -260,29 +302,62 @@ def format_table(rows: list[dict]) -> str:
     table = [
         [
             r["case"],
+            r["threads"],
             r["impl"],
             fmt(r["ms"], ".2f"),
             f"{r['speedup_vs_baseline']:.2f}x vs {r['baseline']}",
             fmt(r["speedup_vs_compiled"], ".2f") + ("x" if r["speedup_vs_compiled"] else ""),
+            fmt(r.get("speedup_vs_torch"), ".2f") + ("x" if r.get("speedup_vs_torch") else ""),
             fmt(r["floor_ms"], ".2f"),
             fmt(r["x_floor"], ".1f"),
         ]
         for r in rows
     ]
-    headers = ["case", "implementation", "ms", "speed-up (baseline)", "vs compiled", "floor ms", "x floor"]
+    headers = [
+        "case",
+        "threads",
+        "implementation",
+        "ms",
+        "speed-up (baseline)",
+        "vs compiled",
+        "vs six-line torch",
+        "floor ms",
+        "x floor",
+    ]
     return tabulate(table, headers=headers, tablefmt="github")
 
 
-def bench_command(quick: bool = False, json: Path | None = None) -> None:  # noqa: A002 - CLI flag name
-    """Run the kernel micro-benchmarks and print the table (``kdbench bench``)."""
+def bench_command(
+    quick: bool = False,
+    json: Path | None = None,  # noqa: A002 - CLI flag name
+    threads: str | None = None,
+    only: str | None = None,
+) -> None:
+    """Run the kernel micro-benchmarks and print the table (``kdbench bench``).
+
+    ``threads`` is a comma-separated list of torch thread counts ("1,2"); ``only`` keeps
+    the cases of one op ("kd", "dkd", "cka").
+    """
     from rich.console import Console
 
+    from kdbench.errors import KdbenchError
+
+    try:
+        counts = [int(t) for t in threads.split(",")] if threads else None
+    except ValueError:
+        counts = None
+    if threads and (not counts or min(counts) < 1):
+        raise KdbenchError(
+            f"--threads takes positive integers separated by commas (e.g. 1,2), got {threads!r}"
+        )
+    if only and only.lower() not in ("kd", "dkd", "cka"):
+        raise KdbenchError(f"--only takes kd, dkd or cka, got {only!r}")
     console = Console()
     console.print(
-        f"kdbench bench: backend={K.backend()}, torch threads={torch.get_num_threads()}"
+        f"kdbench bench: backend={K.backend()}, torch threads={threads or torch.get_num_threads()}"
         + (" (quick)" if quick else "")
     )
-    rows = run_bench(quick=quick, json_path=json)
+    rows = run_bench(quick=quick, json_path=json, threads=counts, only=only)
     if rows:
         console.print(f"measured copy bandwidth: {rows[0]['bandwidth_GBps']:.1f} GB/s")
     print(format_table(rows))
