@@ -39,6 +39,13 @@ def run(
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="validate and list the cells (done or to run); write nothing")
     ] = False,
+    executor: Annotated[
+        str | None,
+        typer.Option("--executor", help="executor plugin (local, submitit, ray); overrides the grid's kind"),
+    ] = None,
+    detach: Annotated[
+        bool, typer.Option("--detach", help="submit the cells and return (collect with `kdbench run` again)")
+    ] = False,
 ) -> None:
     """Run (or resume) a sweep, then print its leaderboard."""
     from kdbench.config import load_grid
@@ -46,18 +53,22 @@ def run(
     from kdbench.runner import execute, plan
 
     t0 = time.perf_counter()
-    p = plan(load_grid(grid), out_dir)
+    p = plan(load_grid(grid), out_dir, executor)
     err.print(
         f"[bold]{p.grid.config.name}[/bold]: {len(p.cells)} cells, {len(p.teachers)} teacher(s) → {p.run_dir}"
     )
     if dry_run:
         _print_plan(p)
         return
-    counts = execute(p, workers, err)
+    counts = execute(p, workers, err, detach)
     err.print(
         f"done {counts['done']}, skipped {counts['skipped']}, failed {counts['failed']} "
-        f"in {time.perf_counter() - t0:.1f} s"
+        + (f"submitted {counts['submitted']} " if counts.get("submitted") else "")
+        + (f"still running {counts['running']} " if counts.get("running") else "")
+        + f"in {time.perf_counter() - t0:.1f} s"
     )
+    if detach:
+        return
     out.print(report(p.run_dir), markup=False, highlight=False, soft_wrap=True)
     if counts["failed"]:
         raise typer.Exit(1)
@@ -170,11 +181,21 @@ def list_cmd(
 def bench(
     quick: Annotated[bool, typer.Option("--quick", help="small sizes, few repeats")] = False,
     json_path: Annotated[Path | None, typer.Option("--json", help="also write the results as JSON")] = None,
+    threads: Annotated[str | None, typer.Option("--threads", help="torch thread counts, e.g. 1,2")] = None,
+    only: Annotated[str | None, typer.Option("--only", help="one op: kd, dkd or cka")] = None,
 ) -> None:
     """Micro-benchmark the fused kernels against eager and compiled PyTorch."""
     from kdbench.bench import bench_command
 
-    bench_command(quick=quick, json=json_path)
+    bench_command(quick=quick, json=json_path, threads=threads, only=only)
+
+
+@app.command("status")
+def status_cmd(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> None:
+    """Every cell of a run: done, failed (why), running (where), submitted, pending; and the teachers."""
+    from kdbench.executors.driver import print_status
+
+    print_status(run_dir, out)
 
 
 @app.command("cka")
