@@ -282,7 +282,9 @@ class Cell(Record):
             cell = cls.model_validate(data)
         except ValidationError as e:
             raise CellFormatError(where, fmt, _first_error(e)) from None
-        if "id" in data and cell.content_id() != data["id"]:
+        if "id" not in data:
+            return cell.model_copy(update={"id": cell.content_id()})
+        if cell.content_id() != data["id"]:
             raise CellFormatError(where, fmt, f"its content no longer hashes to its id {data['id']}")
         return cell
 
