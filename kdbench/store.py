@@ -103,12 +103,15 @@ class Store:
         return cls(path)
 
     @classmethod
-    def read_only(cls, path: Path) -> Store:
-        """Open without writing anything, not even SQLite's WAL index (an archived run)."""
+    def read_only(cls, path: Path, immutable: bool | None = None) -> Store:
+        """Open for reading only. ``immutable`` (default: when the directory is not writable)
+        also skips SQLite's WAL index files, so nothing at all is written (an archived run)."""
         self = cls.__new__(cls)
         self.path = Path(path)
-        # immutable: no -wal/-shm files; only safe when nobody writes, as in a read-only dir
-        self.db = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro&immutable=1", uri=True)
+        if immutable is None:
+            immutable = not os.access(self.path.parent, os.W_OK)
+        flags = "mode=ro&immutable=1" if immutable else "mode=ro"
+        self.db = sqlite3.connect(f"{self.path.resolve().as_uri()}?{flags}", uri=True, timeout=30)
         return self
 
     @contextmanager
