@@ -104,9 +104,12 @@ class EvalConfig(EvalSpec):
     model_config = ConfigDict(extra="forbid", frozen=False)
 
 
-class ExecutorConfig(_Strict):
+class ExecutorConfig(BaseModel):
+    """Where cells run: ``kind`` names a ``kdbench.executors`` plugin; every other key except
+    ``threads`` is a parameter of that plugin, checked against its signature."""
+
+    model_config = ConfigDict(extra="allow")
     kind: str = "local"
-    workers: int = Field(1, ge=1)
     #: intra-op CPU threads of every cell, inline or in a worker: fixed, so a cell's numbers do
     #: not depend on how it was scheduled (workers x threads must fit the CPUs; see runner)
     threads: int = Field(1, ge=1)
@@ -456,12 +459,28 @@ class Grid(BaseModel):
     views: dict[str, PluginRef]
     #: the ``train`` keys the grid set itself (presets only fill the others)
     train_given: list[str] = Field(default_factory=list)
+    #: the executor plugin and its validated parameters (``executor:`` minus ``kind`` and ``threads``)
+    executor: PluginRef | None = None
     #: per pair (aligned with ``pairs``): the teacher's own dataset, or None for the cell's
     teacher_datasets: list[PluginRef | None] = Field(default_factory=list)
 
     @property
     def run_dir(self) -> Path:
         return Path(self.config.output) / self.config.name
+
+
+def executor_ref(ex: ExecutorConfig, problems: Problems | None = None, kind: str | None = None) -> PluginRef:
+    """The executor plugin reference of an ``executor:`` block (``kind`` overrides the grid's,
+    keeping the grid's parameters only when the kinds agree), validated against its signature."""
+    own = problems is None
+    problems = problems or Problems("--executor", None)
+    name = kind or ex.kind
+    params = dict(ex.model_extra or {}) if name == ex.kind else {}
+    ref = PluginRef(kind="executors", name=name, params=params, given=sorted(params))
+    validate_params(ref, ("executor",), problems)
+    if own:
+        problems.raise_if_any()
+    return ref
 
 
 def load_grid(path: str | Path) -> Grid:
@@ -525,8 +544,7 @@ def load_grid(path: str | Path) -> Grid:
         if v is not None:
             validate_params(v, ("train", "views", view), problems)
             views[view] = v
-    if cfg.executor.kind != "local":
-        problems.add(("executor", "kind"), f"unknown executor {cfg.executor.kind!r}; available: local")
+    executor = executor_ref(cfg.executor, problems)
     if len(set(cfg.seeds)) != len(cfg.seeds):
         problems.add(("seeds",), "seeds repeat; list each seed once")
     problems.raise_if_any()
@@ -538,6 +556,7 @@ def load_grid(path: str | Path) -> Grid:
         methods=methods,
         train_augment=augs["train"],
         teacher_augment=augs["teacher_train"],
+        executor=executor,
         views=views,
         train_given=train_given,
         teacher_datasets=teacher_datasets,

@@ -23,6 +23,7 @@ GROUPS: dict[str, str] = {
     "losses": "kdbench.losses",
     "augmenters": "kdbench.augmenters",
     "datasets": "kdbench.datasets",
+    "executors": "kdbench.executors",
 }
 
 
@@ -60,6 +61,7 @@ SINGULAR: dict[str, str] = {
     "losses": "loss",
     "augmenters": "augmenter",
     "datasets": "dataset",
+    "executors": "executor",
 }
 
 

@@ -28,7 +28,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from kdbench import registry
 from kdbench.artifacts import disk_error
 from kdbench.cells import Cell, TeacherSpec
-from kdbench.config import Grid, Problems, load_yaml
+from kdbench.config import Grid, PluginRef, Problems, executor_ref, load_yaml
 from kdbench.errors import KdbenchError
 from kdbench.grid import expand
 from kdbench.pool import cpu_budget, run_pool
@@ -44,9 +44,11 @@ class Plan:
     run_dir: Path
     cells: list[Cell]
     teachers: dict[str, TeacherSpec] = field(default_factory=dict)
+    #: the executor plugin and its parameters (the grid's, or ``--executor``'s kind)
+    executor: PluginRef | None = None
 
 
-def plan(grid: Grid, out: Path | None = None) -> Plan:
+def plan(grid: Grid, out: Path | None = None, executor: str | None = None) -> Plan:
     """Instantiate datasets and teacher sources (checks roots and files) and expand the cells.
 
     Raises ConfigError listing every problem; writes nothing.
@@ -77,7 +79,10 @@ def plan(grid: Grid, out: Path | None = None) -> Plan:
     cells = expand(grid, ds_fp, src_fp, tds_fp)
     run_dir = Path(out) if out is not None else grid.run_dir
     teachers = {c.teacher.id: c.teacher for c in cells if c.uses_teacher}
-    return Plan(grid, run_dir, cells, teachers)
+    ex = grid.executor if executor is None and grid.executor is not None else None
+    if ex is None:
+        ex = executor_ref(grid.config.executor, kind=executor)
+    return Plan(grid, run_dir, cells, teachers, ex)
 
 
 def import_results(store: Store, run_dir: Path, cells: list[Cell]) -> None:
@@ -176,7 +181,7 @@ def _done_on_disk(run_dir: Path, cells: list[Cell]) -> set[str]:
     done: set[str] = set()
     db = run_dir / "results.sqlite"
     if db.exists():
-        store = Store.open_existing(db)
+        store = Store.read_only(db)
         try:
             done = {i for i, s in store.status().items() if s == "done"}
         finally:
@@ -217,7 +222,8 @@ def resolve_threads(p: Plan, workers: int | None, console: Console) -> tuple[int
     """
     budget = cpu_budget()
     threads = p.grid.config.executor.threads
-    n_workers = max(1, workers or p.grid.config.executor.workers)
+    local = p.executor is None or p.executor.name == "local"
+    n_workers = max(1, workers or (p.executor.params.get("workers", 1) if p.executor else 1)) if local else 1
     if threads > budget:
         console.print(
             f"[yellow]warning:[/yellow] executor.threads is {threads} but this process may use "
@@ -256,7 +262,9 @@ def _warn_thread_change(store: Store, threads: int, cells: list[Cell], console: 
     store.set_meta("threads", str(threads))
 
 
-def execute(p: Plan, workers: int | None = None, console: Console | None = None) -> dict[str, Any]:
+def execute(
+    p: Plan, workers: int | None = None, console: Console | None = None, detach: bool = False
+) -> dict[str, Any]:
     """Run every cell not yet done. Returns counts {total, skipped, done, failed}.
 
     A finished run writes nothing (it may live in a read-only archive). Otherwise the run
@@ -283,7 +291,7 @@ def execute(p: Plan, workers: int | None = None, console: Console | None = None)
         _write_if_changed(p.run_dir / "cells.json", ids_text)
         store = _open_store(p.run_dir)
         try:
-            return _execute_locked(p, store, n_workers, threads, console)
+            return _execute_locked(p, store, n_workers, threads, console, detach)
         finally:
             store.close()
 
@@ -295,7 +303,9 @@ def _open_store(run_dir: Path) -> Store:
         raise KdbenchError(f"cannot open {run_dir / 'results.sqlite'}: {e}") from None
 
 
-def _execute_locked(p: Plan, store: Store, n_workers: int, threads: int, console: Console) -> dict[str, Any]:
+def _execute_locked(
+    p: Plan, store: Store, n_workers: int, threads: int, console: Console, detach: bool = False
+) -> dict[str, Any]:
     store.add_pending(p.cells)
     import_results(store, p.run_dir, p.cells)
     _warn_thread_change(store, threads, p.cells, console)
@@ -304,6 +314,13 @@ def _execute_locked(p: Plan, store: Store, n_workers: int, threads: int, console
     counts = {"total": len(p.cells), "skipped": len(p.cells) - len(todo), "done": 0, "failed": 0}
     if counts["skipped"]:
         console.print(f"[dim]{counts['skipped']} of {len(p.cells)} cells already done; skipping them[/dim]")
+    attempts = {c.id: before[c.id]["attempts"] + 1 for c in todo}
+    if p.executor is not None and (p.executor.name != "local" or detach):
+        from kdbench.executors.driver import run_external
+
+        run_external(p, store, todo, attempts, threads, counts, console, detach)
+        import_results(store, p.run_dir, p.cells)
+        return counts
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -314,7 +331,6 @@ def _execute_locked(p: Plan, store: Store, n_workers: int, threads: int, console
         disable=not console.is_terminal,
     ) as bar:
         overall = bar.add_task("cells", total=len(todo))
-        attempts = {c.id: before[c.id]["attempts"] + 1 for c in todo}
         if n_workers == 1 or len(todo) <= 1:
             torch.set_num_threads(threads)
             _run_inline(todo, p.run_dir, store, bar, overall, attempts, counts)

@@ -301,6 +301,16 @@ def obtain_teacher(
     return model, taps
 
 
+def prepare_teacher(cell: Cell | dict, run_dir: Path) -> None:
+    """Obtain and cache the teacher ``cell`` needs, as ``run_cell`` would (a separate teacher job
+    for executors that run a sweep's teachers before the cells depending on them)."""
+    cell = Cell.coerce(cell)
+    if not cell.uses_teacher:
+        return
+    device = resolve_device(cell.train.device)
+    obtain_teacher(cell.teacher, Path(run_dir), device, cell.eval.batch_size, cell.eval.ece_bins)
+
+
 def _make_teacher(
     spec: TeacherSpec,
     tdir: Path,

@@ -1,0 +1,101 @@
+"""The executor interface and the function every worker runs."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+#: called by an executor (in the driver process) with each finished cell's result dict
+OnResult = Callable[[dict[str, Any]], None]
+
+
+@dataclass(frozen=True)
+class CellJob:
+    """One cell to run: its resolved config (JSON-able dict), where, which attempt, how many threads."""
+
+    cell: dict[str, Any]
+    run_dir: str
+    attempt: int = 1
+    threads: int = 1
+
+    @property
+    def id(self) -> str:
+        return self.cell["id"]
+
+
+class Executor:
+    """Base class of executor plugins.
+
+    ``run`` blocks until every job has a result and calls ``on_result`` in the driver for each
+    (in completion order). ``submit`` (optional) hands the jobs to an outside scheduler and
+    returns at once; ``kdbench run`` later collects what finished from the cell directories.
+    """
+
+    #: True when ``submit`` is supported (``kdbench run --detach``)
+    detachable: bool = False
+
+    def run(self, jobs: list[CellJob], on_result: OnResult) -> None:
+        raise NotImplementedError
+
+    def submit(self, jobs: list[CellJob]) -> dict[str, str]:
+        """Submit and return {cell id: external job id}; only when ``detachable``."""
+        raise NotImplementedError(f"{type(self).__name__} cannot detach; run without --detach")
+
+    def alive(self, external_ids: dict[str, str]) -> dict[str, bool]:
+        """Which previously submitted jobs are still queued or running (for --detach/status)."""
+        return {k: False for k in external_ids}
+
+    def describe(self) -> dict[str, Any]:
+        """What the store and ``report --details`` record about where cells ran."""
+        return {"kind": type(self).__name__}
+
+
+def failed_result(job: CellJob, error: str) -> dict[str, Any]:
+    """The result of a cell whose worker died before it could write one."""
+    return {"cell": job.cell, "status": "failed", "error": error, "attempt": job.attempt}
+
+
+def run_cell_job(job: CellJob) -> dict[str, Any]:
+    """Run one cell in this process (what every worker does) and return its result dict.
+
+    Sets the cell's intra-op thread count first, so a cell's numbers do not depend on where
+    it was scheduled. Writes ``cells/<id>/worker.json`` (host, pid, start time) so
+    ``kdbench status`` can say where a cell is running.
+    """
+    import platform
+
+    import torch
+
+    from kdbench.store import write_json_atomic
+
+    torch.set_num_threads(max(1, job.threads))
+    cdir = Path(job.run_dir) / "cells" / job.id
+    cdir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(
+        cdir / "worker.json",
+        {"host": platform.node(), "pid": os.getpid(), "started": time.time(), "attempt": job.attempt},
+    )
+    from kdbench.engine.cell import run_cell
+
+    cell: Any = job.cell
+    try:  # typed cells where the engine takes them
+        from kdbench.cells import Cell
+
+        cell = Cell.from_dict(job.cell)
+    except ImportError:
+        pass
+    result = run_cell(cell, Path(job.run_dir), None, job.attempt)
+    return _jsonable(result)
+
+
+def _jsonable(result: Any) -> dict[str, Any]:
+    if hasattr(result, "model_dump"):
+        return result.model_dump(mode="json")
+    out = dict(result)
+    if hasattr(out.get("cell"), "model_dump"):
+        out["cell"] = out["cell"].model_dump(mode="json")
+    return out

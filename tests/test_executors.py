@@ -1,0 +1,136 @@
+"""Executors through the real libraries: submitit's local cluster and a local Ray instance.
+
+Each test runs real cells (sklearn digits, tiny CNNs) in real worker processes and compares
+their numbers with the same cells run inline: where a cell runs must not change what it gives.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from kdbench.config import load_grid
+from kdbench.engine.cell import run_cell
+from kdbench.executors.base import CellJob
+from kdbench.runner import plan
+
+pytestmark = pytest.mark.slow
+
+KEYS = ("top1", "nll", "ece")
+
+
+def _cells(tiny_grid, **kw) -> list[dict]:
+    p = plan(load_grid(tiny_grid(**kw)))
+    return [c.model_dump(mode="json") if hasattr(c, "model_dump") else c for c in p.cells]
+
+
+def _inline(cells: list[dict], run_dir: Path) -> dict[str, dict]:
+    torch.set_num_threads(1)
+    out = {}
+    for c in cells:
+        try:
+            from kdbench.cells import Cell
+
+            typed = Cell.from_dict(c)
+        except ImportError:
+            typed = c
+        r = run_cell(typed, run_dir)
+        r = r.model_dump(mode="json") if hasattr(r, "model_dump") else r
+        assert r["status"] == "done", r.get("error")
+        out[c["id"]] = r["metrics"]
+    return out
+
+
+def _wait_for(path_glob, root: Path, timeout: float = 240) -> Path:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        got = list(root.glob(path_glob))
+        if got:
+            return got[0]
+        time.sleep(0.05)
+    raise AssertionError(f"{path_glob} never appeared under {root}")
+
+
+def _starts(cell_dir: Path) -> int:
+    return (cell_dir / "log.txt").read_text().count(" attempt ")
+
+
+def test_submitit_local_cluster_gives_the_inline_numbers(tiny_grid, tmp_path):
+    pytest.importorskip("submitit")
+    from kdbench.executors.submitit_exec import SubmititExecutor
+
+    cells = _cells(tiny_grid, methods="[ce, kd]", epochs=2)
+    want = _inline(cells, tmp_path / "inline")
+    run_dir = tmp_path / "sub"
+    results: list[dict] = []
+    SubmititExecutor(cluster="local", time_min=10, poll_s=0.2).run(
+        [CellJob(c, str(run_dir), 1, 1) for c in cells], results.append
+    )
+    assert sorted(r["cell"]["id"] for r in results) == sorted(want)
+    for r in results:
+        assert r["status"] == "done", r.get("error")
+        for k in KEYS:
+            assert r["metrics"][k] == want[r["cell"]["id"]][k], k
+    # the teacher was trained once, by its own job, before the kd cell ran
+    assert len(list((run_dir / "teachers").glob("*.pt"))) == 1
+    assert any("kdbench-teacher" in p.name or p.is_dir() for p in (run_dir / "submitit").iterdir())
+
+
+def test_submitit_preempted_cell_is_requeued_and_completes(tiny_grid, tmp_path):
+    pytest.importorskip("submitit")
+    from kdbench.executors.submitit_exec import SubmititExecutor, _CellTask
+
+    (cell,) = _cells(tiny_grid, methods="[ce]", epochs=8)
+    want = _inline([cell], tmp_path / "inline")[cell["id"]]
+    run_dir = tmp_path / "sub"
+    ex = SubmititExecutor(cluster="local", time_min=10)._executor(str(run_dir), "kdbench-cell")
+    job = ex.submit(_CellTask(), CellJob(cell, str(run_dir), 1, 1))
+    cdir = run_dir / "cells" / cell["id"]
+    _wait_for("checkpoint.pt", cdir)  # at least one epoch done, the cell is mid-way
+    # what Slurm does to the task before a preemption or a time-out: USR2 to the task's process
+    pid = json.loads((cdir / "worker.json").read_text())["pid"]
+    os.kill(pid, signal.SIGUSR2)
+    result = job.result()
+    assert result["status"] == "done", result.get("error")
+    assert _starts(cdir) == 2, (cdir / "log.txt").read_text()  # it really was stopped and requeued
+    for k in KEYS:
+        assert result["metrics"][k] == want[k], k
+
+
+@pytest.fixture
+def local_ray():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def test_ray_task_killed_mid_cell_is_retried_with_the_same_numbers(tiny_grid, tmp_path, local_ray):
+    from kdbench.executors.ray_exec import RayExecutor
+
+    cells = _cells(tiny_grid, methods="[ce, kd]", epochs=8)
+    want = _inline(cells, tmp_path / "inline")
+    run_dir = tmp_path / "ray"
+    results: list[dict] = []
+    jobs = [CellJob(c, str(run_dir), 1, 1) for c in cells]
+    t = threading.Thread(target=RayExecutor(retries=2).run, args=(jobs, results.append))
+    t.start()
+    victim = run_dir / "cells" / cells[0]["id"]
+    _wait_for("checkpoint.pt", victim)
+    pid = json.loads((victim / "worker.json").read_text())["pid"]
+    os.kill(pid, signal.SIGKILL)  # the worker dies hard mid-cell: Ray retries the task
+    t.join(timeout=600)
+    assert not t.is_alive()
+    assert len(results) == 2
+    for r in results:
+        assert r["status"] == "done", r.get("error")
+        for k in KEYS:
+            assert r["metrics"][k] == want[r["cell"]["id"]][k], k
+    assert _starts(victim) == 2
