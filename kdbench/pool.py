@@ -165,9 +165,9 @@ def death_reason(exitcode: int | None) -> str:
 class _Worker:
     def __init__(self, ctx: Any, run_dir: Path, threads: int):
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(
-            target=_worker_main, args=(child, str(run_dir), threads, os.getpid()), daemon=True
-        )
+        # not a daemon: a cell may start processes of its own (DataLoader workers); the driver
+        # stops its workers itself (``_shutdown``), or the kernel does when the driver dies
+        self.proc = ctx.Process(target=_worker_main, args=(child, str(run_dir), threads, os.getpid()))
         self.proc.start()
         child.close()
         self.cell: dict | None = None
