@@ -117,8 +117,16 @@ def make_waterbirds(root: Path) -> Path:
                 for k in range(3):
                     fn = f"{y:03d}.Bird_{y}/img_{i}.jpg"
                     _jpeg(root / fn, (200 * y, 200 * place, 10 * k))
-                    rows.append({"img_id": i, "img_filename": fn, "y": y, "split": split, "place": place,
-                                 "place_filename": f"/x/{i}.jpg"})
+                    rows.append(
+                        {
+                            "img_id": i,
+                            "img_filename": fn,
+                            "y": y,
+                            "split": split,
+                            "place": place,
+                            "place_filename": f"/x/{i}.jpg",
+                        }
+                    )
                     i += 1
     with (root / "metadata.csv").open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -151,7 +159,9 @@ def test_waterbirds_errors(tmp_path: Path):
     (tmp_path / "metadata.csv").write_text("img_filename,y,split\na.jpg,0,0\n")
     with pytest.raises(DataError, match="place"):
         Waterbirds(root=str(tmp_path)).split("train")
-    (tmp_path / "metadata.csv").write_text("img_filename,y,split,place\na.jpg,0,0,0\nb.jpg,1,1,0\nc.jpg,1,2,1\n")
+    (tmp_path / "metadata.csv").write_text(
+        "img_filename,y,split,place\na.jpg,0,0,0\nb.jpg,1,1,0\nc.jpg,1,2,1\n"
+    )
     with pytest.raises(DataError, match="missing"):
         Waterbirds(root=str(tmp_path)).split("train")
 

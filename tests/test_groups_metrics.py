@@ -70,7 +70,9 @@ def test_scan_ranks_the_attribute_dimension_first():
     assert int(scores.argmax()) == 4 and scores[4] > 2.0 and scores[1] < 0.5
     m = scan_metrics(scores, top_k=3)
     assert m["scan/top1/dim"] == 4.0 and m["scan/max"] == pytest.approx(float(scores[4]))
-    assert set(m) == {"scan/mean", "scan/max"} | {f"scan/top{r}/{k}" for r in (1, 2, 3) for k in ("dim", "score")}
+    assert set(m) == {"scan/mean", "scan/max"} | {
+        f"scan/top{r}/{k}" for r in (1, 2, 3) for k in ("dim", "score")
+    }
 
 
 def test_balanced_subsample_equalises_groups():
