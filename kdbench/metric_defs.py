@@ -120,3 +120,4 @@ register_metric("dfr/on_val", True, "DFR fitted on val (1) or train (0)", family
 # corruption robustness (kdbench/robustness/corruptions.py)
 register_metric("corruption_acc", True, "corruption acc (%)", family="corruptions")
 register_metric("corruption_rel_drop", False, "relative drop under corruption (%)", family="corruptions")
+register_metric("teacher_top1", True, "teacher top-1 on a corrupted set (%)", family="corruptions")

@@ -47,6 +47,9 @@ def test_corruption_eval_end_to_end(tmp_path):
         mean = sum(m[f"{s}/top1"] for s in sets) / 4
         assert m["corruption_acc"] == pytest.approx(mean)
         assert m["corruption_rel_drop"] == pytest.approx(100 * (m["top1"] - mean) / m["top1"])
+        # cells with a teacher record its accuracy on each corrupted set
+        uses_teacher = res["cell"]["uses_teacher"]
+        assert ("c/fog/5/teacher_top1" in m) == uses_teacher and "teacher_top1" not in m
     # each set generated once for the run, checksummed
     cached = sorted(p.name for p in (run_dir / "cache" / "corruptions").glob("*.pt"))
     assert len(cached) == 4 and all(
@@ -59,3 +62,4 @@ def test_corruption_eval_end_to_end(tmp_path):
     k = kdbench_cli("report", str(run_dir), "--kind", "corruptions", "--plot", str(png), env=env)
     assert k.returncode == 0, k.stderr
     assert "| glass " in k.stdout and "mCE (ce=100)" in k.stdout and png.exists()
+    assert "| teacher " in k.stdout

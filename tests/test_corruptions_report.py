@@ -46,6 +46,8 @@ def _cell(i: int, method: str, seed: int, metrics: dict) -> dict:
 # ce: errors 20/40 (fog), 10/30 (snow), clean error 10; kd: errors 10/20, 10/10, clean error 5
 CE = {("fog", 1): 80.0, ("fog", 3): 60.0, ("snow", 1): 90.0, ("snow", 3): 70.0}
 KD = {("fog", 1): 90.0, ("fog", 3): 80.0, ("snow", 1): 90.0, ("snow", 3): 90.0}
+# the teacher's accuracy on each set, recorded by the cells that use it
+TEACHER = {f"c/{c}/{s}/teacher_top1": 96.0 - s for (c, s) in KD}
 
 
 @pytest.fixture
@@ -53,8 +55,8 @@ def run(tmp_path: Path) -> RunData:
     cells = [
         _cell(0, "ce", 0, _metrics(90.0, CE)),
         _cell(1, "ce", 1, _metrics(90.0, CE)),
-        _cell(2, "kd", 0, _metrics(95.0, KD)),
-        _cell(3, "kd", 1, _metrics(95.0, KD)),
+        _cell(2, "kd", 0, {**_metrics(95.0, KD), **TEACHER}),
+        _cell(3, "kd", 1, {**_metrics(95.0, KD), **TEACHER}),
     ]
     return RunData(tmp_path, cells, {"t0": {"id": "t0", "metrics": {"top1": 99.0}}}, {})
 
@@ -64,7 +66,10 @@ def test_table_numbers(run):
     assert t["corruptions"] == ["snow", "fog"]  # CIFAR-10-C order
     assert t["severities"] == [1, 3]
     rows = {x["method"]: x for x in t["rows"]}
-    assert "teacher" not in rows  # no corruption metrics for it
+    assert t["rows"][0]["method"] == "teacher"
+    teacher = rows["teacher"]
+    assert teacher["clean"] == 99.0 and teacher["corruption_acc"] == 94.0
+    assert teacher["by_severity"] == {1: 95.0, 3: 93.0}
     ce, kd = rows["ce"], rows["kd"]
     assert ce["per_corruption"] == {"snow": 80.0, "fog": 70.0}
     assert ce["corruption_acc"] == 75.0 and ce["rel_drop"] == pytest.approx(100 * 15 / 90)

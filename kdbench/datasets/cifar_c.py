@@ -362,6 +362,19 @@ def aggregate(per_set: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
     return corruption_aggregates(flat)
 
 
+def teacher_family(
+    logits: torch.Tensor, y: torch.Tensor, meta: Any, teacher_logits: torch.Tensor | None, ctx: Any
+) -> dict[str, float]:
+    """The teacher's top-1 on each corrupted set (``c/<corruption>/<severity>/teacher_top1``).
+
+    Teachers are evaluated on their own sets only; this records their corruption accuracy in
+    the cells that use them (the logits are computed for agreement anyway, and cached).
+    """
+    if teacher_logits is None or ctx.cheap or parse_set_name(ctx.set_name) is None or len(y) == 0:
+        return {}
+    return {"teacher_top1": 100.0 * float((teacher_logits.argmax(1) == y).float().mean())}
+
+
 def _register() -> None:
     try:
         from kdbench.engine import evaluation
@@ -369,6 +382,7 @@ def _register() -> None:
         return
     evaluation.register_eval_sets(eval_set_provider)
     evaluation.register_aggregate(aggregate)
+    evaluation.register_family(teacher_family)
 
 
 _register()

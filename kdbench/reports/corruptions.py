@@ -28,7 +28,7 @@ from tabulate import tabulate
 
 from kdbench.errors import KdbenchError
 from kdbench.reports import ReportArgs, RunData, footer
-from kdbench.reports.leaderboard import Board, build_board
+from kdbench.reports.leaderboard import TEACHER_ROW, Board, build_board
 
 _SET = re.compile(r"^c/(?P<name>[^/]+)/(?P<sev>\d+)/top1$")
 #: short column names
@@ -95,10 +95,38 @@ def table(board: Board, col: str, baseline: str) -> dict[str, Any] | None:
                 "by_severity": {s: _nanmean([acc[c, s] for c in names]) for s in sevs},
             }
         )
+    teacher = _teacher_row(board, col, names, sevs)
+    if teacher is not None:
+        rows = [x for x in rows if x["method"] != TEACHER_ROW]
+        rows.insert(0, teacher)
     base = next((x for x in rows if x["method"] == baseline), None)
     for x in rows:
         x["mCE"], x["rel_mCE"] = _mce(x, base, names, sevs) if base is not None else (math.nan, math.nan)
     return {"column": col, "corruptions": names, "severities": sevs, "rows": rows, "baseline": baseline}
+
+
+def _teacher_row(board: Board, col: str, names: list[str], sevs: list[int]) -> dict[str, Any] | None:
+    """The teacher's accuracies, from the ``teacher_top1`` the cells that use it recorded."""
+    acc = {}
+    for c in names:
+        for s in sevs:
+            vals = [v for r in board.rows for v in board.stat(r, col, f"c/{c}/{s}/teacher_top1").values]
+            acc[c, s] = sum(vals) / len(vals) if vals else math.nan
+    if all(math.isnan(v) for v in acc.values()):
+        return None
+    clean = _mean(board, TEACHER_ROW, col, "top1")
+    mean = _nanmean(list(acc.values()))
+    return {
+        "method": TEACHER_ROW,
+        "acc": acc,
+        "per_corruption": {c: _nanmean([acc[c, s] for s in sevs]) for c in names},
+        "clean": clean,
+        "corruption_acc": mean,
+        "corruption_acc_spread": math.nan,
+        "n": 1,
+        "rel_drop": 100.0 * (clean - mean) / clean if clean and not math.isnan(clean) else math.nan,
+        "by_severity": {s: _nanmean([acc[c, s] for c in names]) for s in sevs},
+    }
 
 
 def _nanmean(vals: list[float]) -> float:
