@@ -118,3 +118,30 @@ def test_aggregates():
     agg = cifar_c.corruption_aggregates(m)
     assert agg == {"corruption_acc": 60.0, "corruption_rel_drop": pytest.approx(25.0)}
     assert cifar_c.corruption_aggregates({"top1": 80.0}) == {}
+
+
+def test_engine_sets_are_lazy_and_one_at_a_time(tmp_path):
+    from kdbench.engine.evaluation import EvalContext, EvalSet
+
+    class DS:
+        def split(self, name):
+            return _split(n=6)
+
+    cell = {"eval": {"batch_size": 4, "corruptions": ["fog", "contrast"], "severities": [1]}, "dataset": {}}
+    sets = cifar_c.eval_set_provider(DS(), cell, tmp_path)
+    assert list(sets) == ["c/fog/1", "c/contrast/1"] and all(isinstance(s, EvalSet) for s in sets.values())
+    assert sets["c/fog/1"].key != sets["c/contrast/1"].key
+    assert not (tmp_path / "corruptions").exists()  # nothing generated before it is used
+    assert sets["c/fog/1"].targets().tolist() == (torch.arange(6) % 10).tolist()
+    fog = [x for x, _, _ in sets["c/fog/1"].batches.iterate(None, False)]
+    assert sum(len(x) for x in fog) == 6 and len(list((tmp_path / "corruptions").glob("*.pt"))) == 1
+    [x for x, _, _ in sets["c/contrast/1"].batches.iterate(None, False)]
+    assert cifar_c._LazySet._slot[0] == id(sets["c/contrast/1"].batches.data)  # only the last set is held
+    assert cifar_c.eval_set_provider(DS(), None, tmp_path) == {}  # a teacher's own evaluation
+    # the teacher's accuracy on corrupted sets only, and not in per-epoch evaluation
+    y = torch.tensor([0, 1, 2, 3])
+    t = torch.nn.functional.one_hot(torch.tensor([0, 1, 2, 0]), 5).float()
+    fam = cifar_c.teacher_family
+    assert fam(t, y, {}, t, EvalContext(set_name="c/fog/1")) == {"teacher_top1": 75.0}
+    assert fam(t, y, {}, t, EvalContext(set_name="test")) == {}
+    assert fam(t, y, {}, t, EvalContext(set_name="c/fog/1", cheap=True)) == {}

@@ -343,8 +343,8 @@ def eval_set_provider(dataset: Any, cell: Any, cache_dir: Path) -> dict:
     names, _ = selected(evc)
     if not names:
         return {}
-    fingerprint = _plain(cell["dataset"]).get("fingerprint")
-    sets = corruption_sets(fingerprint, dataset.split("test"), evc, None)
+    # the dataset entry of the cell (name, params, file fingerprint) identifies the clean data
+    sets = corruption_sets(_plain(cell["dataset"]), dataset.split("test"), evc, None)
     sets.cache_dir = Path(cache_dir) / "corruptions"
     out = {}
     for key in sets:
