@@ -122,7 +122,11 @@ def report_cmd(
     ] = None,
     kind: Annotated[str, typer.Option(help="leaderboard | groups | shift | corruptions")] = "leaderboard",
     plot: Annotated[
-        str | None, typer.Option(help="--kind groups: also draw per-group accuracy bars into this PNG")
+        str | None,
+        typer.Option(
+            help="also draw into this PNG: --kind groups per-group accuracy bars, "
+            "--kind corruptions accuracy vs severity"
+        ),
     ] = None,
 ) -> None:
     """Print the leaderboard (or another report kind) of a run from its results store."""
