@@ -20,7 +20,7 @@ import subprocess
 import time
 import traceback
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +36,7 @@ from kdbench.cells import Cell, PluginKey, TeacherSpec
 from kdbench.engine import evaluation as ev
 from kdbench.engine.build import build_augmenter, build_dataset, build_model, resolve_device
 from kdbench.engine.data import Batches, holdout
-from kdbench.engine.train import Progress, TrainSetup, train
+from kdbench.engine.train import Progress, StepPos, TrainSetup, drain, train, train_steps
 from kdbench.errors import ConfigError, KdbenchError
 from kdbench.features import FeatureReader, Features, TapSpec
 from kdbench.methods.base import Distiller, MethodContext
@@ -372,6 +372,18 @@ def run_cell(cell: Cell | dict, run_dir: Path, progress: Progress | None = None,
     Failures are recorded (status "failed" with the traceback) rather than raised, so one
     broken cell never stops a sweep.
     """
+    return drain(run_cell_steps(cell, run_dir, progress, attempt))
+
+
+def run_cell_steps(
+    cell: Cell | dict,
+    run_dir: Path,
+    progress: Progress | None = None,
+    attempt: int = 1,
+    teachers: Any = None,
+) -> Generator[StepPos, None, dict]:
+    """:func:`run_cell` as a generator yielding ``(stage, epoch, step)`` before each training
+    step; ``teachers`` (a ``kdbench.engine.lockstep.SharedTeachers``) lends the teacher."""
     cell = Cell.coerce(cell)
     cdir = run_dir / "cells" / cell.id
     cdir.mkdir(parents=True, exist_ok=True)
@@ -382,7 +394,8 @@ def run_cell(cell: Cell | dict, run_dir: Path, progress: Progress | None = None,
         t0 = time.perf_counter()
         result: dict[str, Any] = {"cell": record, "attempt": attempt, "env": environment()}
         try:
-            result["metrics"], result["summary"] = _run(cell, run_dir, cdir, progress, log)
+            out = yield from _run(cell, run_dir, cdir, progress, log, teachers)
+            result["metrics"], result["summary"] = out
             result["status"] = "done"
         except KeyboardInterrupt:
             raise
@@ -428,8 +441,13 @@ def _dataset_augmenters(cell: Cell, student_aug: Any, data: CellData) -> list[An
 
 
 def _run(
-    cell: Cell, run_dir: Path, cdir: Path, progress: Progress | None, log: logging.Logger
-) -> tuple[dict, dict]:
+    cell: Cell,
+    run_dir: Path,
+    cdir: Path,
+    progress: Progress | None,
+    log: logging.Logger,
+    teachers: Any = None,
+) -> Generator[StepPos, None, tuple[dict, dict]]:
     tr, evc = cell.train, cell.eval
     device = resolve_device(tr.device)
     data = cell_data(cell.dataset, tr.batch_size, evc.batch_size, evc.val_fraction)
@@ -438,7 +456,8 @@ def _run(
 
     teacher = tspec = None
     if cell.uses_teacher:
-        teacher, tspec = obtain_teacher(cell.teacher, run_dir, device, evc.batch_size, evc.ece_bins, progress)
+        get = teachers.obtain if teachers is not None else obtain_teacher
+        teacher, tspec = get(cell.teacher, run_dir, device, evc.batch_size, evc.ece_bins, progress)
 
     seed_everything(cell.seed)
     student, sspec = build_model(_plain(cell.student), data.num_classes, data.in_channels)
@@ -468,7 +487,8 @@ def _run(
     student_reader = FeatureReader(student, sspec, taps.student or ("logits",))
     teacher_reader = None
     if teacher is not None:
-        teacher_reader = FeatureReader(teacher, tspec, taps.teacher or ("logits",))
+        new_reader = teachers.reader if teachers is not None else FeatureReader
+        teacher_reader = new_reader(teacher, tspec, taps.teacher or ("logits",))
 
     views = {name: build_augmenter(_plain(ref), data.train.data).__call__ for name, ref in cell.views.items()}
     student_aug = build_augmenter(_plain(cell.augment), data.train.data)
@@ -505,7 +525,7 @@ def _run(
         log=log,
     )
     t_train = time.perf_counter()
-    train(setup)
+    yield from train_steps(setup)
     train_s = time.perf_counter() - t_train
 
     t_eval = time.perf_counter()

@@ -18,10 +18,10 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +35,9 @@ from kdbench.methods.base import Batch, Distiller
 Progress = Callable[[dict[str, Any]], None]
 View = Callable[[Tensor, torch.Generator], Tensor]
 CHECKPOINT_FORMAT = 2
+#: where a trainer is: (stage name, epoch, step), yielded before each optimiser step
+StepPos = tuple[str, int, int]
+_R = TypeVar("_R")
 
 
 @dataclass
@@ -168,16 +171,25 @@ class Trainer:
             h.load_state_dict(state["hooks"].get(h.name, {}))
 
     def run(self, start_epoch: int = 0) -> None:
+        drain(self.steps(start_epoch))
+
+    def steps(self, start_epoch: int = 0) -> Iterator[StepPos]:
+        """:meth:`run` as a generator: yields ``(stage, epoch, step)`` before each optimiser step
+        (kdbench.engine.lockstep advances several cells' trainers side by side with it)."""
         for h in self.hooks:
             h.before_stage(self)
         for epoch in range(start_epoch, self.stage.epochs):
             for h in self.hooks:
                 h.before_epoch(self, epoch)
-            row = self.train_epoch(epoch)
+            row = yield from self.epoch_steps(epoch)
             for h in self.hooks:
                 h.after_epoch(self, epoch, row)
 
     def train_epoch(self, epoch: int) -> dict[str, Any]:
+        return drain(self.epoch_steps(epoch))
+
+    def epoch_steps(self, epoch: int) -> Generator[StepPos, None, dict[str, Any]]:
+        """:meth:`train_epoch` as a generator (yields before each step, returns the row)."""
         s = self.setup
         s.student.train()
         if s.distiller is not None:
@@ -186,6 +198,7 @@ class Trainer:
         n = 0
         lr = self.opt.param_groups[0]["lr"]
         for step, (x, y, idx) in enumerate(s.train_data.iterate(self.data_gen, sampler=self.sampler)):
+            yield (self.stage.name, epoch, step)
             terms = self.train_step(x, y, idx, epoch, step)
             for k, v in terms.items():
                 totals[k] = totals.get(k, 0.0) + v
@@ -537,11 +550,25 @@ def _upgrade(ckpt: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def drain(gen: Generator[Any, None, _R]) -> _R:
+    """Run a generator to its end; its return value."""
+    while True:
+        try:
+            next(gen)
+        except StopIteration as e:
+            return e.value
+
+
 def train(setup: TrainSetup) -> dict[str, Any]:
     """Train every stage (resuming from ``workdir/checkpoint.pt`` when it can be read).
 
     Returns the last epoch's row (losses, lr, timings).
     """
+    return drain(train_steps(setup))
+
+
+def train_steps(setup: TrainSetup) -> Generator[StepPos, None, dict[str, Any]]:
+    """:func:`train` as a generator: yields ``(stage, epoch, step)`` before each optimiser step."""
     ckpt_path = setup.workdir / "checkpoint.pt" if setup.workdir else None
     resume = None
     if ckpt_path is not None:
@@ -576,7 +603,7 @@ def train(setup: TrainSetup) -> dict[str, Any]:
         if resume is not None and resume["stage"] == stage.name:
             trainer.load_state_dict(resume["trainer"])
             start = resume["epoch"]
-        trainer.run(start)
+        yield from trainer.steps(start)
         row = last.row or row
         resume = None
     if ckpt_path is not None:

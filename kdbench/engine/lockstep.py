@@ -1,0 +1,329 @@
+"""Teacher sharing: the cells of a grid that feed one teacher the same batches train in lockstep.
+
+Cells that agree on the teacher, the data, the seed, the batch size, the sampler and the views
+(:func:`group_key`) draw the same batches in the same order, because a cell's data order and
+augmentation come only from its seed. :func:`run_group` runs such a group in one process: every
+cell keeps its own :func:`~kdbench.engine.cell.run_cell_steps` generator (its own trainer,
+optimiser, hooks, generators, checkpoint, log and result), and the group advances them one
+optimiser step at a time. Around each cell's step the process-global RNG states (torch, CUDA,
+``random``, NumPy) are swapped in and out, so each cell draws exactly the numbers it would draw
+alone. One teacher module serves the group (:class:`SharedTeachers`): it reads the union of the
+taps the group's methods need, and a forward is reused only when its input is bitwise equal to
+the one a previous cell of the same step fed it (``torch.equal``), so results are bit-identical
+to running the cells one by one, on any method, view or failure.
+
+Why lockstep rather than replay (teacher outputs stored per step on disk): large features
+(FitNet's hints, attention maps) are shared at no storage cost, nothing can go stale, and
+resume needs nothing beyond each cell's own checkpoint. A cell that fails (a NaN loss) records
+its failure and leaves the group; the rest go on. A group interrupted and run again resumes
+each cell from its own last checkpoint; cells that are behind step alone (the group always
+advances the cells at the earliest position) until they catch up, then share again.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from kdbench import registry
+from kdbench.cells import Cell
+from kdbench.engine.train import Progress, StepPos
+from kdbench.features import FeatureReader, Features, TapSpec
+
+#: teacher forwards kept per group for reuse (the current step's inputs: one per distinct view)
+CACHE_ENTRIES = 4
+_STAGE_RANK = {"init": 0, "train": 1}
+
+
+# ------------------------------------------------------------------------------- grouping
+
+
+def group_key(cell: Cell) -> str | None:
+    """Cells with the same key feed their teacher the same inputs; None: no teacher to share."""
+    cell = Cell.coerce(cell)
+    if not cell.uses_teacher:
+        return None
+    method_cls = registry.load("losses", cell.method.name)
+    tv = cell.train.teacher_view
+    if tv in (None, "student"):
+        tv = getattr(method_cls, "teacher_view", None) or "student"
+    tr = cell.train
+    key = {
+        "teacher": cell.teacher.id,
+        "dataset": cell.dataset.model_dump(mode="json"),
+        "seed": cell.seed,
+        "batch_size": tr.batch_size,
+        "sampler": dict(tr).get("sampler"),
+        "augment": cell.augment.model_dump(mode="json"),
+        "teacher_view": tv,
+        "device": tr.device,
+        "val_fraction": cell.eval.val_fraction,
+        "dataset_augment": cell.get("dataset_augment"),
+    }
+    return json.dumps(key, sort_keys=True, default=str)
+
+
+def plan_groups(cells: Iterable[Cell | dict]) -> list[list[Cell]]:
+    """``cells`` partitioned into lockstep groups (first-seen order; cells without a teacher alone)."""
+    groups: dict[str, list[Cell]] = {}
+    out: list[list[Cell]] = []
+    for c in cells:
+        c = Cell.coerce(c)
+        k = group_key(c)
+        if k is None:
+            out.append([c])
+        elif k in groups:
+            groups[k].append(c)
+        else:
+            groups[k] = [c]
+            out.append(groups[k])
+    return out
+
+
+# ------------------------------------------------------------------------- shared teacher
+
+
+@dataclass
+class _Entry:
+    x: Tensor
+    feats: Features
+
+
+class _Union:
+    """One teacher module read once per distinct input, with the union of the taps asked for."""
+
+    def __init__(self, model: nn.Module, spec: TapSpec):
+        self.model, self.spec = model, spec
+        self.wanted: set[str] = {"logits"}
+        self.reader: FeatureReader | None = None
+        self.entries: list[_Entry] = []
+        self.hits = self.misses = 0
+
+    def want(self, taps: Iterable[str]) -> None:
+        new = self.wanted | set(taps)
+        if new != self.wanted or self.reader is None:
+            if self.reader is not None:
+                self.reader.close()
+            self.wanted = new
+            self.reader = FeatureReader(self.model, self.spec, sorted(new))
+            self.entries.clear()
+
+    def read(self, x: Tensor) -> Features:
+        for e in self.entries:
+            if (
+                e.x.shape == x.shape
+                and e.x.dtype == x.dtype
+                and e.x.device == x.device
+                and torch.equal(e.x, x)
+            ):
+                self.hits += 1
+                return e.feats
+        assert self.reader is not None
+        self.misses += 1
+        feats = self.reader.read(x)
+        self.entries.append(_Entry(x.detach().clone(), feats))
+        del self.entries[:-CACHE_ENTRIES]
+        return feats
+
+    def close(self) -> None:
+        if self.reader is not None:
+            self.reader.close()
+            self.reader = None
+        self.entries.clear()
+
+
+class SharedReader:
+    """A cell's view of the shared teacher: the taps it asked for, nothing more (fresh ``cache``)."""
+
+    def __init__(self, union: _Union, wanted: Iterable[str]):
+        self.union = union
+        self.wanted = set(wanted)
+        self.model = union.model
+        self.spec = union.spec
+
+    def read(self, x: Tensor) -> Features:
+        f = self.union.read(x)
+        w = self.wanted
+        return Features(
+            logits=f.logits,
+            stages=list(f.stages) if "stages" in w else [],
+            preact=list(f.preact) if "preact" in w else [],
+            pooled=f.pooled if "pooled" in w else None,
+        )
+
+    def close(self) -> None:
+        """The group closes the shared reader."""
+
+
+class SharedTeachers:
+    """Lends one loaded teacher per (teacher id, device) to every cell of a group.
+
+    ``obtain`` and ``reader`` replace :func:`~kdbench.engine.cell.obtain_teacher` and
+    :class:`FeatureReader` for the teacher inside :func:`~kdbench.engine.cell.run_cell_steps`.
+    """
+
+    def __init__(self) -> None:
+        self._models: dict[tuple[str, str], tuple[nn.Module, TapSpec]] = {}
+        self._unions: dict[int, _Union] = {}
+        self._closed = {"hits": 0, "misses": 0}
+
+    def obtain(
+        self,
+        spec: Any,
+        run_dir: Path,
+        device: torch.device,
+        eval_batch_size: int = 512,
+        ece_bins: int = 15,
+        progress: Progress | None = None,
+    ) -> tuple[nn.Module, TapSpec]:
+        from kdbench.engine.cell import obtain_teacher
+
+        key = (spec.id, str(device))
+        if key not in self._models:
+            self._models[key] = obtain_teacher(spec, run_dir, device, eval_batch_size, ece_bins, progress)
+        return self._models[key]
+
+    def reader(self, model: nn.Module, spec: TapSpec, wanted: Iterable[str]) -> SharedReader:
+        u = self._unions.get(id(model))
+        if u is None:
+            u = self._unions[id(model)] = _Union(model, spec)
+        u.want(wanted)
+        return SharedReader(u, wanted)
+
+    def new_step(self) -> None:
+        """Forget the previous step's inputs (every cell has moved on)."""
+        for u in self._unions.values():
+            u.entries.clear()
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Teacher forwards reused (``hits``) and computed (``misses``)."""
+        return {
+            "hits": self._closed["hits"] + sum(u.hits for u in self._unions.values()),
+            "misses": self._closed["misses"] + sum(u.misses for u in self._unions.values()),
+        }
+
+    def close(self) -> None:
+        self._closed = self.stats
+        for u in self._unions.values():
+            u.close()
+        self._unions.clear()
+        self._models.clear()
+
+
+# ------------------------------------------------------------------------------- the group
+
+
+def _rng_state() -> tuple:
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    return torch.get_rng_state(), cuda, random.getstate(), np.random.get_state()
+
+
+def _set_rng_state(state: tuple) -> None:
+    cpu, cuda, py, npy = state
+    torch.set_rng_state(cpu)
+    if cuda is not None and torch.cuda.is_initialized():
+        torch.cuda.set_rng_state_all(cuda)
+    random.setstate(py)
+    np.random.set_state(npy)
+
+
+@dataclass
+class _Slot:
+    cell: Cell
+    gen: Any
+    rng: tuple
+    pos: StepPos | None = None
+    result: dict[str, Any] | None = None
+    started: bool = field(default=False)
+
+    def rank(self) -> tuple[int, int, int]:
+        assert self.pos is not None
+        stage, epoch, step = self.pos
+        return _STAGE_RANK.get(stage, 1), epoch, step
+
+
+def _advance(slot: _Slot) -> None:
+    """One step of ``slot``'s cell with its own global RNG state in place."""
+    _set_rng_state(slot.rng)
+    try:
+        slot.pos = next(slot.gen)
+    except StopIteration as e:
+        slot.pos, slot.result = None, e.value
+    finally:
+        slot.rng = _rng_state()
+        slot.started = True
+
+
+def run_group(
+    cells: Iterable[Cell | dict],
+    run_dir: Path,
+    progress: Callable[[Cell], Progress | None] | None = None,
+    attempts: dict[str, int] | None = None,
+    on_result: Callable[[dict[str, Any]], None] | None = None,
+    teachers: SharedTeachers | None = None,
+) -> list[dict[str, Any]]:
+    """Run ``cells`` (one :func:`group_key`) side by side, sharing their teacher; their results.
+
+    Each cell writes exactly what :func:`~kdbench.engine.cell.run_cell` writes and gets the same
+    numbers. ``progress(cell)`` gives a cell's per-epoch callback; ``on_result`` is called with
+    each result as the cell finishes (cells may finish in any order). ``teachers``: pass one to
+    read its ``stats`` afterwards.
+    """
+    from kdbench.engine.cell import run_cell_steps
+
+    cells = [Cell.coerce(c) for c in cells]
+    teachers = teachers if teachers is not None else SharedTeachers()
+    start = _rng_state()
+    slots = [
+        _Slot(
+            c,
+            run_cell_steps(
+                c,
+                Path(run_dir),
+                progress(c) if progress else None,
+                (attempts or {}).get(c.id, 1),
+                teachers,
+            ),
+            start,
+        )
+        for c in cells
+    ]
+    results: dict[str, dict[str, Any]] = {}
+
+    def finish(s: _Slot) -> None:
+        assert s.result is not None
+        results[s.cell.id] = s.result
+        if on_result is not None:
+            on_result(s.result)
+
+    try:
+        live: list[_Slot] = []
+        for s in slots:  # set-up (teacher, models, resume) up to each cell's first step
+            _advance(s)
+            if s.pos is None:
+                finish(s)
+            else:
+                live.append(s)
+        while live:
+            first = min(s.rank() for s in live)
+            teachers.new_step()
+            for s in [s for s in live if s.rank() == first]:
+                _advance(s)
+                if s.pos is None:
+                    live.remove(s)
+                    finish(s)
+    finally:
+        for s in slots:
+            s.gen.close()
+        _set_rng_state(start)
+        teachers.close()
+    return [results[c.id] for c in cells if c.id in results]

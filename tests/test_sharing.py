@@ -1,0 +1,108 @@
+"""Teacher sharing (lockstep groups): the same numbers as cells run one by one, on CPU."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from kdbench.config import load_grid
+from kdbench.engine.cell import run_cell
+from kdbench.engine.lockstep import SharedTeachers, group_key, plan_groups, run_group
+from kdbench.runner import plan
+
+pytestmark = pytest.mark.slow
+
+
+def _cells(tiny_grid, methods: str, epochs: int = 2):
+    return plan(load_grid(tiny_grid(methods=methods, epochs=epochs))).cells
+
+
+def _alone(cells, run_dir: Path) -> dict[str, dict]:
+    return {c.id: run_cell(c, run_dir) for c in cells}
+
+
+def _copy_teachers(src: Path, dst: Path) -> None:
+    """The teacher trained by the unshared run, so the shared run does not train it again."""
+    shutil.copytree(src / "teachers", dst / "teachers")
+
+
+def _same(a: dict, b: dict, a_dir: Path, b_dir: Path) -> None:
+    assert a["status"] == b["status"] == "done", (a.get("error"), b.get("error"))
+    timing = {"train_s", "eval_s", "wall_s"}
+    ma = {k: v for k, v in a["metrics"].items() if k not in timing}
+    assert "top1" in ma and ma == {k: v for k, v in b["metrics"].items() if k not in timing}
+    cid = a["cell"]["id"]
+    sa = torch.load(a_dir / "cells" / cid / "student.pt", weights_only=True)
+    sb = torch.load(b_dir / "cells" / cid / "student.pt", weights_only=True)
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), (a["cell"]["method"]["label"], k)
+
+
+def test_group_is_bit_identical_to_cells_run_alone(tiny_grid, tmp_path):
+    # crd draws negatives from the global RNG, ft has an init stage, consistency sees other views
+    cells = _cells(
+        tiny_grid, "[ce, kd, {dkd: {warmup: 1}}, fitnet, crd, {ft: {init_epochs: 1}}, consistency]"
+    )
+    alone = _alone(cells, tmp_path / "alone")
+    _copy_teachers(tmp_path / "alone", tmp_path / "group")
+    teachers = SharedTeachers()
+    finished: list[str] = []
+    got = run_group(
+        cells, tmp_path / "group", on_result=lambda r: finished.append(r["cell"]["id"]), teachers=teachers
+    )
+    assert sorted(finished) == sorted(c.id for c in cells)
+    for r in got:
+        _same(alone[r["cell"]["id"]], r, tmp_path / "alone", tmp_path / "group")
+    # the teacher's forward was reused, not recomputed by every cell
+    assert teachers.stats["hits"] > teachers.stats["misses"] > 0
+
+
+def test_groups_split_on_what_the_teacher_sees(tiny_grid):
+    cells = _cells(tiny_grid, "[ce, kd, dkd, fitnet, consistency]")
+    by_method = {c.method.name: c for c in cells}
+    assert group_key(by_method["ce"]) is None  # no teacher
+    assert group_key(by_method["kd"]) == group_key(by_method["dkd"]) == group_key(by_method["fitnet"])
+    assert group_key(by_method["consistency"]) != group_key(by_method["kd"])  # clean teacher view
+    sizes = sorted(len(g) for g in plan_groups(cells))
+    assert sizes == [1, 1, 3]
+
+
+def test_a_failing_cell_leaves_the_group(tiny_grid, tmp_path):
+    cells = _cells(tiny_grid, "[kd, {kd: {weights: {kd: 1.0e+300}}}, fitnet]", epochs=1)
+    alone = _alone([cells[0], cells[2]], tmp_path / "alone")
+    _copy_teachers(tmp_path / "alone", tmp_path / "group")
+    got = {r["cell"]["id"]: r for r in run_group(cells, tmp_path / "group")}
+    bad = got[cells[1].id]
+    assert bad["status"] == "failed" and "FloatingPointError" in bad["error"]
+    assert (tmp_path / "group" / "cells" / cells[1].id / "result.json").exists()
+    for c in (cells[0], cells[2]):
+        _same(alone[c.id], got[c.id], tmp_path / "alone", tmp_path / "group")
+
+
+def test_interrupted_group_resumes_to_the_same_numbers(tiny_grid, tmp_path):
+    cells = _cells(tiny_grid, "[kd, fitnet, dkd]", epochs=3)
+    alone = _alone(cells, tmp_path / "alone")
+    _copy_teachers(tmp_path / "alone", tmp_path / "group")
+
+    def stop(cell):
+        def progress(row):  # the second cell stops the whole group after its first epoch
+            if cell.id == cells[1].id and row["stage"] == "train" and row["epoch"] == 1:
+                raise KeyboardInterrupt
+
+        return progress
+
+    with pytest.raises(KeyboardInterrupt):
+        run_group(cells, tmp_path / "group", progress=stop)
+    cdirs = [tmp_path / "group" / "cells" / c.id for c in cells]
+    # killed mid-group: the first two cells checkpointed epoch 1, the third had not finished it
+    assert [(d / "checkpoint.pt").exists() for d in cdirs] == [True, True, False]
+    assert not any((d / "result.json").exists() for d in cdirs)
+    teachers = SharedTeachers()
+    got = run_group(cells, tmp_path / "group", teachers=teachers)
+    for r in got:
+        _same(alone[r["cell"]["id"]], r, tmp_path / "alone", tmp_path / "group")
+    assert teachers.stats["hits"] > 0  # the cell behind caught up, then they shared again
