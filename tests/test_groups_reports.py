@@ -116,6 +116,7 @@ datasets:
 pairs:
   - teacher: {{smallcnn: {{width: 8}}}}
     student: {{smallcnn: {{width: 4}}}}
+    teacher_dataset: {{spurious: {{base: digits, n_attr: 2, val_fraction: 0.2, variant: balanced}}}}
 methods: [ce, kd]
 seeds: [0]
 train: {{epochs: 1, batch_size: 64, lr: 0.05, schedule: cosine, views: {{}}}}
@@ -142,6 +143,13 @@ def test_spurious_grid_end_to_end(tmp_path: Path):
     } <= set(m)
     assert m["dfr/on_val"] == 1.0 and "dfr/worst_group" in m and "dfr/val/worst_group" not in m
     assert m["worst_group"] <= m["mean_group"] <= 100.0
+    # the teacher trained on the balanced variant: its training split has every group equally
+    teacher = json.loads(next((run_dir / "teachers").glob("*/result.json")).read_text())
+    assert teacher["teacher"]["dataset"]["params"]["variant"] == "balanced"
+    tm = teacher["metrics"]
+    for c in range(10):  # within every class, both colours equally often
+        assert abs(tm[f"train/group/{c}_red/n"] - tm[f"train/group/{c}_green/n"]) <= 1
+    assert "scan/max" in teacher["metrics"]
     lb = kdbench_cli("report", str(run_dir), "--metric", "worst_group", env=env)
     assert lb.returncode == 0, lb.stderr
     assert "ce+dfr" in lb.stdout and "worst" in lb.stdout
