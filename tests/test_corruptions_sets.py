@@ -145,3 +145,20 @@ def test_engine_sets_are_lazy_and_one_at_a_time(tmp_path):
     assert fam(t, y, {}, t, EvalContext(set_name="c/fog/1")) == {"teacher_top1": 75.0}
     assert fam(t, y, {}, t, EvalContext(set_name="test")) == {}
     assert fam(t, y, {}, t, EvalContext(set_name="c/fog/1", cheap=True)) == {}
+
+
+def test_a_dataset_can_point_at_a_real_folder(tmp_path, monkeypatch):
+    root = tmp_path / "CIFAR-10-C"
+    _write_root(root, list(CORRUPTIONS), m=2)
+    monkeypatch.setattr(cifar_c.C, "corrupt", lambda *a, **k: pytest.fail("generated instead of reading"))
+
+    class DS:
+        corruptions_root = str(root)
+
+        def split(self, name):
+            return _split(n=2, c=3, size=32)
+
+    sets = cifar_c.eval_set_provider(DS(), {"eval": {}, "dataset": {}}, tmp_path)
+    assert len(sets) == 75  # a root alone means every corruption at every severity
+    x = next(sets["c/jpeg_compression/5"].batches.iterate(None, False))[0]
+    assert x.shape == (2, 3, 32, 32)

@@ -8,7 +8,9 @@ Switched on by the grid's ``eval:`` block::
       corruption_seed: 0          # seed of the random corruptions (default 0)
       corruptions_root: ~/data/CIFAR-10-C   # optional: real files instead of generated ones
 
-Each set is exposed to evaluation as ``"c/<corruption>/<severity>"``. Generated sets are
+A dataset plugin may point at a real folder itself (an attribute ``corruptions_root``, e.g.
+from a dataset parameter); ``eval.corruptions_root`` wins. Each set is exposed to evaluation
+as ``"c/<corruption>/<severity>"``. Generated sets are
 built once per (dataset fingerprint, corruption, severity, seed, test-set size) and cached in
 the run directory (``corruptions/<key>.pt``, checksummed; a damaged file is rebuilt, the
 sets being deterministic). Every cell of a run therefore sees the very same corrupted images,
@@ -340,6 +342,8 @@ def eval_set_provider(dataset: Any, cell: Any, cache_dir: Path) -> dict:
     if cell is None:  # a teacher's own evaluation: it has no eval config
         return {}
     evc = _plain(cell["eval"])
+    if not evc.get("corruptions_root") and getattr(dataset, "corruptions_root", None):
+        evc["corruptions_root"] = str(dataset.corruptions_root)  # a dataset parameter pointing at one
     names, _ = selected(evc)
     if not names:
         return {}
