@@ -113,6 +113,9 @@ class ExecutorConfig(BaseModel):
     #: intra-op CPU threads of every cell, inline or in a worker: fixed, so a cell's numbers do
     #: not depend on how it was scheduled (workers x threads must fit the CPUs; see runner)
     threads: int = Field(1, ge=1)
+    #: run the cells that feed one teacher the same batches side by side in one process, the
+    #: teacher's forward computed once per batch (kdbench/engine/lockstep.py); same numbers
+    share_teacher: bool = False
 
 
 class PairConfig(_Strict):

@@ -333,7 +333,10 @@ def _execute_locked(
         overall = bar.add_task("cells", total=len(todo))
         if n_workers == 1 or len(todo) <= 1:
             torch.set_num_threads(threads)
-            _run_inline(todo, p.run_dir, store, bar, overall, attempts, counts)
+            if p.grid.config.executor.share_teacher:  # lockstep groups (kdbench/engine/lockstep.py)
+                _run_groups(todo, p.run_dir, store, bar, overall, attempts, counts)
+            else:
+                _run_inline(todo, p.run_dir, store, bar, overall, attempts, counts)
         else:
             _run_pool(todo, p.run_dir, store, bar, overall, attempts, counts, n_workers, threads)
     import_results(store, p.run_dir, p.cells)
@@ -377,6 +380,22 @@ def _run_inline(todo, run_dir, store, bar, overall, attempts, counts) -> None:
         result = run_cell(c, run_dir, on_epoch, attempts[c.id])
         _tally(result, store, counts, bar.console)
         bar.advance(overall)
+
+
+def _run_groups(todo, run_dir, store, bar, overall, attempts, counts) -> None:
+    """Cells that share a teacher's inputs run side by side, the teacher's forward computed once."""
+    from kdbench.engine.lockstep import plan_groups, run_group
+
+    def progress(c: Cell):
+        return lambda row, desc=_describe(c): _epoch_line(bar, overall, desc, row)
+
+    def on_result(result: dict) -> None:
+        _tally(result, store, counts, bar.console)
+        bar.advance(overall)
+
+    for group in plan_groups(todo):
+        bar.update(overall, description=f"{len(group)} cells sharing a teacher: {_describe(group[0])}")
+        run_group(group, run_dir, progress, attempts, on_result)
 
 
 def _epoch_line(bar: Progress, overall: Any, desc: str, row: dict) -> None:
