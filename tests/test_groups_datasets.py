@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from kdbench.datasets.celeba import CelebA
-from kdbench.datasets.spurious import PALETTE, Spurious, assign_attributes, paint
+from kdbench.datasets.spurious import PALETTE, TINT, Spurious, assign_attributes, paint
 from kdbench.datasets.waterbirds import Waterbirds
 from kdbench.errors import DataError
 
@@ -42,6 +42,10 @@ def test_paint_background_keeps_ink_white_and_patch_fills_corner():
     rgb = torch.full((1, 3, 8, 8), 7, dtype=torch.uint8)
     p = paint(rgb, torch.tensor([2]), "patch", 3)
     assert p[0, :, 1, 1].tolist() == list(PALETTE[2][1]) and p[0, :, 5, 5].tolist() == [7, 7, 7]
+    # colour bases are tinted everywhere: TINT of the colour over the image
+    t = paint(rgb, torch.tensor([2]), "background", 3)
+    expect = [round((1 - TINT) * 7 + TINT * c) for c in PALETTE[2][1]]
+    assert t[0, :, 5, 5].tolist() == expect
 
 
 @pytest.fixture(scope="module")
