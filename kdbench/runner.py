@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import itertools
 import json
 import os
 import platform
@@ -32,7 +33,7 @@ from kdbench.config import Grid, PluginRef, Problems, executor_ref, load_yaml
 from kdbench.errors import KdbenchError
 from kdbench.grid import expand
 from kdbench.pool import cpu_budget, run_pool
-from kdbench.preflight import method_fit_problems, teacher_datasets
+from kdbench.preflight import method_fit, teacher_datasets
 from kdbench.store import Store
 
 
@@ -46,6 +47,9 @@ class Plan:
     teachers: dict[str, TeacherSpec] = field(default_factory=dict)
     #: the executor plugin and its parameters (the grid's, or ``--executor``'s kind)
     executor: PluginRef | None = None
+    #: cell id -> why it cannot run ("grid.yaml:9: methods[3]: fsp does not fit ..."): failed at
+    #: once by ``execute`` (no teacher trained for it), listed by ``--dry-run``
+    incompatible: dict[str, str] = field(default_factory=dict)
 
 
 def plan(grid: Grid, out: Path | None = None, executor: str | None = None) -> Plan:
@@ -73,7 +77,8 @@ def plan(grid: Grid, out: Path | None = None, executor: str | None = None) -> Pl
     # every method built once per (dataset, pair) from untrained models: FSP's channel
     # mismatch and the like are config problems here, not failures after the teacher trained
     tds_fp, tds_problems = teacher_datasets(grid, instances)
-    for where, msg in tds_problems + method_fit_problems(grid, instances):
+    pair_problems, misfits = method_fit(grid, instances)
+    for where, msg in tds_problems + pair_problems:
         problems.add(where, msg)
     problems.raise_if_any()
     cells = expand(grid, ds_fp, src_fp, tds_fp)
@@ -82,7 +87,38 @@ def plan(grid: Grid, out: Path | None = None, executor: str | None = None) -> Pl
     ex = grid.executor if executor is None and grid.executor is not None else None
     if ex is None:
         ex = executor_ref(grid.config.executor, kind=executor)
-    return Plan(grid, run_dir, cells, teachers, ex)
+    return Plan(grid, run_dir, cells, teachers, ex, _incompatible(grid, cells, misfits, root))
+
+
+def _incompatible(grid: Grid, cells: list[Cell], misfits: dict, root: Any) -> dict[str, str]:
+    """Cell id -> located message for the cells of (dataset, pair, method) misfits."""
+    if not misfits:
+        return {}
+    coords = itertools.product(
+        range(len(grid.datasets)), range(len(grid.pairs)), range(len(grid.methods)), grid.config.seeds
+    )
+    out = {}
+    for (d_i, p_i, m_i, _), c in zip(coords, cells, strict=True):
+        if (d_i, p_i, m_i) in misfits:
+            where, msg = misfits[d_i, p_i, m_i]
+            located = Problems(grid.file, root)
+            located.add(where, msg)
+            out[c.id] = located.items[0]
+    return out
+
+
+def _fail_incompatible(
+    p: Plan, store: Store, todo: list[Cell], attempts: dict, counts: dict, console: Console
+) -> list[Cell]:
+    """Record the plan's incompatible cells as failed at once; the rest of ``todo`` runs."""
+    for c in todo:
+        if c.id in p.incompatible:
+            error = f"ConfigError: {p.incompatible[c.id]}"
+            result = {"cell": c, "status": "failed", "error": error, "attempt": attempts[c.id], "wall_s": 0.0}
+            store.record(result)
+            counts["failed"] += 1
+            console.print(f"[red]failed[/red] {escape(c.describe)}: {escape(error)}")
+    return [c for c in todo if c.id not in p.incompatible]
 
 
 def import_results(store: Store, run_dir: Path, cells: list[Cell]) -> None:
@@ -150,10 +186,14 @@ class RunLock:
 
 
 def not_writable(directory: Path, e: OSError) -> KdbenchError:
-    """The error for an output directory kdbench cannot write."""
+    """The error for an output directory kdbench cannot write (naming the one that refuses)."""
     why = e.strerror or str(e)
+    existing = Path(directory)
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    extra = f" (so {directory} cannot be created)" if existing != Path(directory) else ""
     return KdbenchError(
-        f"output directory {directory} is not writable ({why}); "
+        f"output directory {existing} is not writable ({why}){extra}; "
         "fix its permissions or choose another with --out"
     )
 
@@ -176,16 +216,21 @@ def _check_writable(run_dir: Path) -> None:
         # EOPNOTSUPP/EISDIR/EINVAL: the filesystem has no O_TMPFILE; later writes will tell
 
 
+def _done_in_store(run_dir: Path) -> set[str]:
+    """Ids of cells the store already records as done (read without writing)."""
+    db = run_dir / "results.sqlite"
+    if not db.exists():
+        return set()
+    store = Store.read_only(db)
+    try:
+        return {i for i, s in store.status().items() if s == "done"}
+    finally:
+        store.close()
+
+
 def _done_on_disk(run_dir: Path, cells: list[Cell]) -> set[str]:
     """Ids of cells already done, read from the store and result files without writing."""
-    done: set[str] = set()
-    db = run_dir / "results.sqlite"
-    if db.exists():
-        store = Store.read_only(db)
-        try:
-            done = {i for i, s in store.status().items() if s == "done"}
-        finally:
-            store.close()
+    done = _done_in_store(run_dir)
     for c in cells:
         f = run_dir / "cells" / c.id / "result.json"
         if c.id not in done and f.exists():
@@ -275,7 +320,13 @@ def execute(
     ids_text = (json.dumps([c.id for c in p.cells], indent=2) + "\n").encode()
     done = _done_on_disk(p.run_dir, p.cells) if p.run_dir.exists() else set()
     n = len(p.cells)
-    if n and len(done & {c.id for c in p.cells}) == n:
+    # all done and all in the store: nothing to write (results finished by detached jobs are
+    # on disk only, and the locked path below imports them)
+    if (
+        n
+        and len(done & {c.id for c in p.cells}) == n
+        and {c.id for c in p.cells} <= _done_in_store(p.run_dir)
+    ):
         console.print(f"[dim]{n} of {n} cells already done; nothing to run[/dim]")
         try:  # keep "the grid last run here" right when another grid reached the same cells
             _write_if_changed(p.run_dir / "grid.yaml", grid_text)
@@ -315,6 +366,7 @@ def _execute_locked(
     if counts["skipped"]:
         console.print(f"[dim]{counts['skipped']} of {len(p.cells)} cells already done; skipping them[/dim]")
     attempts = {c.id: before[c.id]["attempts"] + 1 for c in todo}
+    todo = _fail_incompatible(p, store, todo, attempts, counts, console)
     if p.executor is not None and (p.executor.name != "local" or detach):
         from kdbench.executors.driver import run_external
 

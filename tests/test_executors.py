@@ -134,3 +134,34 @@ def test_ray_task_killed_mid_cell_is_retried_with_the_same_numbers(tiny_grid, tm
         for k in KEYS:
             assert r["metrics"][k] == want[r["cell"]["id"]][k], k
     assert _starts(victim) == 2
+
+
+def test_detach_status_and_collect_through_the_cli(tiny_grid, tmp_path):
+    pytest.importorskip("submitit")
+    from tests.conftest import kdbench_cli
+
+    grid = tiny_grid(methods="[ce, kd]", epochs=2)
+    grid.write_text(grid.read_text() + "executor: {kind: submitit, cluster: local, time_min: 10}\n")
+    run_dir = tmp_path / "runs" / "tiny"
+    r = kdbench_cli("run", str(grid), "--detach")
+    assert r.returncode == 0, r.stderr
+    assert "submitted 2 cell(s) to submitit" in r.stderr
+    jobs = json.loads((run_dir / "jobs.json").read_text())
+    assert len(jobs) == 2 and all(j["executor"] == "submitit" for j in jobs.values())
+    s = kdbench_cli("status", str(run_dir))
+    assert s.returncode == 0, s.stderr
+    assert "submitted" in s.stdout or "running" in s.stdout or "done" in s.stdout
+    # a second run while the jobs are queued or running never submits them again
+    again = kdbench_cli("run", str(grid), "--detach")
+    assert again.returncode == 0, again.stderr
+    assert json.loads((run_dir / "jobs.json").read_text()) == jobs or "done" in again.stderr
+    deadline = time.time() + 400
+    while time.time() < deadline and len(list(run_dir.glob("cells/*/result.json"))) < 2:
+        time.sleep(0.5)
+    # collect: the results are imported, the leaderboard printed, nothing resubmitted
+    r = kdbench_cli("run", str(grid))
+    assert r.returncode == 0, r.stderr
+    assert "| kd" in r.stdout and "| ce" in r.stdout
+    s = kdbench_cli("status", str(run_dir))
+    assert "2 done" in s.stdout, s.stdout
+    assert len(list((run_dir / "submitit").iterdir())) <= 4  # teacher job + 2 cells (+ the %j template dir)

@@ -201,6 +201,8 @@ class SubmititExecutor(Executor):
         return {j.id: h.job_id for j, h in zip(jobs, handles, strict=False)}
 
     def alive(self, external_ids: dict[str, str]) -> dict[str, bool]:
+        if self.cluster in ("local", "debug"):  # job id = the local controller's PID on this host
+            return {cid: _pid_alive(jid) for cid, jid in external_ids.items()}
         submitit = _submitit()
         out = {}
         for cid, jid in external_ids.items():
@@ -210,6 +212,18 @@ class SubmititExecutor(Executor):
             except Exception:  # noqa: BLE001 - no Slurm here: nothing of ours is queued
                 out[cid] = False
         return out
+
+
+def _pid_alive(jid: str) -> bool:
+    import os
+
+    try:
+        os.kill(int(jid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _first_line(e: BaseException) -> str:
