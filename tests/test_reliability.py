@@ -304,7 +304,7 @@ def test_unwritable_output_directory_exit_2_naming_it(tmp_path):
     out.chmod(0o555)
     r = run_unprivileged("run", str(grid), cwd=tmp_path)
     assert r.returncode == 2, r.stderr
-    assert f"output directory {out}" in r.stderr and "not writable" in r.stderr, r.stderr
+    assert f"output directory {out} is not writable (Permission denied)" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
     assert list(out.iterdir()) == []
     # the run dir exists but is read-only: same answer, nothing written inside it

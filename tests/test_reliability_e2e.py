@@ -166,6 +166,8 @@ def test_numbers_do_not_depend_on_scheduling_and_a_killed_pool_leaves_no_orphans
         assert a[cid] == c[cid], f"inline and killed-then-resumed differ in {cid}"
     envs = [json.loads(f.read_text())["env"] for f in out["pool"].glob("cells/*/result.json")]
     assert {e["threads"] for e in envs} == {1}
+    shown = kdbench_cli("report", str(out["pool"]), "--details")
+    assert "1 thread" in shown.stdout, shown.stdout
 
 
 def _cmdline(pid: int) -> str:
