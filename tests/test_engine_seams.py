@@ -242,3 +242,15 @@ def test_cell_logger_closes_its_file(tmp_path):
             log.info("hello")
     assert fds() <= before
     assert (tmp_path / "c0" / "log.txt").read_text().strip().endswith("hello")
+
+
+def test_a_shipped_val_split_is_used_instead_of_a_hold_out(tmp_path):
+    from kdbench.engine.cell import cell_data
+    from tests.test_datasets import write_folder
+
+    write_folder(tmp_path, {"train": {"a": 3, "b": 3}, "val": {"a": 1, "b": 1}, "test": {"a": 2, "b": 2}})
+    ref = {"name": "imagefolder", "params": {"root": str(tmp_path), "image_size": 8}}
+    data = cell_data(ref, 4, 8, val_fraction=0.5)
+    assert len(data.train) == 6 and len(data.val) == 2 and len(data.test) == 4
+    assert data.val.data.root.endswith("val")
+    assert len(cell_data(ref, 4, 8).train) == 6 and cell_data(ref, 4, 8).val is None

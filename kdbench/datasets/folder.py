@@ -1,8 +1,10 @@
 """ImageNet-style folders: ``root/<split>/<class name>/<image>``, loaded lazily from disk.
 
 Splits are the ``train`` and ``val`` subdirectories; ``test`` reads ``test/`` when there is
-one and ``val/`` otherwise (ImageNet's labelled evaluation split is ``val``). Class indices
-come from the sorted class directories of ``train/`` and are used for every split, so a
+one and ``val/`` otherwise (ImageNet's labelled evaluation split is ``val``). With both
+``val/`` and ``test/``, ``val`` is a validation split of its own (``splits`` lists it), used
+when the grid asks for validation (``eval.val_fraction``) instead of holding out training
+images. Class indices come from the sorted class directories of ``train/`` and are used for every split, so a
 split that lacks a class does not shift the labels of the others.
 """
 
@@ -81,6 +83,10 @@ class ImageFolderDataset(KDDataset):
             ]
         )
         self._folders: dict[str, ImageFolder] = {}
+        # a val/ next to test/ is a validation split of its own (used for eval.val_fraction);
+        # without test/, val/ is the test split
+        if all((self.root / d).is_dir() for d in ("val", "test")):
+            self.splits = ("train", "val", "test")  # type: ignore[misc]
 
     def _split_dir(self, name: str) -> Path:
         assert self.root is not None
