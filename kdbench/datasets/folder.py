@@ -4,8 +4,8 @@ Splits are the ``train`` and ``val`` subdirectories; ``test`` reads ``test/`` wh
 one and ``val/`` otherwise (ImageNet's labelled evaluation split is ``val``). With both
 ``val/`` and ``test/``, ``val`` is a validation split of its own (``splits`` lists it), used
 when the grid asks for validation (``eval.val_fraction``) instead of holding out training
-images. Class indices come from the sorted class directories of ``train/`` and are used for every split, so a
-split that lacks a class does not shift the labels of the others.
+images. Class indices come from the sorted class directories of ``train/`` and are used for
+every split, so a split that lacks a class does not shift the labels of the others.
 """
 
 from __future__ import annotations
