@@ -14,6 +14,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from kdbench import registry
@@ -59,6 +60,11 @@ def run(
     )
     if dry_run:
         _print_plan(p)
+        if p.incompatible:  # these cells would fail: say so, with the grid line, and exit 1
+            err.print(f"[red]{len(p.incompatible)} cell(s) cannot run[/red] (a run records them as failed):")
+            for msg in sorted(set(p.incompatible.values())):
+                err.print(f"  {escape(msg)}", highlight=False)
+            raise typer.Exit(1)
         return
     counts = execute(p, workers, err, detach)
     err.print(
@@ -80,11 +86,10 @@ def _print_plan(p) -> None:
     for c in p.cells:
         done = (p.run_dir / "cells" / c.id / "result.json").exists()
         state = "done" if done else ("partial" if (p.run_dir / "cells" / c.id).exists() else "to run")
+        state = "incompatible" if c.id in p.incompatible else state
         pair = f"{c.teacher.label} → {c.student.label}"
         table.add_row(c.id, c.dataset.name, pair, c.method.label, str(c.seed), state)
     out.print(table)
-    from rich.markup import escape
-
     # every method's parameters and loss weights as its cells run them, once per pair
     resolved = Table("method", "teacher → student", "parameters as run; (preset): the preset's value")
     seen: set[tuple[str, str, str]] = set()

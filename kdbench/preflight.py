@@ -5,7 +5,10 @@ channels stage by stage; FitNet-style regressors need stage taps). Those shapes 
 on training, so each (dataset, pair) is built UNTRAINED, one random probe batch of the
 dataset's image shape goes through both models, and every method of the grid is constructed
 from that context. A method that raises a KdbenchError there would fail in every cell of the
-pair, after its teacher trained; here it is a config problem naming the method and the pair.
+pair, after its teacher trained. Such (dataset, pair, method) combinations are returned as
+misfits: the runner fails their cells at once (no teacher is trained for them) and runs the
+rest of the sweep; ``--dry-run`` lists them and exits 1. A pair whose models cannot be built
+at all is a config problem (exit 2).
 """
 
 from __future__ import annotations
@@ -49,8 +52,21 @@ def _shape(ds: Any) -> tuple[int, int, int] | None:
         return None
 
 
+Misfits = dict[tuple[int, int, int], tuple[tuple[Any, ...], str]]
+
+
 def method_fit_problems(grid: Grid, datasets: list[Any] | None = None) -> list[tuple[tuple[Any, ...], str]]:
-    """``[(grid key path, message)]`` for every method that cannot be built for a (dataset, pair).
+    """Every pair problem and method misfit as ``[(grid key path, message)]`` (see ``method_fit``)."""
+    problems, misfits = method_fit(grid, datasets)
+    return problems + list(misfits.values())
+
+
+def method_fit(
+    grid: Grid, datasets: list[Any] | None = None
+) -> tuple[list[tuple[tuple[Any, ...], str]], Misfits]:
+    """Pair problems ``[(grid key path, message)]`` (models that cannot be built or run a probe
+    batch) and misfits ``{(dataset index, pair index, method index): (grid key path, message)}``
+    (a method that cannot be built for that dataset and pair).
 
     ``datasets`` are the instantiated dataset plugins in grid order (the runner's plan has them);
     None builds them here. A dataset that does not state its image shape is skipped.
@@ -60,7 +76,7 @@ def method_fit_problems(grid: Grid, datasets: list[Any] | None = None) -> list[t
     from kdbench.methods.base import MethodContext
 
     problems: list[tuple[tuple[Any, ...], str]] = []
-    seen: set[tuple[int, str]] = set()
+    misfits: Misfits = {}
     for d_i, ref in enumerate(grid.datasets):
         ds = datasets[d_i] if datasets is not None else _instantiate(ref)
         shape = _shape(ds) if ds is not None else None
@@ -88,14 +104,10 @@ def method_fit_problems(grid: Grid, datasets: list[Any] | None = None) -> list[t
                 problems.append((("pairs", p_i), f"the pair fails on a probe batch ({where}): {e!r}"))
                 continue
             for m_i, m in enumerate(grid.methods):
-                key = (d_i, f"{p_i}/{m_i}")
-                if key in seen:
-                    continue
-                seen.add(key)
                 msg = _build_method(m, student, teacher, tspec, s_probe, t_probe, num_classes, MethodContext)
                 if msg:
-                    problems.append((("methods", m_i), f"{m.name} does not fit {where}: {msg}"))
-    return problems
+                    misfits[d_i, p_i, m_i] = (("methods", m_i), f"{m.name} does not fit {where}: {msg}")
+    return problems, misfits
 
 
 def _instantiate(ref: PluginRef) -> Any:

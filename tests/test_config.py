@@ -324,12 +324,43 @@ methods: [kd, fsp]
 """,
     )
     r = kdbench_cli("run", str(f), "--dry-run")
-    assert r.returncode == 2, r.stderr
+    assert r.returncode == 1, r.stderr  # like a run that would have failed cells
     err = " ".join(r.stderr.split())  # undo the console's line wrapping
+    assert "1 cell(s) cannot run" in err
     assert f"{f}:7: methods[1]: fsp does not fit smallcnn(width=4) student, smallcnn(width=8) teacher" in err
     assert "same number of stages with equal channels" in err
     assert err.count("fsp does not fit") == 1  # the equal-width pair fits
+    assert r.stdout.count("incompatible") == 1 and r.stdout.count("to run") == 3
     assert not out.exists()
+
+
+def test_incompatible_cells_fail_at_once_without_training_a_teacher(tmp_path: Path):
+    from kdbench.runner import execute
+    from kdbench.store import Store
+
+    f = write_grid(
+        tmp_path / "g.yaml",
+        f"""\
+name: fsp
+output: {tmp_path / "runs"}
+datasets: [{{digits: {{limit: 200}}}}]
+pairs:
+  - {{teacher: {{smallcnn: {{width: 8}}}}, student: {{smallcnn: {{width: 4}}}}}}
+methods: [fsp]
+seeds: [0, 1]
+""",
+    )
+    p = plan(load_grid(f))
+    assert len(p.incompatible) == 2 and all(
+        ":6: methods[0]: fsp does not fit" in m for m in p.incompatible.values()
+    )
+    counts = execute(p)
+    assert counts["failed"] == 2 and counts["done"] == 0
+    store = Store(p.run_dir / "results.sqlite")
+    rows = store.cells()
+    store.close()
+    assert {r["status"] for r in rows} == {"failed"} and all("ConfigError" in r["error"] for r in rows)
+    assert not list((p.run_dir / "teachers").glob("*.pt"))  # no teacher was trained for nothing
 
 
 def _preset_grid(tmp_path: Path, methods: str, preset: str = "mdistiller") -> Path:
