@@ -254,3 +254,17 @@ def test_a_shipped_val_split_is_used_instead_of_a_hold_out(tmp_path):
     assert len(data.train) == 6 and len(data.val) == 2 and len(data.test) == 4
     assert data.val.data.root.endswith("val")
     assert len(cell_data(ref, 4, 8).train) == 6 and cell_data(ref, 4, 8).val is None
+
+
+def test_train_sampler_group_balanced_feeds_balanced_batches():
+    def groups_seen(sampler: str) -> torch.Tensor:
+        setup = _setup(None, cfg={"sampler": sampler, "epochs": 4})
+        ds, meta = _data(240)
+        setup.train_data = Batches(ds, 16, meta=meta)
+        train(setup)
+        return torch.bincount(torch.cat([r["meta"]["group"] for r in setup.distiller.seen]), minlength=8)
+
+    plain, balanced = groups_seen("shuffle"), groups_seen("group_balanced")
+    present = plain > 0
+    ratio = lambda c: float(c[present].max() / c[present].min())  # noqa: E731
+    assert ratio(plain) >= 1.9 and ratio(balanced) < 1.5
