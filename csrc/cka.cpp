@@ -21,7 +21,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
+#include <string>
 #include <vector>
 
 #include "gram_cpu.h"
@@ -48,6 +50,15 @@ void centre_(at::Tensor& g, bool unbiased) {
   g.diagonal().zero_();
 }
 
+// Whether x takes the CPU-specific code (AVX2 Grams, plain-loop packing, layers in
+// parallel). KDBENCH_CKA_GENERIC=1 sends CPU tensors through the device-generic ATen code
+// that CUDA runs, so that the tests check it on machines without a GPU.
+bool cpu_path(const at::Tensor& x) {
+  static const bool generic = std::getenv("KDBENCH_CKA_GENERIC") != nullptr &&
+                              std::string(std::getenv("KDBENCH_CKA_GENERIC")) == "1";
+  return x.device().is_cpu() && !generic;
+}
+
 bool use_avx2_gram(const at::Tensor& x) {
   static const bool cpu_ok = kGramAvx2Built && [] {
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
@@ -56,7 +67,7 @@ bool use_avx2_gram(const at::Tensor& x) {
     return false;
 #endif
   }();
-  return cpu_ok && x.device().is_cpu() && x.scalar_type() == at::kFloat;
+  return cpu_ok && cpu_path(x) && x.scalar_type() == at::kFloat;
 }
 
 // Writes the upper triangle (i <= j) of the centred Gram of one layer into g ([n, n]
@@ -71,7 +82,7 @@ void centred_gram_upper(const at::Tensor& act, at::Tensor g, std::vector<float>&
     return;
   }
   const at::Tensor xc = x - x.mean(0);
-  if (!x.device().is_cpu()) {
+  if (!cpu_path(x)) {
     at::mm_out(g, xc, xc.t());
     return;
   }
@@ -128,7 +139,7 @@ at::Tensor packed_grams(at::TensorList acts, bool unbiased, const Triangle& tri)
   const auto L = static_cast<int64_t>(acts.size());
   const at::TensorOptions opts = acts[0].options();
   at::Tensor p;
-  if (acts[0].device().is_cpu()) {
+  if (cpu_path(acts[0])) {
     p = at::empty({L, n * (n + 1) / 2}, opts);
     const double off = unbiased ? 1.0 : std::sqrt(2.0);
     at::parallel_for(0, L, 1, [&](int64_t begin, int64_t end) {
@@ -233,7 +244,7 @@ std::vector<at::Tensor> grams_backward(const at::Tensor& dp, at::TensorList acts
   const int64_t n = acts[0].size(0);
   const auto L = static_cast<int64_t>(acts.size());
   std::vector<at::Tensor> out(acts.size());
-  if (dp.device().is_cpu()) {
+  if (cpu_path(dp)) {
     const at::Tensor v = dp.contiguous();
     at::parallel_for(0, L, 1, [&](int64_t begin, int64_t end) {
       at::Tensor s = at::empty({n, n}, dp.options());

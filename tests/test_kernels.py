@@ -1,16 +1,29 @@
-"""Correctness of the fused KD / DKD / CKA ops, on both backends.
+"""Correctness of the fused KD / DKD / CKA ops, on both backends and every device.
+
+Structured after pytorch/extension-cpp's tests: one ``*_sample_inputs(device,
+requires_grad)`` per op family feeds three checks, each parametrised over the devices
+("cuda" is skipped when no GPU is visible, so the CUDA kernels are checked the first time
+one is present):
+
+- correctness: value and gradients against a float64 run of kdbench.kernels.reference
+  (relative 1e-5);
+- gradients: ``torch.autograd.gradcheck`` (float64);
+- registration: ``torch.library.opcheck`` of the raw ``torch.ops.kdbench`` ops (schema,
+  autograd registration, fake kernels, AOT dispatch).
 
 Every test that takes the ``backend`` fixture runs once on the native extension (skipped,
-with the reason, when it is not built) and once on the pure-PyTorch fallback. Values are
-compared with a float64 run of the reference implementation and, for DKD and CKA, with
-independent eager formulas written out below (mdistiller's ``dkd_loss``; the textbook
-biased HSIC and Song et al.'s unbiased HSIC). Performance lives in benchmarks/, not here.
+with the reason, when it is not built or has no kernel for the device) and once on the
+pure-PyTorch fallback. The detailed tests below the sample-input tests compare with
+independent eager formulas (mdistiller's ``dkd_loss``; the textbook biased HSIC and Song et
+al.'s unbiased HSIC) over large shapes and edge cases. Performance lives in benchmarks/.
 """
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from dataclasses import dataclass, field
 
 import pytest
 import torch
@@ -23,6 +36,9 @@ BATCHES = [1, 7, 64, 1024]
 CLASSES = [1, 2, 10, 100, 1000, 32000]
 # The full grid minus the combinations too big for a quick float64 reference on 2 cores.
 LOGIT_SHAPES = [(b, c) for b in BATCHES for c in CLASSES if b * c <= 2_100_000]
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device"))]
 
 
 @pytest.fixture(params=["native", "reference"])
@@ -38,12 +54,193 @@ def backend(request, monkeypatch):
     return request.param
 
 
-def _logits(B, C, dtype=torch.float32, scale=3.0, seed=0):
+@pytest.fixture(params=DEVICES)
+def device(request) -> str:
+    """The device the inputs live on (each test also runs on CUDA when a GPU is present)."""
+    return request.param
+
+
+def _require_kernel(backend: str, device: str) -> None:
+    """On the native backend, the extension must have a kernel for the device."""
+    if backend == "native" and not ops.has_kernel(device):
+        pytest.skip(f"kdbench._C was built without {device} kernels (needs nvcc at build time)")
+
+
+def _logits(B, C, dtype=torch.float32, scale=3.0, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     s = (torch.randn(B, C, generator=g, dtype=torch.float64) * scale).to(dtype)
     t = (torch.randn(B, C, generator=g, dtype=torch.float64) * scale).to(dtype)
     y = torch.randint(0, C, (B,), generator=g)
-    return s, t, y
+    return s.to(device), t.to(device), y.to(device)
+
+
+# --- sample inputs, one family per op (extension-cpp style) ----------------------------------
+
+
+@dataclass
+class Sample:
+    """Arguments of one call of a kdbench.kernels function."""
+
+    args: tuple
+    kwargs: dict = field(default_factory=dict)
+
+    def tensors(self) -> list[torch.Tensor]:
+        out: list[torch.Tensor] = []
+        for a in self.args:
+            if isinstance(a, torch.Tensor):
+                out.append(a)
+            elif isinstance(a, (list, tuple)):
+                out.extend(x for x in a if isinstance(x, torch.Tensor))
+        return out
+
+
+def kd_sample_inputs(device: str, requires_grad: bool = False) -> list[Sample]:
+    """(student, teacher, T) for kd_loss: shapes from 1 x 1 up, float64, T in {1, 2, 4}."""
+    samples = []
+    for i, (B, C, T) in enumerate([(1, 1, 4.0), (3, 2, 2.0), (4, 7, 1.0), (7, 10, 4.0), (16, 100, 2.0)]):
+        s, t, _ = _logits(B, C, torch.float64, scale=1.0 + i, seed=i, device=device)
+        # the teacher gets a gradient too in every other sample (teacher-training methods)
+        samples.append(
+            Sample((s.requires_grad_(requires_grad), t.requires_grad_(requires_grad and i % 2 == 0), T))
+        )
+    return samples
+
+
+def dkd_sample_inputs(device: str, requires_grad: bool = False) -> list[Sample]:
+    """(student, teacher, target, alpha, beta, T) for dkd_loss, C = 1 and 2 included."""
+    samples = []
+    cases = [(1, 1, 1.0, 8.0, 4.0), (3, 2, 1.5, 4.0, 2.0), (4, 7, 1.0, 8.0, 4.0), (16, 10, 0.5, 2.0, 1.0)]
+    for i, (B, C, alpha, beta, T) in enumerate(cases):
+        s, t, y = _logits(B, C, torch.float64, scale=1.0 + i, seed=10 + i, device=device)
+        s.requires_grad_(requires_grad)
+        t.requires_grad_(requires_grad and i % 2 == 1)
+        samples.append(Sample((s, t, y, alpha, beta, T)))
+    return samples
+
+
+def cka_sample_inputs(device: str, requires_grad: bool = False) -> list[Sample]:
+    """(xs, ys, unbiased) for cka_matrix: several layers, [n, ...] activations of any rank."""
+    samples = []
+    for i, (n, x_shapes, y_shapes) in enumerate(
+        [(6, [(3, 2), (4,)], [(5,)]), (9, [(7,)], [(2, 3), (4,), (1,)]), (5, [(1,)], [(1,)])]
+    ):
+        g = torch.Generator().manual_seed(20 + i)
+        xs = [torch.randn(n, *sh, generator=g, dtype=torch.float64).to(device) for sh in x_shapes]
+        ys = [torch.randn(n, *sh, generator=g, dtype=torch.float64).to(device) for sh in y_shapes]
+        # correlate a y with the first x so that the CKA values are not all near zero
+        ys[0] = ys[0] + xs[0].flatten(1)[:, :1].reshape(n, *([1] * (ys[0].dim() - 1)))
+        for x in xs:
+            x.requires_grad_(requires_grad)
+        for j, y in enumerate(ys):
+            y.requires_grad_(requires_grad and j % 2 == 0)
+        for unbiased in (False, True):
+            samples.append(Sample((xs, ys, unbiased)))
+    return samples
+
+
+FAMILIES = {
+    "kd": (kd_sample_inputs, K.kd_loss, reference.kd_loss),
+    "dkd": (dkd_sample_inputs, K.dkd_loss, reference.dkd_loss),
+    "cka": (cka_sample_inputs, K.cka_matrix, reference.cka_matrix),
+}
+
+
+def _to_cpu64(a):
+    if isinstance(a, torch.Tensor):
+        out = a.detach().cpu()
+        return out.double().requires_grad_(a.requires_grad) if out.is_floating_point() else out
+    if isinstance(a, (list, tuple)):
+        return [_to_cpu64(x) for x in a]
+    return a
+
+
+def _value_and_grads(fn, sample: Sample):
+    """fn(*args) and the gradients of a fixed random projection of it w.r.t. every input
+    that requires grad."""
+    out = fn(*sample.args, **sample.kwargs)
+    leaves = [x for x in sample.tensors() if x.requires_grad]
+    if not leaves:
+        return out.detach(), []
+    w = torch.linspace(0.5, 1.5, out.numel(), dtype=out.dtype, device=out.device).view(out.shape)
+    grads = torch.autograd.grad((out * w).sum(), leaves)
+    return out.detach(), [g.detach() for g in grads]
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_sample_inputs_correctness(backend, device, family, requires_grad):
+    """Value and gradients match the float64 reference on the CPU (relative 1e-5)."""
+    _require_kernel(backend, device)
+    make, fn, ref_fn = FAMILIES[family]
+    for sample in make(device, requires_grad=requires_grad):
+        got, got_grads = _value_and_grads(fn, sample)
+        assert got.device.type == device
+        ref = Sample(tuple(_to_cpu64(a) for a in sample.args), sample.kwargs)
+        want, want_grads = _value_and_grads(ref_fn, ref)
+        scale = max(1.0, want.abs().max().item())
+        torch.testing.assert_close(got.cpu().double(), want, rtol=1e-5, atol=1e-7 * scale)
+        assert len(got_grads) == len(want_grads) == sum(x.requires_grad for x in sample.tensors())
+        for a, b in zip(got_grads, want_grads, strict=True):
+            gscale = max(1.0, b.abs().max().item())
+            torch.testing.assert_close(a.cpu().double(), b, rtol=1e-5, atol=1e-7 * gscale)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_sample_inputs_gradcheck(backend, device, family):
+    _require_kernel(backend, device)
+    make, fn, _ = FAMILIES[family]
+    for sample in make(device, requires_grad=True):
+        leaves = [x for x in sample.tensors() if x.requires_grad]
+
+        def call(*tensors, sample=sample):
+            it = iter(tensors)
+
+            def swap(a):
+                if isinstance(a, torch.Tensor):
+                    return next(it) if a.requires_grad else a
+                if isinstance(a, (list, tuple)):
+                    return [swap(x) for x in a]
+                return a
+
+            return fn(*[swap(a) for a in sample.args], **sample.kwargs)
+
+        assert torch.autograd.gradcheck(call, tuple(leaves))
+
+
+def _raw_op_calls(family: str, sample: Sample) -> list[tuple]:
+    """(op overload, args) of the torch.ops.kdbench calls a sample makes."""
+    op = torch.ops.kdbench
+    if family == "kd":
+        s, t, T = sample.args
+        return [(op.kd_loss_fwd.default, (s, t, float(T), t.requires_grad))]
+    if family == "dkd":
+        s, t, y, alpha, beta, T = sample.args
+        return [(op.dkd_loss_fwd.default, (s, t, y, alpha, beta, T, t.requires_grad))]
+    xs, ys, unbiased = sample.args
+    fwd = op.cka_matrix_fwd.default
+    with torch.no_grad():
+        cka, kx, ky, nx, ny = fwd(xs, ys, unbiased)
+    detached = ([x.detach() for x in xs], [y.detach() for y in ys])
+    grad = torch.linspace(-1.0, 1.0, cka.numel(), dtype=cka.dtype, device=cka.device).view(cka.shape)
+    bwd_args = (grad, *detached, kx, ky, cka, nx, ny, unbiased, True, True)
+    return [(fwd, (xs, ys, unbiased)), (op.cka_matrix_bwd.default, bwd_args)]
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_sample_inputs_opcheck(device, family):
+    """Schemas, autograd registrations, fake kernels and AOT dispatch of the native ops."""
+    if not ops.AVAILABLE:
+        pytest.skip("native extension kdbench._C is not built (pip install -e . builds it)")
+    _require_kernel("native", device)
+    make = FAMILIES[family][0]
+    samples = make(device, requires_grad=True) + make(device, requires_grad=False)
+    for sample in samples:
+        for overload, args in _raw_op_calls(family, sample):
+            torch.library.opcheck(overload, args)
+    s, _, _ = _logits(4, 7, torch.float64, device=device)
+    torch.library.opcheck(
+        torch.ops.kdbench.scale_grad.default, (s, torch.tensor(0.5, dtype=s.dtype, device=device))
+    )
 
 
 def _loss_and_grads(fn, s, t, *args, teacher_grad=False):
@@ -55,9 +252,14 @@ def _loss_and_grads(fn, s, t, *args, teacher_grad=False):
 
 
 def _assert_matches_float64(fn, ref_fn, s, t, *args, grad_scale, teacher_grad=False, slack=1.0):
-    """fn on (s, t) vs ref_fn on float64 copies: loss and gradients (tolerances * slack)."""
+    """fn on (s, t) vs ref_fn on float64 CPU copies: loss and gradients (tolerances * slack)."""
     loss, gs, gt = _loss_and_grads(fn, s, t, *args, teacher_grad=teacher_grad)
-    loss64, gs64, gt64 = _loss_and_grads(ref_fn, s.double(), t.double(), *args, teacher_grad=teacher_grad)
+    assert loss.device == s.device and gs.device == s.device
+    loss, gs, gt = loss.cpu(), gs.cpu(), (gt.cpu() if teacher_grad else None)
+    cpu_args = [a.cpu() if isinstance(a, torch.Tensor) else a for a in args]
+    loss64, gs64, gt64 = _loss_and_grads(
+        ref_fn, s.double().cpu(), t.double().cpu(), *cpu_args, teacher_grad=teacher_grad
+    )
     exact = s.dtype == torch.float64
     rtol, atol = (1e-9, 1e-12) if exact else (2e-5, 2e-5)
     assert torch.isfinite(loss)
@@ -74,29 +276,34 @@ def _assert_matches_float64(fn, ref_fn, s, t, *args, grad_scale, teacher_grad=Fa
 
 
 @pytest.mark.parametrize("B,C", LOGIT_SHAPES)
-def test_kd_matches_float64_reference(backend, B, C):
-    s, t, _ = _logits(B, C)
+def test_kd_matches_float64_reference(backend, device, B, C):
+    _require_kernel(backend, device)
+    s, t, _ = _logits(B, C, device=device)
     _assert_matches_float64(K.kd_loss, reference.kd_loss, s, t, 4.0, grad_scale=4.0 / B)
 
 
 @pytest.mark.parametrize("B,C", [(7, 10), (64, 1000), (1, 32000)])
-def test_kd_float64_and_teacher_grad(backend, B, C):
-    s, t, _ = _logits(B, C, torch.float64)
+def test_kd_float64_and_teacher_grad(backend, device, B, C):
+    _require_kernel(backend, device)
+    s, t, _ = _logits(B, C, torch.float64, device=device)
     _assert_matches_float64(K.kd_loss, reference.kd_loss, s, t, 2.0, grad_scale=2.0 / B, teacher_grad=True)
 
 
 @pytest.mark.parametrize("B,C", [(7, 10), (64, 1000), (7, 32000)])
-def test_kd_large_magnitude_logits(backend, B, C):
+def test_kd_large_magnitude_logits(backend, device, B, C):
     """Logits of ±1e4 overflow a naive softmax; the loss must stay finite and exact."""
-    s, t, _ = _logits(B, C)
+    _require_kernel(backend, device)
+    s, t, _ = _logits(B, C, device=device)
     s, t = (s / 3).clamp(-1, 1) * 1e4, (t / 3).clamp(-1, 1) * 1e4
     _assert_matches_float64(K.kd_loss, reference.kd_loss, s, t, 4.0, grad_scale=4.0 / B, teacher_grad=True)
 
 
-def test_kd_big_batch_many_classes(backend):
+def test_kd_big_batch_many_classes(backend, device):
     """B = 1024, C = 32000 in float32, against a float64 reference on a slice of rows."""
+    _require_kernel(backend, device)
     s, t, _ = _logits(1024, 32000)
-    loss, gs, _ = _loss_and_grads(K.kd_loss, s, t, 4.0)
+    loss, gs, _ = _loss_and_grads(K.kd_loss, s.to(device), t.to(device), 4.0)
+    loss, gs = loss.cpu(), gs.cpu()
     rows = slice(0, 64)
     loss64, gs64, _ = _loss_and_grads(reference.kd_loss, s[rows].double(), t[rows].double(), 4.0)
     # the loss is a batch mean and the gradient carries 1/B: rescale the slice's to 1024 rows
@@ -136,8 +343,9 @@ def mdistiller_dkd_loss(logits_student, logits_teacher, target, alpha, beta, tem
 
 
 @pytest.mark.parametrize("alpha,beta,T", [(1.0, 8.0, 4.0), (0.5, 2.0, 1.0), (1.0, 0.0, 2.0)])
-def test_dkd_matches_mdistiller(backend, alpha, beta, T):
-    s, t, y = _logits(16, 10, torch.float64, scale=2.0, seed=3)
+def test_dkd_matches_mdistiller(backend, device, alpha, beta, T):
+    _require_kernel(backend, device)
+    s, t, y = _logits(16, 10, torch.float64, scale=2.0, seed=3, device=device)
     want_s = s.clone().requires_grad_(True)
     want = mdistiller_dkd_loss(want_s, t, y, alpha, beta, T)
     want.backward()
@@ -148,23 +356,26 @@ def test_dkd_matches_mdistiller(backend, alpha, beta, T):
     torch.testing.assert_close(got_s.grad, want_s.grad, rtol=1e-8, atol=1e-12)
 
 
-def test_dkd_golden_value(backend):
-    s = torch.tensor([[2.0, 1.0, 0.1], [0.5, 2.5, -1.0]], dtype=torch.float64)
-    t = torch.tensor([[3.0, 0.5, 0.2], [0.1, 1.5, 0.3]], dtype=torch.float64)
-    y = torch.tensor([0, 2])
+def test_dkd_golden_value(backend, device):
+    _require_kernel(backend, device)
+    s = torch.tensor([[2.0, 1.0, 0.1], [0.5, 2.5, -1.0]], dtype=torch.float64, device=device)
+    t = torch.tensor([[3.0, 0.5, 0.2], [0.1, 1.5, 0.3]], dtype=torch.float64, device=device)
+    y = torch.tensor([0, 2], device=device)
     want = mdistiller_dkd_loss(s, t, y, 1.0, 8.0, 4.0)
     torch.testing.assert_close(K.dkd_loss(s, t, y, 1.0, 8.0, 4.0), want, rtol=1e-12, atol=1e-14)
 
 
 @pytest.mark.parametrize("B,C", LOGIT_SHAPES)
-def test_dkd_matches_float64_reference(backend, B, C):
-    s, t, y = _logits(B, C)
+def test_dkd_matches_float64_reference(backend, device, B, C):
+    _require_kernel(backend, device)
+    s, t, y = _logits(B, C, device=device)
     _assert_matches_float64(K.dkd_loss, reference.dkd_loss, s, t, y, 1.0, 8.0, 4.0, grad_scale=9 * 4.0 / B)
 
 
 @pytest.mark.parametrize("B,C", [(7, 10), (64, 1000), (7, 32000), (5, 1), (5, 2)])
-def test_dkd_large_magnitude_and_teacher_grad(backend, B, C):
-    s, t, y = _logits(B, C)
+def test_dkd_large_magnitude_and_teacher_grad(backend, device, B, C):
+    _require_kernel(backend, device)
+    s, t, y = _logits(B, C, device=device)
     s, t = (s / 3).clamp(-1, 1) * 1e4, (t / 3).clamp(-1, 1) * 1e4
     # The float32 fallback works with log-probabilities of magnitude ~1e3 here, so its
     # gradients carry ~1e-4 relative rounding error; the native kernel stays at ~1e-6.
@@ -181,7 +392,7 @@ def test_dkd_large_magnitude_and_teacher_grad(backend, B, C):
         teacher_grad=True,
         slack=1.0 if backend == "native" else 100.0,
     )
-    s, t, y = _logits(B, C, torch.float64)
+    s, t, y = _logits(B, C, torch.float64, device=device)
     _assert_matches_float64(
         K.dkd_loss, reference.dkd_loss, s, t, y, 2.0, 3.0, 1.5, grad_scale=5 * 1.5 / B, teacher_grad=True
     )
@@ -191,8 +402,9 @@ def test_dkd_large_magnitude_and_teacher_grad(backend, B, C):
 
 
 @pytest.mark.parametrize("B,C", [(1, 1), (3, 2), (4, 7)])
-def test_gradcheck_losses(backend, B, C):
-    s, t, y = _logits(B, C, torch.float64, scale=1.0)
+def test_gradcheck_losses(backend, device, B, C):
+    _require_kernel(backend, device)
+    s, t, y = _logits(B, C, torch.float64, scale=1.0, device=device)
     s.requires_grad_(True)
     t.requires_grad_(True)
     assert torch.autograd.gradcheck(lambda a, b: K.kd_loss(a, b, 2.0), (s, t))
@@ -200,13 +412,14 @@ def test_gradcheck_losses(backend, B, C):
 
 
 @pytest.mark.parametrize("unbiased", [False, True])
-def test_gradcheck_cka(backend, unbiased):
+def test_gradcheck_cka(backend, device, unbiased):
+    _require_kernel(backend, device)
     g = torch.Generator().manual_seed(1)
     xs = [
-        torch.randn(6, 3, 2, generator=g, dtype=torch.float64).requires_grad_(True),
-        torch.randn(6, 4, generator=g, dtype=torch.float64).requires_grad_(True),
+        torch.randn(6, 3, 2, generator=g, dtype=torch.float64).to(device).requires_grad_(True),
+        torch.randn(6, 4, generator=g, dtype=torch.float64).to(device).requires_grad_(True),
     ]
-    ys = [torch.randn(6, 5, generator=g, dtype=torch.float64).requires_grad_(True)]
+    ys = [torch.randn(6, 5, generator=g, dtype=torch.float64).to(device).requires_grad_(True)]
     assert torch.autograd.gradcheck(lambda *z: K.cka_matrix(z[:2], z[2:], unbiased), (*xs, *ys))
     frozen = [y.detach() for y in ys]
     assert torch.autograd.gradcheck(lambda *z: K.cka_matrix(z, frozen, unbiased), tuple(xs))
@@ -250,31 +463,38 @@ CKA_SHAPES = [  # (n, L_x, L_y, d)
 
 @pytest.mark.parametrize("n,lx,ly,d", CKA_SHAPES)
 @pytest.mark.parametrize("unbiased", [False, True])
-def test_cka_matches_independent_formula(backend, n, lx, ly, d, unbiased):
+def test_cka_matches_independent_formula(backend, device, n, lx, ly, d, unbiased):
+    _require_kernel(backend, device)
     g = torch.Generator().manual_seed(n + d)
     xs = [torch.randn(n, d + i, generator=g) for i in range(lx)]
     # correlated ys so that the CKA values are not all near zero
     ys = [torch.cat([xs[0][:, : min(d, 3)] * (j + 1), torch.randn(n, d, generator=g)], 1) for j in range(ly)]
-    got = K.cka_matrix(xs, ys, unbiased=unbiased)
-    assert got.shape == (lx, ly) and got.dtype == torch.float32
     want = torch.stack([torch.stack([independent_cka(x, y, unbiased) for y in ys]) for x in xs])
-    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=2e-5)
+    xs, ys = [x.to(device) for x in xs], [y.to(device) for y in ys]
+    got = K.cka_matrix(xs, ys, unbiased=unbiased)
+    assert got.shape == (lx, ly) and got.dtype == torch.float32 and got.device.type == device
+    torch.testing.assert_close(got.cpu().double(), want, rtol=1e-4, atol=2e-5)
     got64 = K.cka_matrix([x.double() for x in xs], [y.double() for y in ys], unbiased=unbiased)
-    torch.testing.assert_close(got64, want, rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(got64.cpu(), want, rtol=1e-9, atol=1e-11)
 
 
-def test_cka_self_similarity_is_one_and_grads_match(backend):
+def test_cka_self_similarity_is_one_and_grads_match(backend, device):
+    _require_kernel(backend, device)
     g = torch.Generator().manual_seed(0)
-    xs = [torch.randn(32, 8, 4, generator=g, dtype=torch.float64).requires_grad_(True) for _ in range(3)]
+    xs = [
+        torch.randn(32, 8, 4, generator=g, dtype=torch.float64).to(device).requires_grad_(True)
+        for _ in range(3)
+    ]
+    w = torch.arange(9.0, dtype=torch.float64, device=device).view(3, 3)
     for unbiased in (False, True):
         m = K.cka_matrix(xs, xs, unbiased=unbiased)
-        torch.testing.assert_close(torch.diagonal(m), torch.ones(3, dtype=torch.float64))
-        (m * torch.arange(9.0, dtype=torch.float64).view(3, 3)).sum().backward()
+        torch.testing.assert_close(torch.diagonal(m), torch.ones(3, dtype=torch.float64, device=device))
+        (m * w).sum().backward()
         got = [x.grad.clone() for x in xs]
         for x in xs:
             x.grad = None
         r = reference.cka_matrix(xs, xs, unbiased=unbiased)
-        (r * torch.arange(9.0, dtype=torch.float64).view(3, 3)).sum().backward()
+        (r * w).sum().backward()
         for a, x in zip(got, xs, strict=True):
             torch.testing.assert_close(a, x.grad, rtol=1e-9, atol=1e-12)
             x.grad = None
@@ -284,21 +504,59 @@ def test_cka_self_similarity_is_one_and_grads_match(backend):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_low_precision_logits_accumulate_in_float32(backend, dtype):
-    s, t, y = _logits(8, 100, dtype)
+def test_low_precision_logits_accumulate_in_float32(backend, device, dtype):
+    _require_kernel(backend, device)
+    s, t, y = _logits(8, 100, dtype, device=device)
     for fn, args in ((K.kd_loss, (4.0,)), (K.dkd_loss, (y, 1.0, 8.0, 4.0))):
         loss, gs, _ = _loss_and_grads(fn, s, t, *args)
         assert loss.dtype == torch.float32 and gs.dtype == dtype
         want, want_g, _ = _loss_and_grads(fn, s.float(), t.float(), *args)
         torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(gs.float(), want_g, rtol=2e-2, atol=1e-4)
-    xs = [torch.randn(16, 20).to(dtype)]
+    xs = [torch.randn(16, 20).to(device=device, dtype=dtype)]
     assert K.cka_matrix(xs, xs).dtype == torch.float32
 
 
-def test_non_contiguous_inputs(backend):
-    s, t, y = _logits(16, 64)
-    wide = torch.zeros(16, 128)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_low_precision_logits(backend, device, dtype):
+    """Under autocast the fused losses take the bf16 / fp16 logits a model returns (teacher
+    logits in float32 or in the same dtype), accumulate in float32 and return a float32
+    loss. Loss and weight gradient match the float32 run within 1e-2 (relative; bf16 keeps
+    8 significant bits of each logit, measured 1.7e-3 and 4.2e-3)."""
+    _require_kernel(backend, device)
+    g = torch.Generator().manual_seed(0)
+    model = torch.nn.Linear(32, 10).to(device)
+    with torch.no_grad():
+        model.weight.copy_(torch.randn(10, 32, generator=g) * 0.3)
+    x = torch.randn(16, 32, generator=g).to(device)
+    t = (torch.randn(16, 10, generator=g) * 3).to(device)
+    y = torch.randint(0, 10, (16,), generator=g).to(device)
+
+    def run(autocast: bool):
+        model.zero_grad()
+        with torch.autocast(device, dtype=dtype, enabled=autocast):
+            s = model(x)
+            assert s.dtype == (dtype if autocast else torch.float32)
+            losses = [
+                K.kd_loss(s, t),
+                K.dkd_loss(s, t, y),
+                K.kd_loss(s, t.to(s.dtype)),
+                K.dkd_loss(s, t.to(s.dtype), y, 1.0, 2.0, 4.0),
+            ]
+        assert all(loss.dtype == torch.float32 for loss in losses)
+        sum(losses).backward()
+        return torch.stack([loss.detach() for loss in losses]), model.weight.grad.clone()
+
+    got, got_grad = run(True)
+    want, want_grad = run(False)
+    torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2 * want.abs().max().item())
+    torch.testing.assert_close(got_grad, want_grad, rtol=0, atol=1e-2 * want_grad.abs().max().item())
+
+
+def test_non_contiguous_inputs(backend, device):
+    _require_kernel(backend, device)
+    s, t, y = _logits(16, 64, device=device)
+    wide = torch.zeros(16, 128, device=device)
     wide[:, ::2] = s
     s_nc, t_nc = wide[:, ::2], t.T.contiguous().T
     assert not s_nc.is_contiguous() and not t_nc.is_contiguous()
@@ -307,19 +565,21 @@ def test_non_contiguous_inputs(backend):
         got = _loss_and_grads(fn, s_nc, t_nc, *args)
         torch.testing.assert_close(got[0], want[0])
         torch.testing.assert_close(got[1], want[1])
-    x = torch.randn(10, 6, 5)
+    x = torch.randn(10, 6, 5, device=device)
     want_cka = K.cka_matrix([x.transpose(1, 2).contiguous()], [x])
     torch.testing.assert_close(K.cka_matrix([x.transpose(1, 2)], [x]), want_cka)
 
 
-def test_mixed_dtypes_are_promoted(backend):
-    s, t, _ = _logits(4, 10)
+def test_mixed_dtypes_are_promoted(backend, device):
+    _require_kernel(backend, device)
+    s, t, _ = _logits(4, 10, device=device)
     assert K.kd_loss(s, t.double()).dtype == torch.float64
     assert K.cka_matrix([s], [t.double()]).dtype == torch.float64
 
 
-def test_bad_inputs_raise_clear_errors(backend):
-    s, t, y = _logits(4, 10)
+def test_bad_inputs_raise_clear_errors(backend, device):
+    _require_kernel(backend, device)
+    s, t, y = _logits(4, 10, device=device)
     with pytest.raises(KernelInputError, match="same shape"):
         K.kd_loss(s, t[:, :5])
     with pytest.raises(KernelInputError, match=r"\[B, C\]"):
@@ -335,7 +595,9 @@ def test_bad_inputs_raise_clear_errors(backend):
     with pytest.raises(KernelInputError, match="integer"):
         K.dkd_loss(s, t, y.float())
     with pytest.raises((KernelInputError, RuntimeError), match="class"):
-        K.dkd_loss(s, t, torch.tensor([0, 1, 2, 10]))
+        K.dkd_loss(s, t, torch.tensor([0, 1, 2, 10], device=device))
+        if device == "cuda":
+            torch.cuda.synchronize()
     with pytest.raises(KernelInputError, match="at least 4"):
         K.cka_matrix([s[:3]], [t[:3]], unbiased=True)
     with pytest.raises(KernelInputError, match="same number of samples"):
@@ -344,12 +606,13 @@ def test_bad_inputs_raise_clear_errors(backend):
         K.cka_matrix([], [t])
 
 
-def test_tiny_inputs(backend):
+def test_tiny_inputs(backend, device):
     """B = 1, C = 1 and n < 4 (biased) give well-defined values, not NaN."""
-    s, t, y = _logits(1, 1)
+    _require_kernel(backend, device)
+    s, t, y = _logits(1, 1, device=device)
     assert K.kd_loss(s, t).item() == pytest.approx(0.0, abs=1e-7)
     assert K.dkd_loss(s, t, y).item() == pytest.approx(0.0, abs=1e-7)
-    x = torch.randn(3, 5)
+    x = torch.randn(3, 5, device=device)
     assert torch.isfinite(K.cka_matrix([x], [x])).all()
     assert torch.isfinite(K.cka_matrix([x[:1]], [x[:1]])).all()
 
@@ -357,14 +620,14 @@ def test_tiny_inputs(backend):
 # --- torch.compile and the fallback ----------------------------------------------------------
 
 
-def _compiled_step(backend_name):
-    y = torch.tensor([1, 0, 3, 2])
+def _compiled_step(backend_name, device="cpu"):
+    y = torch.tensor([1, 0, 3, 2], device=device)
 
     def f(a, b, x):
         return K.kd_loss(a, b, 4.0) + K.dkd_loss(a, b, y, 1.0, 8.0, 4.0) + K.cka_matrix([x], [a, b]).sum()
 
-    s, t, _ = _logits(4, 6)
-    x = torch.randn(4, 3, 2)
+    s, t, _ = _logits(4, 6, device=device)
+    x = torch.randn(4, 3, 2, device=device)
     cf = torch.compile(f, fullgraph=True, backend=backend_name)
     ins = [s.clone().requires_grad_(True), t, x.clone().requires_grad_(True)]
     out = cf(*ins)
@@ -377,16 +640,51 @@ def _compiled_step(backend_name):
     torch.testing.assert_close(ins[2].grad, ref_ins[2].grad)
 
 
-def test_torch_compile_fullgraph_aot(backend):
+def test_torch_compile_fullgraph_aot(backend, device):
     """fake kernels + autograd registrations trace without graph breaks (AOTAutograd)."""
+    _require_kernel(backend, device)
     torch._dynamo.reset()
-    _compiled_step("aot_eager")
+    _compiled_step("aot_eager", device)
 
 
 @pytest.mark.slow
-def test_torch_compile_fullgraph_inductor(backend):
+def test_torch_compile_fullgraph_inductor(backend, device):
+    _require_kernel(backend, device)
     torch._dynamo.reset()
-    _compiled_step("inductor")
+    _compiled_step("inductor", device)
+
+
+def test_cka_device_generic_path_on_cpu():
+    """The device-generic CKA code (what CUDA runs: full Gram GEMMs, scatter-based packing)
+    matches the reference on CPU too (KDBENCH_CKA_GENERIC=1 selects it; read once per
+    process, hence the subprocess)."""
+    if not ops.AVAILABLE:
+        pytest.skip("native extension kdbench._C is not built (pip install -e . builds it)")
+    code = (
+        "import torch, kdbench.kernels as K\n"
+        "from kdbench.kernels import reference\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "for dtype, tol in ((torch.float64, 1e-9), (torch.float32, 1e-4)):\n"
+        "    for unbiased in (False, True):\n"
+        "        xs = [torch.randn(9, 3, 2, generator=g, dtype=dtype) + 2]\n"
+        "        xs.append(torch.randn(9, 5, generator=g, dtype=dtype))\n"
+        "        ys = [torch.randn(9, 4, generator=g, dtype=dtype)]\n"
+        "        xs = [x.requires_grad_(True) for x in xs]\n"
+        "        ys = [y.requires_grad_(True) for y in ys]\n"
+        "        w = torch.tensor([[0.7], [-1.3]], dtype=dtype)\n"
+        "        got = K.cka_matrix(xs, ys, unbiased)\n"
+        "        gg = torch.autograd.grad((got * w).sum(), xs + ys)\n"
+        "        want = reference.cka_matrix(xs, ys, unbiased)\n"
+        "        wg = torch.autograd.grad((want * w).sum(), xs + ys)\n"
+        "        torch.testing.assert_close(got, want, rtol=tol, atol=tol)\n"
+        "        for a, b in zip(gg, wg):\n"
+        "            torch.testing.assert_close(a, b, rtol=tol, atol=tol)\n"
+        "print('generic ok')\n"
+    )
+    env = {**os.environ, "KDBENCH_CKA_GENERIC": "1"}
+    env.pop("KDBENCH_KERNELS", None)
+    out = subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True, text=True)
+    assert "generic ok" in out.stdout
 
 
 def test_import_without_extension_falls_back():
@@ -401,9 +699,10 @@ def test_import_without_extension_falls_back():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_backward_scaling_and_retained_graph(backend):
+def test_backward_scaling_and_retained_graph(backend, device):
     """The stored gradient is scaled by the incoming gradient and survives retain_graph."""
-    s, t, y = _logits(8, 50)
+    _require_kernel(backend, device)
+    s, t, y = _logits(8, 50, device=device)
     want = _loss_and_grads(lambda a, b: 2.5 * reference.kd_loss(a, b, 4.0), s, t)[1]
     got = _loss_and_grads(lambda a, b: 2.5 * K.kd_loss(a, b, 4.0), s, t)[1]
     torch.testing.assert_close(got, want)
