@@ -72,7 +72,9 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, T: float = 4.0) -> T
     """Hinton KD: ``KL(softmax(t/T) || softmax(s/T)) * T^2``, averaged over the batch.
 
     Differentiable w.r.t. the student logits, and the teacher logits when they require grad.
-    float16 / bfloat16 logits are accumulated in float32 (the loss is float32 then).
+    float16 / bfloat16 logits (e.g. a model's output under ``torch.autocast``; the teacher's
+    may be float32) are accumulated in float32: the loss is float32 then, and the gradients
+    have the dtype of the logits they belong to.
     """
     s, t = _check_logits(student_logits, teacher_logits, T)
     if _use_native(s):
@@ -111,6 +113,10 @@ def cka_matrix(xs: Sequence[Tensor], ys: Sequence[Tensor], unbiased: bool = Fals
     Each activation is ``[n, ...]`` and is flattened per sample. ``unbiased`` selects the
     unbiased minibatch HSIC estimator (Nguyen et al. 2021; needs n >= 4) instead of the
     biased one. Differentiable w.r.t. xs and ys, so it can serve as a training loss.
+    float16 / bfloat16 activations are computed in float32 (the result is float32).
+
+    The native CPU op computes each centred Gram as a symmetric rank-k update (upper
+    triangle only) and runs the layers in parallel over torch's threads; see csrc/cka.cpp.
     """
     xs, ys = list(xs), list(ys)
     if not xs or not ys:
