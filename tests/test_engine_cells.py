@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from kdbench.cells import PluginKey
 from kdbench.config import load_grid
 from kdbench.engine import cell as engine
+from kdbench.errors import ConfigError
 from kdbench.runner import plan
 from tests.conftest import write_grid
 
@@ -75,3 +77,26 @@ def test_default_evaluates_the_final_model_only(tmp_path):
     assert all(not any("/" in k for k in r) for r in _rows(tmp_path / "runs", cell))
     # datasets are loaded once per process
     assert engine.load_dataset(cell.dataset) is engine.load_dataset(cell.dataset)
+
+
+def test_method_views_apply_unless_the_grid_sets_them(tmp_path):
+    from kdbench.methods.base import Distiller
+
+    class Consistent(Distiller):
+        student_view = "strong"
+        teacher_view = "clean"
+
+    cell = _cell(tmp_path, "{batch_size: 500}")  # train.views is {}
+    assert engine._student_view(cell, Distiller) == cell.augment  # no opinion: the grid's
+    with pytest.raises(ConfigError, match="train.views lacks"):
+        engine._student_view(cell, Consistent)
+    strong = cell.model_copy(update={"views": {"strong": PluginKey(name="randaugment", params={"n": 2})}})
+    assert engine._student_view(strong, Consistent).params == {"n": 2}  # the named view
+    assert (
+        engine._teacher_view(cell, Consistent) == "clean"
+        and engine._teacher_view(cell, Distiller) == "student"
+    )
+    grid_set = cell.model_copy(update={"augment": cell.augment.model_copy(update={"name": "flip_crop"})})
+    assert engine._student_view(grid_set, Consistent).name == "flip_crop"
+    Consistent.student_view = "flip_crop"  # an augmenter name works too
+    assert engine._student_view(cell, Consistent) == {"name": "flip_crop", "params": {}}

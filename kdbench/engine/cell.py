@@ -427,6 +427,21 @@ def _teacher_view(cell: Cell, method_cls: type[Distiller]) -> Any:
     return method_cls.teacher_view or "student"
 
 
+def _student_view(cell: Cell, method_cls: type[Distiller]) -> Any:
+    """The grid's ``train.augment``, or the method's ``student_view`` when the grid left it "none"."""
+    wanted = method_cls.student_view
+    if wanted is None or cell.augment.name != "none":
+        return cell.augment
+    if wanted in cell.views:
+        return cell.views[wanted]
+    if wanted in registry.names("augmenters"):
+        return {"name": wanted, "params": {}}
+    raise ConfigError(
+        f"method {cell.method.name} trains the student on view {wanted!r}, which train.views lacks; "
+        f"add it (train: {{views: {{{wanted}: randaugment}}}}) or set train.augment"
+    )
+
+
 def _dataset_augmenters(cell: Cell, student_aug: Any, data: CellData) -> list[Any]:
     """Dataset-level augmenters: the student's augmenter if it is one, plus ``dataset_augment``."""
     refs = cell.get("dataset_augment") or []
@@ -491,7 +506,7 @@ def _run(
         teacher_reader = new_reader(teacher, tspec, taps.teacher or ("logits",))
 
     views = {name: build_augmenter(_plain(ref), data.train.data).__call__ for name, ref in cell.views.items()}
-    student_aug = build_augmenter(_plain(cell.augment), data.train.data)
+    student_aug = build_augmenter(_plain(_student_view(cell, method_cls)), data.train.data)
     dataset_augs = _dataset_augmenters(cell, student_aug, data)
     sets = data.eval_sets(cell, run_dir / "cache")
     base_ctx = data.context(evc.ece_bins)

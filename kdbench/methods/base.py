@@ -26,6 +26,9 @@ Every other hook, with its default (the engine calls nothing else):
 ``teacher_view``               class var: what the teacher sees, ``"student"`` (the
                                student's augmented batch), ``"clean"`` or an augmenter name;
                                None lets the grid decide (``train.teacher_view``)
+``student_view``               class var: the student's augmentation when the grid leaves
+                               ``train.augment`` at "none": a view name of ``train.views``
+                               (e.g. ``"strong"``) or an augmenter name; None: the grid's
 ``init_epochs``                epochs of an initialisation stage (AB, FT, FSP), 0: none
 ``init_loss(s, t, batch)``     loss terms of that stage
 ``init_parameters(student)``   what that stage optimises (default: student and method)
@@ -118,6 +121,8 @@ class Distiller(nn.Module):
     views: ClassVar[tuple[str, ...]] = ()
     #: the teacher's view: "student", "clean" or an augmenter name; None: the grid decides
     teacher_view: ClassVar[str | None] = None
+    #: the student's view when the grid sets no ``train.augment``: a view name or an augmenter name
+    student_view: ClassVar[str | None] = None
     #: epochs of an initialisation stage run before distillation (AB, FT, FSP)
     init_epochs: int = 0
 
