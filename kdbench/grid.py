@@ -37,7 +37,8 @@ def model_label(ref: PluginRef) -> str:
     return f"{base}({args})" if args else base
 
 
-#: RepDistiller trains these students with lr 0.01 instead of 0.05
+#: RepDistiller and mdistiller (configs/cifar100/*/..._mv2.yaml, ..._shuv1/2.yaml: LR 0.01)
+#: train these students with lr 0.01 instead of 0.05
 REPDISTILLER_LOW_LR = {"mobilenetv2", "shufflev1", "shufflev2"}
 
 
@@ -45,7 +46,7 @@ def student_train(grid: Grid, student: PluginRef) -> dict:
     """The student's training recipe; presets may depend on the student architecture."""
     train = grid.config.train.model_dump(mode="json", exclude={"seed"})
     if (
-        grid.config.train.preset == "repdistiller"
+        grid.config.train.preset in ("repdistiller", "mdistiller")
         and "lr" not in grid.train_given
         and student.name in REPDISTILLER_LOW_LR
     ):

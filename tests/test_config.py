@@ -401,6 +401,9 @@ def test_mdistiller_preset_applies_the_reference_values_per_pair(tmp_path: Path)
     assert by["reviewkd", "resnet20"].weights == {"reviewkd": 5.0}
     assert by["dist", "resnet8x4"].weights == {"dist": 2.0}
     assert by["dist(w.dist=1)", "resnet8x4"].weights == {"dist": 1}
+    # mdistiller's students with their own learning rate (as in RepDistiller)
+    lrs = {c.student.name: c.train.lr for c in cells}
+    assert lrs["mobilenetv2"] == 0.01 and lrs["resnet8x4"] == 0.05
     # without the preset nothing changes: the method's own defaults, no weights in the cell
     plain = expand(load_grid(_preset_grid(tmp_path, "[dkd, reviewkd]", "repdistiller")), [{}], [{}] * 5)
     assert {c.method.params.get("beta", 8.0) for c in plain} == {8.0}
