@@ -126,7 +126,9 @@ class MethodRef(Record):
 class TrainRecipe(Record):
     """How a model is trained (the student's ``train``, the teacher's ``teacher_train``)."""
 
-    OMIT_IF_DEFAULT: ClassVar[frozenset[str]] = frozenset({"teacher_view"})
+    OMIT_IF_DEFAULT: ClassVar[frozenset[str]] = frozenset(
+        {"teacher_view", "precision", "channels_last", "compile", "sampler"}
+    )
 
     preset: Literal["repdistiller", "mdistiller", "quick"] | None = None
     epochs: int = Field(10, ge=0)
@@ -147,6 +149,14 @@ class TrainRecipe(Record):
     checkpoint_every: int = Field(1, ge=0)
     #: what the teacher sees: "student" (the student's batch, the default), "clean", or an augmenter
     teacher_view: Any = "student"
+    #: batch order: "shuffle", or "group_balanced" (every group equally likely; needs group metadata)
+    sampler: Literal["shuffle", "group_balanced"] = "shuffle"
+    #: training arithmetic: fp32, or autocast to bf16 / fp16 (fp16 with a GradScaler)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    #: models (and 4-d inputs) in channels_last memory format
+    channels_last: bool = False
+    #: torch.compile the student and the teacher (in place, ``nn.Module.compile``)
+    compile: bool = False
 
 
 class EvalSpec(Record):

@@ -130,6 +130,8 @@ class Batches:
         self.meta = {k: (v[self.indices] if self.indices is not None else v) for k, v in meta.items()}
         self.extra_x: Tensor | None = None
         self.extra_y: Tensor | None = None
+        #: pinned host batches (DataLoader path) so copies to a GPU overlap (engine/precision.py)
+        self.pin_memory = False
 
     def __len__(self) -> int:
         return self.n_base + (0 if self.extra_y is None else len(self.extra_y))
@@ -219,6 +221,7 @@ class Batches:
             sampler=order.tolist(),
             num_workers=self.workers,
             persistent_workers=False,
+            pin_memory=self.pin_memory,
         )
         for x, y, idx in loader:
             if drop_singletons and len(idx) < 2 and n > 1:

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from kdbench.artifacts import load_checked, load_checkpoint, save_atomic, save_checked
 from kdbench.engine.data import Batches, DatasetAugmentContext, ExtraSamples
+from kdbench.engine.precision import Amp, keep_on_device, prepare_model
 from kdbench.features import FeatureReader, Features
 from kdbench.methods.base import Batch, Distiller
 
@@ -152,6 +153,7 @@ class Trainer:
         self.data_gen = torch.Generator().manual_seed(stage.data_seed)
         self.aug_gen = torch.Generator(device="cpu").manual_seed(setup.seed * 7919 + 17)
         self.sampler = stage.cfg.get("sampler") or "shuffle"
+        self.amp = Amp(stage.cfg, setup.device)  # precision, GradScaler, channels_last inputs
         for h in hooks:
             h.attach(self)
 
@@ -161,6 +163,7 @@ class Trainer:
             "data_gen": self.data_gen.get_state(),
             "aug_gen": self.aug_gen.get_state(),
             "hooks": {h.name: h.state_dict() for h in self.hooks},
+            "amp": self.amp.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -169,6 +172,7 @@ class Trainer:
         self.aug_gen.set_state(state["aug_gen"])
         for h in self.hooks:
             h.load_state_dict(state["hooks"].get(h.name, {}))
+        self.amp.load_state_dict(state.get("amp") or {})
 
     def run(self, start_epoch: int = 0) -> None:
         drain(self.steps(start_epoch))
@@ -215,7 +219,7 @@ class Trainer:
         dev = s.device
         meta = {k: v.to(dev, non_blocking=True) for k, v in s.train_data.meta_at(idx).items()}
         inp = StepInput(
-            x=x.to(dev, non_blocking=True),
+            x=self.amp.input(x.to(dev, non_blocking=True)),
             y=y.to(dev, non_blocking=True),
             index=idx.to(dev),
             meta=meta,
@@ -224,7 +228,8 @@ class Trainer:
             step=step,
             generator=self.aug_gen,
         )
-        terms = self.stage.loss(inp)
+        with self.amp.autocast():
+            terms = self.stage.loss(inp)
         loss = sum(terms.values())
         if not torch.isfinite(loss):
             values = {k: float(v.detach()) for k, v in terms.items()}
@@ -233,8 +238,7 @@ class Trainer:
                 f"(terms {values}); lower the lr or the method's weights"
             )
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
+        self.amp.step(loss, self.opt)
         return {k: float(v.detach()) for k, v in terms.items()}
 
 
@@ -569,6 +573,10 @@ def train(setup: TrainSetup) -> dict[str, Any]:
 
 def train_steps(setup: TrainSetup) -> Generator[StepPos, None, dict[str, Any]]:
     """:func:`train` as a generator: yields ``(stage, epoch, step)`` before each optimiser step."""
+    for m in (setup.student, setup.teacher_reader.model if setup.teacher_reader else None):
+        prepare_model(m, setup.train_cfg)  # channels_last, compile (engine/precision.py)
+    if not setup.dataset_augmenters:
+        keep_on_device(setup.train_data, setup.device)
     ckpt_path = setup.workdir / "checkpoint.pt" if setup.workdir else None
     resume = None
     if ckpt_path is not None:
