@@ -127,7 +127,7 @@ class TrainRecipe(Record):
     """How a model is trained (the student's ``train``, the teacher's ``teacher_train``)."""
 
     OMIT_IF_DEFAULT: ClassVar[frozenset[str]] = frozenset(
-        {"teacher_view", "precision", "channels_last", "compile", "sampler"}
+        {"teacher_view", "precision", "channels_last", "compile", "sampler", "swa"}
     )
 
     preset: Literal["repdistiller", "mdistiller", "quick"] | None = None
@@ -157,6 +157,19 @@ class TrainRecipe(Record):
     channels_last: bool = False
     #: torch.compile the student and the teacher (in place, ``nn.Module.compile``)
     compile: bool = False
+    #: stochastic weight averaging of the train stage (kdbench/robustness/swa.py): true or
+    #: {start: 0.75, lr: null (half the lr), anneal_epochs: 1}, stored with every key; None: off
+    swa: dict[str, Any] | None = None
+
+    @field_validator("swa", mode="before")
+    @classmethod
+    def _check_swa(cls, v: Any) -> Any:
+        from kdbench.robustness.swa import check_swa
+
+        try:
+            return check_swa(v)
+        except KdbenchError as e:
+            raise ValueError(str(e)) from None
 
 
 class EvalSpec(Record):

@@ -116,8 +116,9 @@ def test_swa_resumes_exactly_from_its_state():
 
 
 def test_swa_settings_are_checked():
-    assert check_swa(None) is None and check_swa(False) is None and check_swa(True) == {}
-    assert check_swa({"start": 0.5}) == {"start": 0.5}
+    full = {"start": 0.75, "lr": None, "anneal_epochs": 1}
+    assert check_swa(None) is None and check_swa(False) is None and check_swa(True) == full
+    assert check_swa({"start": 0.5}) == {**full, "start": 0.5}
     with pytest.raises(ConfigError, match="unknown key"):
         check_swa({"begin": 0.5})
     with pytest.raises(ConfigError, match="fraction"):

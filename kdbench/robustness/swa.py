@@ -30,12 +30,16 @@ from kdbench.errors import ConfigError
 BN_SEED = 104729
 
 
+#: the defaults of a ``swa:`` setting
+SWA_DEFAULTS: dict[str, Any] = {"start": 0.75, "lr": None, "anneal_epochs": 1}
+
+
 def check_swa(cfg: Any) -> dict[str, Any] | None:
-    """Normalise a ``swa:`` setting (None/False, True, or a mapping) to keyword arguments."""
+    """A ``swa:`` setting (None/False, True, or a mapping) as SWA's full keyword arguments."""
     if cfg is None or cfg is False:
         return None
     if cfg is True:
-        return {}
+        return dict(SWA_DEFAULTS)
     if not isinstance(cfg, dict):
         raise ConfigError(f"swa: expected true or a mapping {{start, lr, anneal_epochs}}, got {cfg!r}")
     unknown = set(cfg) - {"start", "lr", "anneal_epochs"}
@@ -48,7 +52,7 @@ def check_swa(cfg: Any) -> dict[str, Any] | None:
         raise ConfigError(f"swa.lr must be > 0, got {cfg['lr']}")
     if int(cfg.get("anneal_epochs", 1)) < 0:
         raise ConfigError("swa.anneal_epochs must be >= 0")
-    return dict(cfg)
+    return {**SWA_DEFAULTS, **cfg}
 
 
 class SWA(Hook):
