@@ -105,3 +105,23 @@ def test_randaugment_round_trip_is_exact_in_normalised_space():
     out = RandAugmentView(num_ops=2, magnitude=9, mean=MEAN, std=STD)(x, torch.Generator().manual_seed(1))
     unit = out * torch.tensor(STD).view(1, 3, 1, 1) + torch.tensor(MEAN).view(1, 3, 1, 1)
     assert unit.min() >= -1e-5 and unit.max() <= 1 + 1e-5 and math.isfinite(float(out.sum()))
+
+
+def test_engine_trains_the_student_on_the_view_the_method_names():
+    from types import SimpleNamespace
+
+    from kdbench.engine.cell import _student_view, _teacher_view
+    from kdbench.methods.kd import KD
+
+    strong, plain = {"name": "randaugment", "params": {}}, SimpleNamespace(name="none", params={})
+    cell = SimpleNamespace(
+        views={"strong": strong},
+        augment=plain,
+        method=SimpleNamespace(name="consistency"),
+        train=SimpleNamespace(teacher_view=None),
+    )
+    assert _student_view(cell, Consistency) is strong and _student_view(cell, KD) is plain
+    assert _teacher_view(cell, Consistency) == "clean" and _teacher_view(cell, KD) == "student"
+    cell.views = {}
+    with pytest.raises(ConfigError, match="train.views lacks"):
+        _student_view(cell, Consistency)
