@@ -13,9 +13,11 @@ algorithms follow that script, rewritten on numpy, scipy.ndimage and Pillow
   ``{-δ, ..., δ-1}`` as its ``randint`` does), vectorised over the batch.
 - ``frost``: the reference blends random crops of six frost photographs, which are not
   shipped. :func:`frost_textures` draws five procedural frost textures instead (fixed seeds,
-  nothing downloaded): a plasma-fractal haze plus dendritic ice crystals (straight needles
-  with side branches at ±60°, as hexagonal ice grows), slightly blurred and tinted bluish
-  white. The blend ``a·x + b·frost`` and its constants are the reference's.
+  nothing downloaded, no image files): a plasma-fractal haze plus dendritic ice crystals
+  (needles with side branches at ±60°, as hexagonal ice grows), slightly blurred, scaled to
+  the grey-level mean and spread measured on the reference's photographs and tinted bluish
+  white. The blend ``a·x + b·frost``, its constants and the random crop are the reference's.
+  Frost numbers are therefore close to, not equal to, CIFAR-10-C's.
 - ``fog``: the reference's diamond-square plasma fractal, one map per image.
 
 Images: a batch ``[N, H, W]`` (greyscale) or ``[N, H, W, C]`` with C = 1 or 3, either
