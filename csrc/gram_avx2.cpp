@@ -151,18 +151,19 @@ int64_t gram_upper_avx2_workspace(int64_t n, int64_t d) {
 
 void gram_upper_avx2(const float* x, int64_t n, int64_t d, float* g, float* work) {
   const int64_t panels = (n + kNr - 1) / kNr;
-  // column means, accumulated in double row by row (contiguous, vectorised)
   double* acc = reinterpret_cast<double*>(work);
   float* mean = work + 2 * d;
-  for (int64_t k = 0; k < d; ++k) acc[k] = 0.0;
-  for (int64_t i = 0; i < n; ++i) {
-    const float* row = x + i * d;
-    for (int64_t k = 0; k < d; ++k) acc[k] += row[k];
-  }
-  for (int64_t k = 0; k < d; ++k) mean[k] = static_cast<float>(acc[k] / static_cast<double>(n));
   work += 3 * d;
   for (int64_t k0 = 0; k0 < d; k0 += kKc) {
     const int64_t kc = min64(kKc, d - k0);
+    // this chunk's column means, accumulated in double row by row; the chunk (n x kc) is
+    // then still in cache for the packing, so X is read from memory once
+    for (int64_t k = k0; k < k0 + kc; ++k) acc[k] = 0.0;
+    for (int64_t i = 0; i < n; ++i) {
+      const float* row = x + i * d;
+      for (int64_t k = k0; k < k0 + kc; ++k) acc[k] += row[k];
+    }
+    for (int64_t k = k0; k < k0 + kc; ++k) mean[k] = static_cast<float>(acc[k] / static_cast<double>(n));
     pack_centred(x, d, mean, n, k0, kc, work);
     for (int64_t jb = 0; jb < panels; ++jb) {
       const int64_t c0 = jb * kNr;
