@@ -228,6 +228,10 @@ class PluginRef(BaseModel):
     #: methods: the engine's loss-term weights (``loss_weights:``, or ``weights:`` for a method
     #: without a ``weights`` parameter of its own); not part of ``params``
     loss_weights: dict[str, Any] = Field(default_factory=dict)
+    #: methods: the ``train`` fields this method's cells override (``train:`` in its row)
+    train: dict[str, Any] = Field(default_factory=dict)
+    #: methods: the resolved augmenter key when ``train`` overrides ``augment``
+    train_augment: dict[str, Any] | None = None
 
     def key(self) -> dict[str, Any]:
         return {"name": self.name, "params": self.params}
@@ -607,6 +611,47 @@ def _split_loss_weights(ref: PluginRef, path: tuple, problems: Problems) -> None
             )
 
 
+#: the key of a method row that overrides the grid's ``train`` fields for that method's cells
+TRAIN_KEY = "train"
+#: ``train`` fields a method row may not override (they are the grid's, not a cell's)
+_GRID_ONLY_TRAIN = ("seed", "preset")
+
+
+def _split_train(ref: PluginRef, path: tuple, problems: Problems) -> None:
+    """Move a method row's ``train: {field: value}`` out of its parameters into ``ref.train``.
+
+    ``- kd: {train: {sampler: group_balanced}}`` runs kd's cells with those ``train`` fields
+    (any of the grid's ``train`` keys but seed and preset; ``augment`` may name an augmenter),
+    as its own leaderboard row ``kd(train.sampler=group_balanced)``.
+    """
+    raw = ref.params.pop(TRAIN_KEY, None)
+    ref.given = [k for k in ref.given if k in ref.params]
+    if raw is None:
+        return
+    where = path + (TRAIN_KEY,)
+    if not isinstance(raw, dict) or not raw:
+        problems.add(
+            where, f"expected a mapping of train fields, e.g. {{sampler: group_balanced}}, got {raw!r}"
+        )
+        return
+    bad = [k for k in raw if k in _GRID_ONLY_TRAIN]
+    for k in bad:
+        problems.add(where + (k,), f"{k} is set for the whole grid (top-level train:), not per method")
+    try:
+        TrainConfig.model_validate({k: v for k, v in raw.items() if k not in bad})
+    except ValidationError as e:
+        for err in e.errors():
+            problems.add(where + tuple(err["loc"]), _pydantic_msg(err))
+        return
+    if "augment" in raw:
+        a = parse_ref(raw["augment"], "augmenters", where + ("augment",), problems)
+        if a is None:
+            return
+        validate_params(a, where + ("augment",), problems)
+        ref.train_augment = a.key()
+    ref.train = {k: v for k, v in raw.items() if k not in bad}
+
+
 def _refs(
     raws: list[Any], kind: str, path: tuple, problems: Problems, reserved: tuple[str, ...] = ()
 ) -> list[PluginRef]:
@@ -619,9 +664,12 @@ def _refs(
         where = path + (i, ref.name) if isinstance(raw, dict) else path + (i,)
         if kind == "losses":
             _split_loss_weights(ref, where, problems)
+            _split_train(ref, where, problems)
         validate_params(ref, where, problems, reserved=reserved)
         label = ref.name + (
-            str(sorted(ref.params.items())) + str(ref.loss_weights) if isinstance(raw, dict) else ""
+            str(sorted(ref.params.items())) + str(ref.loss_weights) + str(sorted(ref.train.items()))
+            if isinstance(raw, dict)
+            else ""
         )
         if label in seen:
             problems.add(path + (i,), f"{ref.name!r} is listed twice with the same parameters")

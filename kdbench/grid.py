@@ -21,7 +21,11 @@ def method_label(ref: PluginRef) -> str:
     """Leaderboard row name: the method name, plus the parameters the grid set explicitly."""
     args = ",".join(f"{k}={_short(ref.params[k])}" for k in ref.given)
     extra = ",".join(f"w.{k}={_short(v)}" for k, v in sorted(ref.loss_weights.items()))
-    inner = ",".join(p for p in (args, extra) if p)
+    train = ",".join(
+        f"train.{k}={ref.train_augment['name'] if k == 'augment' and ref.train_augment else _short(v)}"
+        for k, v in sorted(ref.train.items())
+    )
+    inner = ",".join(p for p in (args, extra, train) if p)
     return f"{ref.name}({inner})" if inner else ref.name
 
 
@@ -140,8 +144,8 @@ def expand(
             uses_teacher=uses_teacher(m),
             method=method_ref(grid, m, t, s),
             seed=seed,
-            train=student_train(grid, s),
-            augment=grid.train_augment.key(),
+            train={**student_train(grid, s), **m.train},
+            augment=m.train_augment or grid.train_augment.key(),
             views={k: v.key() for k, v in sorted(grid.views.items())},
             eval=evalc,
             plugins=registry.versions(
@@ -150,7 +154,7 @@ def expand(
                     ("models", s.name),
                     ("models", t.name),
                     ("losses", m.name),
-                    ("augmenters", grid.train_augment.name),
+                    ("augmenters", (m.train_augment or grid.train_augment.key())["name"]),
                 ]
                 + [("augmenters", v.name) for v in grid.views.values()]
             ),
