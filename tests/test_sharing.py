@@ -106,3 +106,23 @@ def test_interrupted_group_resumes_to_the_same_numbers(tiny_grid, tmp_path):
     for r in got:
         _same(alone[r["cell"]["id"]], r, tmp_path / "alone", tmp_path / "group")
     assert teachers.stats["hits"] > 0  # the cell behind caught up, then they shared again
+
+
+def test_grid_throughput_benchmark_runs_and_checks_identity(tmp_path):
+    import importlib.util
+
+    from tests.conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location(
+        "grid_throughput", ROOT / "benchmarks" / "grid_throughput.py"
+    )
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "bench.json"
+    args = ["--teacher", "resnet8", "--student", "resnet8", "--methods", "ce,kd,fitnet", "--steps", "2"]
+    args += ["--batch-size", "8", "--test-images", "16", "--check", "--json", str(out)]
+    assert bench.main([*args, "--keep", str(tmp_path / "work")]) == 0
+    got = __import__("json").loads(out.read_text())
+    assert got["bit_identical"] is True and got["images_per_cell"] == 16
+    assert got["teacher_forwards"]["hits"] == 2  # fitnet reused kd's teacher forward at each step
+    assert got["speedup"] > 0 and got["kd_vs_bare"] > 0
