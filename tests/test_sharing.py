@@ -11,6 +11,7 @@ import torch
 from kdbench.config import load_grid
 from kdbench.engine.cell import run_cell
 from kdbench.engine.lockstep import SharedTeachers, group_key, plan_groups, run_group
+from kdbench.engine.train import Trainer
 from kdbench.runner import plan
 
 pytestmark = pytest.mark.slow
@@ -83,7 +84,7 @@ def test_a_failing_cell_leaves_the_group(tiny_grid, tmp_path):
         _same(alone[c.id], got[c.id], tmp_path / "alone", tmp_path / "group")
 
 
-def test_interrupted_group_resumes_to_the_same_numbers(tiny_grid, tmp_path):
+def test_interrupted_group_resumes_to_the_same_numbers(tiny_grid, tmp_path, monkeypatch):
     cells = _cells(tiny_grid, "[kd, fitnet, dkd]", epochs=3)
     alone = _alone(cells, tmp_path / "alone")
     _copy_teachers(tmp_path / "alone", tmp_path / "group")
@@ -100,6 +101,20 @@ def test_interrupted_group_resumes_to_the_same_numbers(tiny_grid, tmp_path):
     cdirs = [tmp_path / "group" / "cells" / c.id for c in cells]
     # killed mid-group: the first two cells checkpointed epoch 1, the third had not finished it
     assert [(d / "checkpoint.pt").exists() for d in cdirs] == [True, True, False]
+    assert not any((d / "result.json").exists() for d in cdirs)
+    # killed again mid-epoch: 7 steps of the cell behind alone, then 5 of the synced group
+    step, calls = Trainer.train_step, {"n": 0}
+
+    def dying_step(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 12:
+            raise KeyboardInterrupt
+        return step(self, *a, **k)
+
+    monkeypatch.setattr(Trainer, "train_step", dying_step)
+    with pytest.raises(KeyboardInterrupt):
+        run_group(cells, tmp_path / "group")
+    monkeypatch.setattr(Trainer, "train_step", step)
     assert not any((d / "result.json").exists() for d in cdirs)
     teachers = SharedTeachers()
     got = run_group(cells, tmp_path / "group", teachers=teachers)
