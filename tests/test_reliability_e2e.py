@@ -106,7 +106,7 @@ def test_numbers_do_not_depend_on_scheduling_and_a_killed_pool_leaves_no_orphans
     """inline, --workers 2, and a --workers 2 run killed with SIGKILL then resumed inline (one of
     its checkpoints truncated on the way) give bitwise-equal metrics; the killed driver's workers
     exit within seconds."""
-    grid = tiny(tmp_path, "[ce, kd]", "[0, 1]", epochs=3)
+    grid = tiny(tmp_path, "[ce, kd]", "[0, 1]", epochs=4)
     out = {k: tmp_path / k for k in ("inline", "pool", "killed")}
     r = kdbench_cli("run", str(grid), "--out", str(out["inline"]))
     assert r.returncode == 0, r.stderr
@@ -138,7 +138,7 @@ def test_numbers_do_not_depend_on_scheduling_and_a_killed_pool_leaves_no_orphans
             break
         if proc.poll() is not None:
             pytest.fail("the sweep finished before it could be killed")
-        time.sleep(0.05)
+        time.sleep(0.01)
     else:
         pytest.fail("no worker reached a checkpoint in time")
     proc.send_signal(signal.SIGKILL)
