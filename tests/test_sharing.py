@@ -141,3 +141,22 @@ def test_grid_throughput_benchmark_runs_and_checks_identity(tmp_path):
     assert got["bit_identical"] is True and got["images_per_cell"] == 16
     assert got["teacher_forwards"]["hits"] == 2  # fitnet reused kd's teacher forward at each step
     assert got["speedup"] > 0 and got["kd_vs_bare"] > 0
+
+
+def test_share_teacher_in_the_grid_runs_groups_through_the_cli(tiny_grid, tmp_path):
+    import json
+
+    from tests.conftest import kdbench_cli
+
+    grid = tiny_grid(methods="[ce, kd, fitnet]")
+    grid.write_text(grid.read_text() + "executor: {share_teacher: true}\n")
+    r = kdbench_cli("run", str(grid))
+    assert r.returncode == 0, r.stderr
+    assert "done 3" in r.stdout + r.stderr
+    cells = plan(load_grid(grid)).cells  # share_teacher is not part of any cell id
+    assert cells == _cells(tiny_grid, "[ce, kd, fitnet]", epochs=1)
+    _copy_teachers(tmp_path / "runs" / "tiny", tmp_path / "alone")
+    alone = _alone(cells, tmp_path / "alone")
+    for c in cells:
+        shared = json.loads((tmp_path / "runs" / "tiny" / "cells" / c.id / "result.json").read_text())
+        _same(alone[c.id], shared, tmp_path / "alone", tmp_path / "runs" / "tiny")
