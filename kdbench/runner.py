@@ -383,12 +383,17 @@ def _execute_locked(
         disable=not console.is_terminal,
     ) as bar:
         overall = bar.add_task("cells", total=len(todo))
-        if n_workers == 1 or len(todo) <= 1:
+        if p.grid.config.executor.share_teacher:  # lockstep groups (kdbench/engine/lockstep.py)
+            if n_workers > 1:
+                console.print(
+                    f"[yellow]warning:[/yellow] executor.share_teacher runs each group in this process; "
+                    f"{n_workers} workers requested, groups run one after another"
+                )
             torch.set_num_threads(threads)
-            if p.grid.config.executor.share_teacher:  # lockstep groups (kdbench/engine/lockstep.py)
-                _run_groups(todo, p.run_dir, store, bar, overall, attempts, counts)
-            else:
-                _run_inline(todo, p.run_dir, store, bar, overall, attempts, counts)
+            _run_groups(todo, p.run_dir, store, bar, overall, attempts, counts)
+        elif n_workers == 1 or len(todo) <= 1:
+            torch.set_num_threads(threads)
+            _run_inline(todo, p.run_dir, store, bar, overall, attempts, counts)
         else:
             _run_pool(todo, p.run_dir, store, bar, overall, attempts, counts, n_workers, threads)
     import_results(store, p.run_dir, p.cells)
