@@ -4,7 +4,9 @@ evaluation, datasets loaded once per process, the environment recorded with ever
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
+from unittest.mock import patch
 
 import pytest
 import torch
@@ -12,7 +14,6 @@ import torch
 from kdbench.cells import PluginKey
 from kdbench.config import load_grid
 from kdbench.engine import cell as engine
-from kdbench.errors import ConfigError
 from kdbench.runner import plan
 from tests.conftest import write_grid
 
@@ -88,8 +89,10 @@ def test_method_views_apply_unless_the_grid_sets_them(tmp_path):
 
     cell = _cell(tmp_path, "{batch_size: 500}")  # train.views is {}
     assert engine._student_view(cell, Distiller) == cell.augment  # no opinion: the grid's
-    with pytest.raises(ConfigError, match="train.views lacks"):
-        engine._student_view(cell, Consistent)
+    log = logging.getLogger("test.views")
+    with patch.object(log, "warning") as warn:
+        assert engine._student_view(cell, Consistent, log) == cell.augment  # the grid opted out
+    assert "train.views lacks" in warn.call_args[0][0]
     strong = cell.model_copy(update={"views": {"strong": PluginKey(name="randaugment", params={"n": 2})}})
     assert engine._student_view(strong, Consistent).params == {"n": 2}  # the named view
     assert (

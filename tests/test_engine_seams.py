@@ -3,6 +3,7 @@ augmenters, one evaluation pass with families and cached teacher logits, the tra
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -268,3 +269,36 @@ def test_train_sampler_group_balanced_feeds_balanced_batches():
     present = plain > 0
     ratio = lambda c: float(c[present].max() / c[present].min())  # noqa: E731
     assert ratio(plain) >= 1.9 and ratio(balanced) < 1.5
+
+
+def test_stop_request_checkpoints_mid_epoch_and_resumes_bit_exactly(tmp_path):
+    from kdbench.engine.train import StopRequested, clear_stop, request_stop
+
+    def run(workdir: Path, stop_at: int | None):
+        setup = _setup(workdir, dataset_augmenters=[Doubler()], cfg={"epochs": 3})
+        calls = {"n": 0}
+        shift = setup.augment
+
+        def augment(x, g):  # counts steps; asks to stop during step `stop_at`
+            calls["n"] += 1
+            if calls["n"] == stop_at:
+                request_stop()
+            return shift(x, g) + 0.01 * torch.rand(x.shape, generator=g)  # draws from the aug RNG
+
+        setup.augment = augment
+        train(setup)
+        return setup
+
+    full = run(tmp_path / "full", None)
+    clear_stop()
+    with pytest.raises(StopRequested, match="epoch 2 step 2"):
+        run(tmp_path / "cut", 6)  # 4 steps in epoch 1 (52 samples / 16); asked during epoch 2's step 1
+    clear_stop()
+    ckpt = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)
+    assert ckpt["epoch"] == 1 and ckpt["trainer"]["partial"]["step"] == 2
+    resumed = run(tmp_path / "cut", None)
+    for a, b in zip(full.student.parameters(), resumed.student.parameters(), strict=True):
+        assert torch.equal(a.detach(), b.detach())
+    rows = lambda d: (d / "metrics.jsonl").read_text().splitlines()  # noqa: E731
+    strip = lambda r: {k: v for k, v in json.loads(r).items() if not k.endswith("_s")}  # noqa: E731
+    assert [strip(r) for r in rows(tmp_path / "full")] == [strip(r) for r in rows(tmp_path / "cut")]

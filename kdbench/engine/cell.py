@@ -427,8 +427,12 @@ def _teacher_view(cell: Cell, method_cls: type[Distiller]) -> Any:
     return method_cls.teacher_view or "student"
 
 
-def _student_view(cell: Cell, method_cls: type[Distiller]) -> Any:
-    """The grid's ``train.augment``, or the method's ``student_view`` when the grid left it "none"."""
+def _student_view(cell: Cell, method_cls: type[Distiller], log: logging.Logger | None = None) -> Any:
+    """The grid's ``train.augment``, or the method's ``student_view`` when the grid left it "none".
+
+    A ``student_view`` naming neither a view of the cell (``train.views``) nor an augmenter is
+    ignored, with a warning in the cell's log (a grid that empties ``train.views`` opts out).
+    """
     wanted = method_cls.student_view
     if wanted is None or cell.augment.name != "none":
         return cell.augment
@@ -436,10 +440,15 @@ def _student_view(cell: Cell, method_cls: type[Distiller]) -> Any:
         return cell.views[wanted]
     if wanted in registry.names("augmenters"):
         return {"name": wanted, "params": {}}
-    raise ConfigError(
-        f"method {cell.method.name} trains the student on view {wanted!r}, which train.views lacks; "
-        f"add it (train: {{views: {{{wanted}: randaugment}}}}) or set train.augment"
-    )
+    if log is not None:
+        log.warning(
+            "method %s asks for the student view %r, which train.views lacks; the student sees the "
+            "grid's train.augment (%s)",
+            cell.method.name,
+            wanted,
+            cell.augment.name,
+        )
+    return cell.augment
 
 
 def _dataset_augmenters(cell: Cell, student_aug: Any, data: CellData) -> list[Any]:
@@ -506,7 +515,7 @@ def _run(
         teacher_reader = new_reader(teacher, tspec, taps.teacher or ("logits",))
 
     views = {name: build_augmenter(_plain(ref), data.train.data).__call__ for name, ref in cell.views.items()}
-    student_aug = build_augmenter(_plain(_student_view(cell, method_cls)), data.train.data)
+    student_aug = build_augmenter(_plain(_student_view(cell, method_cls, log)), data.train.data)
     dataset_augs = _dataset_augmenters(cell, student_aug, data)
     sets = data.eval_sets(cell, run_dir / "cache")
     base_ctx = data.context(evc.ece_bins)

@@ -203,12 +203,17 @@ class Batches:
         generator: torch.Generator | None = None,
         drop_singletons: bool = True,
         sampler: Sampler = "shuffle",
+        skip_batches: int = 0,
     ) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        """Batches of (x, y, positions); ``skip_batches`` leaves out the first ones (the order is
+        drawn in full either way, so the generator ends in the same state)."""
         n = len(self)
         order = self.order(generator, sampler)
+        if skip_batches:
+            order = order[skip_batches * self.batch_size :]
         plain = self.indices is None and self.extra_y is None
         if self.indexable:
-            for start in range(0, n, self.batch_size):
+            for start in range(0, len(order), self.batch_size):
                 idx = order[start : start + self.batch_size]
                 if drop_singletons and len(idx) < 2 and n > 1:
                     continue  # BatchNorm cannot train on one sample

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
@@ -39,6 +40,25 @@ CHECKPOINT_FORMAT = 2
 #: where a trainer is: (stage name, epoch, step), yielded before each optimiser step
 StepPos = tuple[str, int, int]
 _R = TypeVar("_R")
+_STOP = threading.Event()
+
+
+class StopRequested(KeyboardInterrupt):
+    """Training stopped at a step boundary on :func:`request_stop` (its checkpoint is saved)."""
+
+
+def request_stop() -> None:
+    """Ask every trainer in this process to checkpoint at its next step boundary and stop
+    (raising :class:`StopRequested`); safe to call from a signal handler (SIGTERM)."""
+    _STOP.set()
+
+
+def stop_requested() -> bool:
+    return _STOP.is_set()
+
+
+def clear_stop() -> None:
+    _STOP.clear()
 
 
 @dataclass
@@ -154,6 +174,10 @@ class Trainer:
         self.aug_gen = torch.Generator(device="cpu").manual_seed(setup.seed * 7919 + 17)
         self.sampler = stage.cfg.get("sampler") or "shuffle"
         self.amp = Amp(stage.cfg, setup.device)  # precision, GradScaler, channels_last inputs
+        #: a mid-epoch checkpoint's position: batches of the epoch already done and their loss sums
+        self.resume_step = 0
+        self.partial: dict[str, Any] = {}
+        self.checkpointer = next((h for h in hooks if isinstance(h, Checkpoint)), None)
         for h in hooks:
             h.attach(self)
 
@@ -173,6 +197,8 @@ class Trainer:
         for h in self.hooks:
             h.load_state_dict(state["hooks"].get(h.name, {}))
         self.amp.load_state_dict(state.get("amp") or {})
+        self.partial = dict(state.get("partial") or {})
+        self.resume_step = int(self.partial.get("step", 0))
 
     def run(self, start_epoch: int = 0) -> None:
         drain(self.steps(start_epoch))
@@ -183,8 +209,9 @@ class Trainer:
         for h in self.hooks:
             h.before_stage(self)
         for epoch in range(start_epoch, self.stage.epochs):
-            for h in self.hooks:
-                h.before_epoch(self, epoch)
+            if not (epoch == start_epoch and self.resume_step):  # a resumed epoch has begun already
+                for h in self.hooks:
+                    h.before_epoch(self, epoch)
             row = yield from self.epoch_steps(epoch)
             for h in self.hooks:
                 h.after_epoch(self, epoch, row)
@@ -193,15 +220,27 @@ class Trainer:
         return drain(self.epoch_steps(epoch))
 
     def epoch_steps(self, epoch: int) -> Generator[StepPos, None, dict[str, Any]]:
-        """:meth:`train_epoch` as a generator (yields before each step, returns the row)."""
+        """:meth:`train_epoch` as a generator (yields before each step, returns the row).
+
+        Before each step it honours :func:`request_stop`: a checkpoint of this exact position
+        (the epoch's data order, the step, the augmentation RNG, partial loss sums), then
+        :class:`StopRequested`. A trainer loaded from it skips the batches already done.
+        """
         s = self.setup
         s.student.train()
         if s.distiller is not None:
             s.distiller.train()
-        totals: dict[str, float] = {}
-        n = 0
+        epoch_order = self.data_gen.get_state()  # this epoch's data order derives from it
+        skip, self.resume_step = self.resume_step, 0
+        totals: dict[str, float] = dict(self.partial.get("totals", {})) if skip else {}
+        n = int(self.partial.get("n", 0)) if skip else 0
         lr = self.opt.param_groups[0]["lr"]
-        for step, (x, y, idx) in enumerate(s.train_data.iterate(self.data_gen, sampler=self.sampler)):
+        batches = s.train_data.iterate(self.data_gen, sampler=self.sampler, skip_batches=skip)
+        for step, (x, y, idx) in enumerate(batches, start=skip):
+            if stop_requested():
+                if self.checkpointer is not None:
+                    self.checkpointer.save_mid_epoch(self, epoch, step, epoch_order, totals, n)
+                raise StopRequested(f"stopped at {self.stage.name} epoch {epoch + 1} step {step}")
             yield (self.stage.name, epoch, step)
             terms = self.train_step(x, y, idx, epoch, step)
             for k, v in terms.items():
@@ -273,6 +312,9 @@ class Timing(Hook):
     """Wall time of each epoch's training part (``train_s``), before evaluation."""
 
     name = "timing"
+
+    def attach(self, trainer: Trainer) -> None:
+        self.t0 = time.perf_counter()
 
     def before_epoch(self, trainer: Trainer, epoch: int) -> None:
         self.t0 = time.perf_counter()
@@ -381,14 +423,26 @@ class Checkpoint(Hook):
         done = epoch + 1
         if not self.every or done % self.every or done >= trainer.stage.epochs:
             return
+        self.save(trainer, done, trainer.state_dict())
+
+    def save_mid_epoch(
+        self, trainer: Trainer, epoch: int, step: int, epoch_order: Tensor, totals: dict, n: int
+    ) -> None:
+        """A checkpoint before ``step`` of ``epoch`` (which resumes there, bit-exactly)."""
+        state = trainer.state_dict()
+        state["data_gen"] = epoch_order
+        state["partial"] = {"step": step, "totals": dict(totals), "n": n}
+        self.save(trainer, epoch, state)
+
+    def save(self, trainer: Trainer, epoch: int, trainer_state: dict[str, Any]) -> None:
         s = self.setup
         state = {
             "format": CHECKPOINT_FORMAT,
             "stage": trainer.stage.name,
-            "epoch": done,
+            "epoch": epoch,  # epochs done; with trainer.partial.step, the epoch under way
             "student": s.student.state_dict(),
             "distiller": s.distiller.state_dict() if s.distiller is not None else None,
-            "trainer": trainer.state_dict(),
+            "trainer": trainer_state,
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         }
@@ -525,6 +579,10 @@ def _params(setup: TrainSetup, stage: Stage) -> list[nn.Parameter]:
 
 def _hooks(setup: TrainSetup, stage: Stage, ckpt: Path | None) -> list[Hook]:
     hooks: list[Hook] = [LRSchedule(), Timing()]
+    if stage.name == "train" and stage.cfg.get("swa"):
+        from kdbench.robustness.swa import SWA  # stochastic weight averaging (teacher recipes)
+
+        hooks.insert(1, SWA(setup, **stage.cfg["swa"]))
     if stage.name == "train" and setup.dataset_augmenters:
         hooks.append(DatasetAugment(setup, setup.dataset_augmenters))
     if stage.name == "train" and setup.epoch_eval is not None and setup.eval_every:
@@ -594,7 +652,9 @@ def train_steps(setup: TrainSetup) -> Generator[StepPos, None, dict[str, Any]]:
     elif setup.workdir is not None:
         (setup.workdir / "metrics.jsonl").unlink(missing_ok=True)
     if setup.workdir is not None and setup.dataset_augmenters:
-        done = resume["epoch"] if resume is not None and resume["stage"] == "train" else 0
+        done = 0
+        if resume is not None and resume["stage"] == "train":  # a begun epoch made its samples already
+            done = resume["epoch"] + (1 if resume["trainer"].get("partial") else 0)
         restore_extra_samples(setup.workdir, setup.train_data, done)
     all_stages = stages(setup)
     names = [st.name for st in all_stages]
