@@ -223,8 +223,8 @@ def _dfr(
     )
     out = {"dfr/on_val": source}
     for name, s in m.sets.items():
-        if "group" not in s.meta or (source and name == "val"):
-            continue  # no groups, or the very samples the head was fitted on
+        if "group" not in s.meta or (source and name == "val") or name.startswith("c/"):
+            continue  # no groups, the very samples the head was fitted on, or a corruption set
         logits, f = cached[name] if name in cached else _outputs(m, s.batches, pooled=True)
         assert f is not None
         ctx = EvalContext(set_name=name, group_info=info, train_meta=m.ctx.train_meta)
