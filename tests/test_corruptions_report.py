@@ -104,3 +104,17 @@ def test_missing_metrics_and_baseline_are_explained(run, tmp_path):
 def test_corruption_acc_leaderboard(run):
     out = leaderboard.render(run, ReportArgs(metric="corruption_acc"))
     assert "75.00" in out and "87.50" in out and "corruption acc (%) ↑" in out
+
+
+def test_relative_mce_skips_corruptions_the_baseline_does_not_feel(tmp_path):
+    ce = {**CE, ("jpeg_compression", 1): 90.0, ("jpeg_compression", 3): 89.5}  # loses 0.25 points
+    kd = {**KD, ("jpeg_compression", 1): 95.0, ("jpeg_compression", 3): 80.0}
+    cells = [_cell(0, "ce", 0, _metrics(90.0, ce)), _cell(1, "kd", 0, _metrics(95.0, kd))]
+    run = RunData(tmp_path, cells, {}, {})
+    t = report.table(leaderboard.build_board(run, ReportArgs(kind="corruptions")), "mnist5k: T→S", "ce")
+    assert t["rel_corruptions"] == ["snow", "fog"]
+    kd_row = next(x for x in t["rows"] if x["method"] == "kd")
+    assert kd_row["rel_mCE"] == pytest.approx(50.0)  # jpeg's ((5-5)+(20-5))/(0+0.5)=30 is left out
+    assert kd_row["mCE"] == pytest.approx(100 * (0.5 + 0.5 + 25 / 20.5) / 3)  # errors 5+20 vs 10+10.5
+    out = report.render(run, ReportArgs(kind="corruptions"))
+    assert "rel. mCE over 2 of 3 corruptions; jpeg cost 'ce' under 1 point" in out

@@ -102,7 +102,15 @@ def table(board: Board, col: str, baseline: str) -> dict[str, Any] | None:
     base = next((x for x in rows if x["method"] == baseline), None)
     for x in rows:
         x["mCE"], x["rel_mCE"] = _mce(x, base, names, sevs) if base is not None else (math.nan, math.nan)
-    return {"column": col, "corruptions": names, "severities": sevs, "rows": rows, "baseline": baseline}
+    rel = rel_corruptions(base, names, sevs) if base is not None else []
+    return {
+        "column": col,
+        "corruptions": names,
+        "severities": sevs,
+        "rows": rows,
+        "baseline": baseline,
+        "rel_corruptions": rel,
+    }
 
 
 def _teacher_row(board: Board, col: str, names: list[str], sevs: list[int]) -> dict[str, Any] | None:
@@ -134,9 +142,28 @@ def _nanmean(vals: list[float]) -> float:
     return sum(v) / len(v) if v else math.nan
 
 
+#: relative CE needs the baseline to lose accuracy under a corruption: at least this many
+#: points of top-1, averaged over severities (else the ratio is noise over almost zero)
+REL_MIN_DROP = 1.0
+
+
+def rel_corruptions(base: dict, names: list[str], sevs: list[int]) -> list[str]:
+    """The corruptions that cost the baseline at least :data:`REL_MIN_DROP` points on average."""
+    out = []
+    for c in names:
+        drops = [base["clean"] - base["acc"][c, s] for s in sevs]
+        if not any(math.isnan(v) for v in drops) and sum(drops) / len(drops) >= REL_MIN_DROP:
+            out.append(c)
+    return out
+
+
 def _mce(row: dict, base: dict, names: list[str], sevs: list[int]) -> tuple[float, float]:
-    """(mCE, relative mCE) in % of ``base`` (errors are 100 − top-1)."""
+    """(mCE, relative mCE) in % of ``base`` (errors are 100 − top-1).
+
+    Relative mCE averages only over :func:`rel_corruptions` (where the baseline degrades).
+    """
     ces, rels = [], []
+    rel_ok = set(rel_corruptions(base, names, sevs))
     for c in names:
         e = [100.0 - row["acc"][c, s] for s in sevs]
         b = [100.0 - base["acc"][c, s] for s in sevs]
@@ -145,9 +172,8 @@ def _mce(row: dict, base: dict, names: list[str], sevs: list[int]) -> tuple[floa
         if sum(b) > 0:
             ces.append(sum(e) / sum(b))
         e0, b0 = 100.0 - row["clean"], 100.0 - base["clean"]
-        denom = sum(v - b0 for v in b)
-        if denom > 0 and not math.isnan(e0):
-            rels.append(sum(v - e0 for v in e) / denom)
+        if c in rel_ok and not math.isnan(e0):
+            rels.append(sum(v - e0 for v in e) / sum(v - b0 for v in b))
     return (100.0 * _nanmean(ces) if ces else math.nan, 100.0 * _nanmean(rels) if rels else math.nan)
 
 
@@ -201,6 +227,14 @@ def render(run: RunData, args: ReportArgs) -> str:
         f"mCE / rel. mCE (Hendrycks & Dietterich 2019): errors summed over severities, divided by the "
         f"{baseline!r} row's (relative: minus each row's clean error), averaged over corruptions",
     ]
+    for t in recs:
+        left = [SHORT.get(c, c) for c in t["corruptions"] if c not in t["rel_corruptions"]]
+        if left:
+            notes.append(
+                f"{t['column']}: rel. mCE over {len(t['rel_corruptions'])} of {len(t['corruptions'])} "
+                f"corruptions; {', '.join(left)} cost {baseline!r} under {REL_MIN_DROP:g} point(s) of "
+                "top-1, too little to normalise by"
+            )
     if args.plot:
         notes.append(f"plot: {args.plot}")
     return "\n\n".join(parts) + "\n\n" + "\n".join(f"- {n}" for n in notes)
@@ -211,6 +245,7 @@ def _json(t: dict[str, Any]) -> dict[str, Any]:
         "column": t["column"],
         "baseline": t["baseline"],
         "corruptions": t["corruptions"],
+        "rel_mCE_corruptions": t["rel_corruptions"],
         "severities": t["severities"],
         "rows": [
             {
