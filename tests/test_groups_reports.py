@@ -160,3 +160,31 @@ def test_spurious_grid_end_to_end(tmp_path: Path):
     s = kdbench_cli("report", str(run_dir), "--kind", "shift", env=env)
     assert s.returncode == 0, s.stderr
     assert "inherited" in s.stdout and "spurious-feature scan" in s.stdout
+
+
+WATERBIRDS_GRID = """
+name: wb
+output: {out}
+datasets:
+  - {{waterbirds: {{root: {root}, image_size: 16}}}}
+pairs:
+  - teacher: {{smallcnn: {{width: 4}}}}
+    student: {{smallcnn: {{width: 4}}}}
+methods: [ce]
+train: {{epochs: 1, batch_size: 8, lr: 0.05, schedule: cosine, views: {{}}}}
+eval: {{batch_size: 64, val_fraction: 0.1, dfr: true}}
+"""
+
+
+@pytest.mark.slow
+def test_waterbirds_grid_uses_its_own_val_split_for_dfr(tmp_path: Path):
+    from tests.test_groups_datasets import make_waterbirds
+
+    root = make_waterbirds(tmp_path / "wb")
+    grid = write_grid(tmp_path / "g.yaml", WATERBIRDS_GRID.format(out=tmp_path / "runs", root=root))
+    r = kdbench_cli("run", str(grid), env={"OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr + r.stdout
+    m = json.loads(next((tmp_path / "runs" / "wb" / "cells").glob("*/result.json")).read_text())["metrics"]
+    assert m["group/waterbird_land/n"] == 3.0 and m["val/group/landbird_water/n"] == 3.0
+    assert m["dfr/on_val"] == 1.0 and "dfr/worst_group" in m and "dfr/val/worst_group" not in m
+    assert m["train/group/waterbird_water/n"] == 3.0
