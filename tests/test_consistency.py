@@ -122,6 +122,48 @@ def test_engine_trains_the_student_on_the_view_the_method_names():
     )
     assert _student_view(cell, Consistency) is strong and _student_view(cell, KD) is plain
     assert _teacher_view(cell, Consistency) == "clean" and _teacher_view(cell, KD) == "student"
-    cell.views = {}
-    with pytest.raises(ConfigError, match="train.views lacks"):
-        _student_view(cell, Consistency)
+    cell.views = {}  # a grid without the view opts out: the student sees train.augment
+    assert _student_view(cell, Consistency) is plain
+
+
+GRID = """
+name: cons
+output: {out}
+datasets:
+  - {{digits: {{limit: 300}}}}
+pairs:
+  - teacher: {{smallcnn: {{width: 4}}}}
+    student: {{smallcnn: {{width: 4}}}}
+methods: [consistency, {{kd: {{train: {{augment: randaugment, teacher_view: clean}}}}}}]
+seeds: [0]
+train: {{epochs: 1, batch_size: 64, lr: 0.05, schedule: cosine}}
+teacher_train: {{epochs: 2, batch_size: 64, lr: 0.05, schedule: cosine, swa: {{start: 0.5, lr: 0.01}}}}
+eval: {{batch_size: 500}}
+"""
+
+
+@pytest.mark.slow
+def test_consistency_and_strong_view_kd_with_an_swa_teacher_end_to_end(tmp_path):
+    import json
+
+    from tests.conftest import kdbench_cli, write_grid
+
+    grid = write_grid(tmp_path / "g.yaml", GRID.format(out=tmp_path / "runs"))
+    r = kdbench_cli("run", str(grid), env={"OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr + r.stdout
+    run_dir = tmp_path / "runs" / "cons"
+    (tdir,) = [p for p in (run_dir / "teachers").iterdir() if p.is_dir()]
+    rows = [json.loads(line) for line in (tdir / "metrics.jsonl").read_text().splitlines()]
+    # SWA from epoch 2 of 2: the lr drops to swa.lr and one model is averaged
+    assert [r.get("swa_n") for r in rows] == [None, 1] and rows[1]["lr"] == pytest.approx(0.01)
+    spec = json.loads((tdir / "config.json").read_text())
+    assert spec["train"]["swa"] == {"start": 0.5, "lr": 0.01, "anneal_epochs": 1}
+    results = {
+        res["cell"]["method"]["label"]: res
+        for res in (json.loads(p.read_text()) for p in (run_dir / "cells").glob("*/result.json"))
+    }
+    assert set(results) == {"consistency", "kd(train.augment=randaugment,train.teacher_view=clean)"}
+    assert all(res["status"] == "done" for res in results.values())
+    strong_kd = results["kd(train.augment=randaugment,train.teacher_view=clean)"]["cell"]
+    assert strong_kd["augment"]["name"] == "randaugment" and strong_kd["train"]["teacher_view"] == "clean"
+    assert results["consistency"]["cell"]["views"]["strong"]["name"] == "randaugment"
