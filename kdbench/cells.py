@@ -360,3 +360,53 @@ def _first_error(e: ValidationError) -> str:
     err = e.errors()[0]
     loc = ".".join(str(p) for p in err["loc"])
     return f"{loc}: {err['msg'].lower()}" if loc else err["msg"].lower()
+
+
+def _entry(d: dict[str, Any]) -> tuple:
+    """What a cell is in its grid (presentation), independent of its content hash."""
+    try:
+        return (
+            d.get("grid"),
+            d["dataset"]["name"],
+            d["teacher"]["label"],
+            d["student"]["label"],
+            d["method"]["label"],
+            d["seed"],
+        )
+    except (KeyError, TypeError):
+        return ()
+
+
+def _diff(a: Any, b: Any, path: str, depth: int, out: set[str]) -> None:
+    if a == b:
+        return
+    if depth and isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            if k in ("id", "label", "filled_by", "grid"):
+                continue
+            _diff(a.get(k), b.get(k), f"{path}.{k}" if path else k, depth - 1, out)
+    else:
+        out.add(path or "(all)")
+
+
+def changed_entries(planned: list[Cell], stored: list[dict[str, Any]]) -> dict[str, list[str]]:
+    """Stored cell dicts that are the same grid entry as a planned cell (grid, dataset, pair,
+    method label, seed) under another id, grouped by what differs: ``{"dataset.fingerprint":
+    [old ids]}``. Explains why finished cells of a run directory run again (a new kdbench that
+    fingerprints data differently, a changed plugin version, an edited train setting)."""
+    by_entry = {_entry(c.to_dict()): c for c in planned}
+    ids = {c.id for c in planned}
+    out: dict[str, list[str]] = {}
+    for d in stored:
+        if not isinstance(d, dict) or d.get("id") in ids:
+            continue
+        cell = by_entry.get(_entry(d))
+        if cell is None:
+            continue
+        if d.get("format") != CELL_FORMAT:
+            what = {f"cell format {d.get('format')} -> {CELL_FORMAT}"}
+        else:
+            what = set()
+            _diff(d, cell.to_dict(), "", 3, what)
+        out.setdefault(", ".join(sorted(what)) or "(nothing visible)", []).append(str(d.get("id")))
+    return out

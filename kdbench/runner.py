@@ -28,7 +28,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from kdbench import registry
 from kdbench.artifacts import disk_error
-from kdbench.cells import Cell, TeacherSpec
+from kdbench.cells import Cell, TeacherSpec, changed_entries
 from kdbench.config import Grid, PluginRef, Problems, executor_ref, load_yaml
 from kdbench.errors import KdbenchError
 from kdbench.grid import expand
@@ -105,6 +105,16 @@ def _incompatible(grid: Grid, cells: list[Cell], misfits: dict, root: Any) -> di
             located.add(where, msg)
             out[c.id] = located.items[0]
     return out
+
+
+def _warn_changed(p: Plan, done_configs: list[dict], console: Console) -> None:
+    """Say why finished cells of this run directory run again: same grid entries, new ids."""
+    for what, old in changed_entries(p.cells, done_configs).items():
+        console.print(
+            f"[yellow]{len(old)} finished cell(s) of this run directory run again under new ids: "
+            f"their {escape(what)} changed[/yellow] (the old results stay in the store; "
+            "`kdbench report RUN --all` shows them)"
+        )
 
 
 def _fail_incompatible(
@@ -361,6 +371,7 @@ def _execute_locked(
     import_results(store, p.run_dir, p.cells)
     _warn_thread_change(store, threads, p.cells, console)
     before = {c["id"]: c for c in store.cells()}
+    _warn_changed(p, [r["config"] for r in before.values() if r["status"] == "done"], console)
     todo = [c for c in p.cells if before[c.id]["status"] != "done"]
     counts = {"total": len(p.cells), "skipped": len(p.cells) - len(todo), "done": 0, "failed": 0}
     if counts["skipped"]:

@@ -168,3 +168,47 @@ def test_eval_settings_are_validated(tmp_path, bad):
     with pytest.raises(ConfigError) as e:
         load_grid(write_grid(tmp_path / "g.yaml", body))
     assert "eval." + bad.split(":")[0] in str(e.value)
+
+
+def test_changed_entries_say_why_a_finished_cell_gets_a_new_id(tmp_path, monkeypatch):
+    from kdbench.cells import changed_entries
+
+    old = json.loads((FIXTURES / "cell_format1.json").read_text())
+    monkeypatch.setattr(registry, "versions", lambda refs: {f"{k}:{n}": "pinned==1" for k, n in refs})
+    grid = load_grid(write_grid(tmp_path / "g.yaml", GRID_A))
+    cells = expand(grid, [{"sha256": "new"}], [{"source": "s0"}])  # the data's fingerprint changed
+    assert old["id"] not in {c.id for c in cells}
+    assert changed_entries(cells, [old]) == {
+        "dataset.fingerprint.sha256, teacher.dataset.fingerprint": [old["id"]]
+    }
+    assert changed_entries(cells, [{**old, "format": 0}]) == {"cell format 0 -> 1": [old["id"]]}
+    same = expand(grid, [{"sha256": "ds0"}], [{"source": "s0"}])
+    assert changed_entries(same, [old]) == {}  # unchanged: same id, nothing to say
+
+
+def test_rerun_after_an_edit_says_what_changed(tmp_path):
+    import io
+
+    from rich.console import Console
+
+    from kdbench.runner import execute, plan
+
+    body = f"""\
+name: edit
+output: {tmp_path / "runs"}
+datasets: [{{digits: {{limit: 200}}}}]
+pairs:
+  - {{teacher: smallcnn_wide, student: smallcnn_thin}}
+methods: [ce]
+train: {{epochs: 1, lr: 0.05, views: {{}}}}
+"""
+    f = write_grid(tmp_path / "g.yaml", body)
+    assert execute(plan(load_grid(f)), console=Console(file=io.StringIO()))["done"] == 1
+    f.write_text(body.replace("lr: 0.05", "lr: 0.02"))
+    out = io.StringIO()
+    counts = execute(plan(load_grid(f)), console=Console(file=out, width=300))
+    assert counts["done"] == 1 and counts["skipped"] == 0
+    assert (
+        "1 finished cell(s) of this run directory run again under new ids: their train.lr changed"
+        in out.getvalue()
+    )
