@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -243,7 +243,6 @@ class _Slot:
     rng: tuple
     pos: StepPos | None = None
     result: dict[str, Any] | None = None
-    started: bool = field(default=False)
 
     def rank(self) -> tuple[int, int, int]:
         assert self.pos is not None
@@ -260,7 +259,6 @@ def _advance(slot: _Slot) -> None:
         slot.pos, slot.result = None, e.value
     finally:
         slot.rng = _rng_state()
-        slot.started = True
 
 
 def run_group(
