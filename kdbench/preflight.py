@@ -73,7 +73,6 @@ def method_fit(
     """
     from kdbench.engine.build import build_model
     from kdbench.grid import model_label, uses_teacher
-    from kdbench.methods.base import MethodContext
 
     problems: list[tuple[tuple[Any, ...], str]] = []
     misfits: Misfits = {}
@@ -104,7 +103,7 @@ def method_fit(
                 problems.append((("pairs", p_i), f"the pair fails on a probe batch ({where}): {e!r}"))
                 continue
             for m_i, m in enumerate(grid.methods):
-                msg = _build_method(m, student, teacher, tspec, s_probe, t_probe, num_classes, MethodContext)
+                msg = _build_method(m, student, teacher, tspec, s_probe, t_probe, num_classes, grid)
                 if msg:
                     misfits[d_i, p_i, m_i] = (("methods", m_i), f"{m.name} does not fit {where}: {msg}")
     return problems, misfits
@@ -117,8 +116,9 @@ def _instantiate(ref: PluginRef) -> Any:
         return None  # the runner's plan reports dataset problems itself
 
 
-def _build_method(m, student, teacher, tspec, s_probe, t_probe, num_classes, ctx_cls) -> str | None:
+def _build_method(m, student, teacher, tspec, s_probe, t_probe, num_classes, grid: Grid) -> str | None:
     from kdbench.grid import uses_teacher
+    from kdbench.methods.base import MethodContext
 
     needs = uses_teacher(m)
     if needs and teacher is None:
@@ -127,11 +127,11 @@ def _build_method(m, student, teacher, tspec, s_probe, t_probe, num_classes, ctx
     if needs and tspec is not None and tspec.classifier:
         classifier = teacher.get_submodule(tspec.classifier)
     n_train = 2 * num_classes
-    ctx = ctx_cls(
+    ctx = MethodContext(
         num_classes=num_classes,
         num_train=n_train,
-        epochs=1,
-        batch_size=PROBE_SIZE,
+        epochs=grid.config.train.epochs,
+        batch_size=grid.config.train.batch_size,
         student_shapes=s_probe.shapes(),
         teacher_shapes=t_probe.shapes() if needs and t_probe is not None else {},
         student_probe=s_probe,
