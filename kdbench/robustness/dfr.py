@@ -44,11 +44,22 @@ def balanced_subsample(group: Tensor, generator: torch.Generator) -> Tensor:
 
 
 def fit_logistic(
-    z: Tensor, y: Tensor, num_classes: int, C: float = 1.0, max_iter: int = 200
+    z: Tensor,
+    y: Tensor,
+    num_classes: int,
+    C: float = 1.0,
+    max_iter: int = 100,
+    init: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Multinomial L2 logistic regression (float64, L-BFGS); returns (W [K, D], b [K])."""
-    w = torch.zeros(num_classes, z.shape[1], dtype=torch.float64, requires_grad=True)
-    b = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
+    """Multinomial L2 logistic regression (float64, L-BFGS); returns (W [K, D], b [K]).
+
+    ``init`` warm-starts from another fit (DFR's subsamples are alike: a few iterations each).
+    """
+    if init is None:
+        w = torch.zeros(num_classes, z.shape[1], dtype=torch.float64, requires_grad=True)
+        b = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
+    else:
+        w, b = (t.clone().requires_grad_(True) for t in init)
     opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
 
     def closure() -> Tensor:
@@ -79,7 +90,7 @@ def fit_dfr(
     ws, bs = [], []
     for _ in range(n_subsamples):
         idx = balanced_subsample(group, gen)
-        w, b = fit_logistic(z[idx], y[idx], num_classes, C)
+        w, b = fit_logistic(z[idx], y[idx], num_classes, C, init=(ws[-1], bs[-1]) if ws else None)
         ws.append(w)
         bs.append(b)
     return LastLayer(torch.stack(ws).mean(0), torch.stack(bs).mean(0), mean, std)
