@@ -151,21 +151,27 @@ register_family(group_family)
 
 @torch.no_grad()
 def _outputs(m: TrainedModel, batches: Batches, pooled: bool) -> tuple[Tensor, Tensor | None]:
-    """Logits (and pooled penultimate features when ``pooled``) of ``m`` on a whole split."""
-    from kdbench.features import FeatureReader
-
-    reader = FeatureReader(m.model, m.taps, ["pooled"]) if pooled else None
+    """Logits (and the pooled penultimate features, the classifier's input, when ``pooled``)
+    of ``m`` on a whole split, from one forward pass per batch."""
+    captured: list[Tensor] = []
+    handle = None
+    if pooled:
+        fc = m.model.get_submodule(m.taps.classifier)
+        handle = fc.register_forward_pre_hook(
+            lambda _m, inp: captured.append(inp[0].flatten(1).float().cpu())
+        )
     logits, feats = [], []
     try:
         for x, _, _ in batches.iterate(None, drop_singletons=False):
-            x = x.to(m.device, non_blocking=True)
-            logits.append(m.logits(x).float().cpu())
-            if reader is not None:
-                feats.append(reader.read(x).pooled.flatten(1).float().cpu())
+            captured.clear()
+            logits.append(m.logits(x.to(m.device, non_blocking=True)).float().cpu())
+            if captured:
+                feats.append(captured[-1])
     finally:
-        if reader is not None:
-            reader.close()
-    return torch.cat(logits), (torch.cat(feats) if feats else None)
+        if handle is not None:
+            handle.remove()
+    complete = feats and len(feats) == len(logits)  # a head that bypasses the classifier: no features
+    return torch.cat(logits), (torch.cat(feats) if complete else None)
 
 
 def group_hook(m: TrainedModel) -> dict[str, float]:
@@ -177,7 +183,9 @@ def group_hook(m: TrainedModel) -> dict[str, float]:
     if info is None or "group" not in m.train.meta:
         return {}
     n_train = len(m.train.meta["group"])
-    train_logits, train_feats = _outputs(m, m.train, pooled=bool(m.taps.classifier))
+    want_dfr = m.role == "student" and bool(m.options.get("dfr")) and bool(m.taps.classifier)
+    dfr_on_train = want_dfr and (m.val is None or "group" not in m.val.meta)
+    train_logits, train_feats = _outputs(m, m.train, pooled=dfr_on_train)
     train_y = m.train.targets()[:n_train]
     train_g = m.train.meta["group"][:n_train]
     ctx = EvalContext(set_name="train", group_info=info, train_meta=m.ctx.train_meta)
@@ -188,13 +196,13 @@ def group_hook(m: TrainedModel) -> dict[str, float]:
     if not m.taps.classifier:
         return out  # no pooled features: no scan, no DFR
     test = m.sets.get("test")
-    feats: dict[str, tuple[Tensor, Tensor]] = {}
+    feats: dict[str, tuple[Tensor, Tensor | None]] = {}
     if test is not None and "attr" in test.meta:
-        feats["test"] = _outputs(m, test.batches, pooled=True)  # type: ignore[assignment]
-        out.update(
-            scan_metrics(feature_scan(feats["test"][1], test.targets(), test.meta["attr"], info.n_attr))
-        )
-    if m.role == "student" and m.options.get("dfr"):
+        feats["test"] = _outputs(m, test.batches, pooled=True)
+        f = feats["test"][1]
+        if f is not None:
+            out.update(scan_metrics(feature_scan(f, test.targets(), test.meta["attr"], info.n_attr)))
+    if want_dfr:
         out.update(_dfr(m, info, train_feats, train_y, train_g, feats))
     return out
 
@@ -205,7 +213,7 @@ def _dfr(
     train_feats: Tensor | None,
     train_y: Tensor,
     train_g: Tensor,
-    cached: dict[str, tuple[Tensor, Tensor]],
+    cached: dict[str, tuple[Tensor, Tensor | None]],
 ) -> dict[str, float]:
     """DFR on the validation split when there is one, else on the training split (DFR^Tr_Tr)."""
     from kdbench.robustness.dfr import fit_dfr
@@ -225,8 +233,9 @@ def _dfr(
     for name, s in m.sets.items():
         if "group" not in s.meta or (source and name == "val") or name.startswith("c/"):
             continue  # no groups, the very samples the head was fitted on, or a corruption set
-        logits, f = cached[name] if name in cached else _outputs(m, s.batches, pooled=True)
-        assert f is not None
+        _, f = cached[name] if name in cached else _outputs(m, s.batches, pooled=True)
+        if f is None:
+            continue
         ctx = EvalContext(set_name=name, group_info=info, train_meta=m.ctx.train_meta)
         dfr_logits = head(f)
         y = s.targets()
