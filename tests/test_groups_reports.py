@@ -92,6 +92,10 @@ def test_groups_table_rows_columns_and_spread(run: RunData, tmp_path: Path):
     data = json.loads(groups_report.render(run, ReportArgs(kind="groups", fmt="json")))
     kd_dfr = next(r for r in data[0]["rows"] if r["method"] == "kd+dfr")
     assert kd_dfr["metrics"]["worst_group"]["mean"] == 75.0
+    latex = groups_report.render(run, ReportArgs(kind="groups", fmt="latex"))
+    assert r"\begin{tabular}" in latex and "2\\_red" in latex
+    prose = [ln for ln in latex.splitlines() if ln and not ln.startswith("\\") and "&" not in ln]
+    assert prose and all(ln.startswith("% ") for ln in prose)  # compiles as is
 
 
 def test_shift_decomposition_and_scan(run: RunData):

@@ -168,7 +168,17 @@ def render(run: RunData, args: ReportArgs) -> str:
     ]
     if args.plot:
         notes.append(f"plot: {args.plot}")
-    return "\n\n".join(parts) + "\n\n" + "\n".join(f"- {n}" for n in notes)
+    text = "\n\n".join(parts) + "\n\n" + "\n".join(f"- {n}" for n in notes)
+    return latex_comments(text) if args.fmt == "latex" else text
+
+
+def latex_comments(text: str) -> str:
+    """Titles and notes around LaTeX tables as ``%`` comments, so the output compiles as is."""
+    keep = ("\\", "&")
+    return "\n".join(
+        ln if not ln or ln.startswith("\\") or any(k in ln for k in keep) else f"% {ln}"
+        for ln in text.splitlines()
+    )
 
 
 def _none(v: float) -> float | None:

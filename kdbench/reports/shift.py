@@ -27,7 +27,7 @@ from tabulate import tabulate
 
 from kdbench.errors import KdbenchError
 from kdbench.reports import ReportArgs, RunData, footer
-from kdbench.reports.groups import group_names, group_sizes
+from kdbench.reports.groups import group_names, group_sizes, latex_comments
 from kdbench.reports.leaderboard import TEACHER_ROW, VARIANTS, Board, build_board
 
 TOP_DIMS = 5
@@ -247,4 +247,5 @@ def render(run: RunData, args: ReportArgs) -> str:
         "err = inherited (teacher also wrong) + own (teacher right); teacher err and disagreement are on the "
         "student's test set; train−test = accuracy on the training split minus test accuracy"
     ]
-    return "\n\n".join(parts) + "\n\n" + "\n".join(f"- {n}" for n in notes)
+    text = "\n\n".join(parts) + "\n\n" + "\n".join(f"- {n}" for n in notes)
+    return latex_comments(text) if args.fmt == "latex" else text
