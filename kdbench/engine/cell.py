@@ -183,6 +183,14 @@ def _ref_key(ref: PluginKey | dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(_plain(ref), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _data_key(ref: PluginKey | dict[str, Any]) -> str:
+    """Identifies the data itself (plugin, params and file fingerprint): cached teacher logits use it."""
+    fp = ref.get("fingerprint") if isinstance(ref, dict) else getattr(ref, "fingerprint", None)
+    return hashlib.sha256(
+        json.dumps({**_plain(ref), "fingerprint": fp}, sort_keys=True, default=str).encode()
+    ).hexdigest()[:16]
+
+
 def load_dataset(ref: PluginKey | dict[str, Any]) -> Any:
     """The dataset plugin for ``ref``, built once per process (least recently used dropped)."""
     key = _ref_key(ref)
@@ -261,7 +269,7 @@ def cell_data(
         train = Batches(train_split, batch_size, meta=train_meta)
     test = Batches(ds.split("test"), eval_batch_size, meta=ds.meta("test"))
     extra = {n: Batches(d, eval_batch_size, meta=ds.meta(n)) for n, d in ds.eval_splits().items()}
-    return CellData(ds, _ref_key(ref), train, val, test, eval_batch_size, float(val_fraction or 0.0), extra)
+    return CellData(ds, _data_key(ref), train, val, test, eval_batch_size, float(val_fraction or 0.0), extra)
 
 
 # --------------------------------------------------------------------------------- teacher
