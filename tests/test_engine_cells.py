@@ -103,3 +103,18 @@ def test_method_views_apply_unless_the_grid_sets_them(tmp_path):
     assert engine._student_view(grid_set, Consistent).name == "flip_crop"
     Consistent.student_view = "flip_crop"  # an augmenter name works too
     assert engine._student_view(cell, Consistent) == {"name": "flip_crop", "params": {}}
+
+
+def test_run_cell_leaves_no_open_descriptor(tmp_path):
+    """A long inline sweep must not run out of descriptors: each cell closes its log file."""
+    import os
+
+    cell = _cell(tmp_path, "{batch_size: 500}")
+    broken = cell.model_copy(update={"train": cell.train.model_copy(update={"device": "meta"})})
+    engine.run_cell(broken, tmp_path / "runs")  # warm-up: imports, dataset cache
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(30):
+        res = engine.run_cell(broken, tmp_path / "runs")
+        assert res["status"] == "failed"
+    assert len(os.listdir("/proc/self/fd")) <= before
+    assert not logging.getLogger(f"kdbench.cell.{cell.id}").handlers
