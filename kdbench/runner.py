@@ -57,13 +57,16 @@ def plan(grid: Grid, out: Path | None = None, executor: str | None = None) -> Pl
 
     Raises ConfigError listing every problem; writes nothing.
     """
+    from kdbench.engine.cell import load_dataset
+
     _, root = load_yaml(Path(grid.file))
     problems = Problems(grid.file, root)
     ds_fp: list[dict] = []
     instances: list[Any] = []
     for i, ref in enumerate(grid.datasets):
         try:
-            instances.append(registry.load("datasets", ref.name)(**ref.params))
+            # the engine's per-process cache: an inline sweep loads each dataset once
+            instances.append(load_dataset({"name": ref.name, "params": ref.params}))
             ds_fp.append(instances[-1].fingerprint())
         except KdbenchError as e:
             problems.add(("datasets", i), str(e))

@@ -118,3 +118,12 @@ def test_run_cell_leaves_no_open_descriptor(tmp_path):
         assert res["status"] == "failed"
     assert len(os.listdir("/proc/self/fd")) <= before
     assert not logging.getLogger(f"kdbench.cell.{cell.id}").handlers
+
+
+def test_the_driver_and_its_inline_cells_share_one_dataset_instance(tmp_path):
+    g = write_grid(tmp_path / "g.yaml", GRID.format(out=tmp_path / "runs", eval="{batch_size: 500}"))
+    engine._DATASETS.clear()
+    p = plan(load_grid(g))
+    assert len(engine._DATASETS) == 1
+    assert engine.load_dataset(p.cells[0].dataset) is next(iter(engine._DATASETS.values()))
+    assert len(engine._DATASETS) == 1
