@@ -104,9 +104,31 @@ def method_fit(
                 continue
             for m_i, m in enumerate(grid.methods):
                 msg = _build_method(m, student, teacher, tspec, s_probe, t_probe, num_classes, grid)
+                if not msg:
+                    aug = m.train_augment or grid.train_augment.key()
+                    shape3 = (num_classes, in_channels, size)
+                    msg = _augmenter_misfit(aug, uses_teacher(m), shape3, s_probe, t_probe)
                 if msg:
                     misfits[d_i, p_i, m_i] = (("methods", m_i), f"{m.name} does not fit {where}: {msg}")
     return problems, misfits
+
+
+def _augmenter_misfit(aug: dict[str, Any], has_teacher: bool, shape: tuple, s_probe, t_probe) -> str | None:
+    """A dataset-level augmenter's own check (``validate``; ConfiG: image size, class counts)."""
+    cls = registry.load("augmenters", aug["name"])
+    if not getattr(cls, "dataset_level", False) or not callable(getattr(cls, "validate", None)):
+        return None
+    if getattr(cls, "needs_teacher", False) and not has_teacher:
+        return f"augmenter {aug['name']!r} needs a teacher; use it with a distillation method"
+    try:
+        cls(**aug.get("params", {})).validate(
+            *shape,
+            teacher_classes=int(t_probe.logits.shape[1]) if has_teacher and t_probe is not None else None,
+            student_classes=int(s_probe.logits.shape[1]),
+        )
+    except KdbenchError as e:
+        return str(e)
+    return None
 
 
 def _instantiate(ref: PluginRef) -> Any:

@@ -176,3 +176,17 @@ def test_accumulate_up_to_a_cap_keeps_the_newest_samples(tmp_path):
     uncapped = ConfigAugmenter(every=1, fraction=0.25, keep="accumulate", model=TINY_MODEL, **FAST)
     only_new = uncapped.on_epoch_start(2, ctx)  # round files exist: reloaded, not regenerated
     assert not only_new.replace and torch.equal(only_new.x, r2["x"])
+
+
+def test_the_plan_refuses_misfits_before_any_cell_runs(tmp_path):
+    from kdbench.config import load_grid
+    from kdbench.runner import plan
+    from tests.conftest import TINY_GRID, write_grid
+
+    body = TINY_GRID.format(out=tmp_path / "runs", methods="[ce, kd]", seeds="[0]", epochs=1).replace(
+        "views: {}}", "views: {}, augment: {config: {model: {widths: [8, 8, 8, 8, 8]}}}}", 1
+    )
+    p = plan(load_grid(write_grid(tmp_path / "grid.yaml", body)))
+    msgs = {c.method.name: p.incompatible.get(c.id, "") for c in p.cells}
+    assert "needs a teacher" in msgs["ce"]
+    assert "cannot take 8x8 images" in msgs["kd"] and "divisible by 16" in msgs["kd"]

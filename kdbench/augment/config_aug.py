@@ -312,6 +312,7 @@ class ConfigAugmenter:
     """
 
     dataset_level = True
+    needs_teacher = True
 
     def __init__(
         self,
