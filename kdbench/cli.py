@@ -247,10 +247,28 @@ def plot_cmd(
         out.print(str(f))
 
 
+_TERMINATED = False
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    """SIGTERM (Slurm before a kill, a container stopping): every running cell checkpoints at its
+    next step boundary, then the driver exits 143 and a rerun resumes from there."""
+    global _TERMINATED
+    from kdbench.engine.train import request_stop
+
+    _TERMINATED = True
+    request_stop()
+
+
 def main() -> None:
     """Entry point: user errors print without a traceback."""
+    import signal
+
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         rc = app(standalone_mode=False)  # returns the exit code of typer.Exit instead of raising
+        if rc == 130:  # click turned a KeyboardInterrupt (Ctrl-C, or our SIGTERM stop) into 130
+            raise KeyboardInterrupt
         sys.exit(rc if isinstance(rc, int) else 0)
     except KdbenchError as e:
         from rich.markup import escape
@@ -258,6 +276,9 @@ def main() -> None:
         err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
+        if _TERMINATED:
+            err.print("stopped by SIGTERM: cells checkpointed at a step boundary; run again to resume")
+            sys.exit(143)
         err.print("interrupted; run the same command again to resume")
         sys.exit(130)
     except typer.Exit as e:
@@ -268,7 +289,11 @@ def main() -> None:
         if isinstance(e, click.ClickException):
             e.show()
             sys.exit(2)
-        if isinstance(e, click.exceptions.Abort):
+        if isinstance(e, click.exceptions.Abort):  # click's wrapping of KeyboardInterrupt
+            if _TERMINATED:
+                err.print("stopped by SIGTERM: cells checkpointed at a step boundary; run again to resume")
+                sys.exit(143)
+            err.print("interrupted; run the same command again to resume")
             sys.exit(130)
         raise
 

@@ -24,6 +24,7 @@ from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any
 
+from kdbench.engine.train import StopRequested, stop_requested
 from kdbench.errors import KdbenchError
 
 #: seconds between a worker's checks that its driver is alive (the portable fallback)
@@ -120,6 +121,11 @@ def _worker_main(conn: Connection, run_dir: str, threads: int, parent_pid: int) 
     """Run cells sent over ``conn`` until told to stop; send back progress rows and results."""
     die_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the driver decides what Ctrl-C means
+    from kdbench.engine.train import StopRequested, request_stop
+
+    # SIGTERM (from the driver's shutdown, or Slurm/a container stopping the node): checkpoint
+    # at the next step boundary, tell the driver, exit
+    signal.signal(signal.SIGTERM, lambda *_: request_stop())
     import torch
 
     torch.set_num_threads(threads)
@@ -139,6 +145,9 @@ def _worker_main(conn: Connection, run_dir: str, threads: int, parent_pid: int) 
 
         try:
             result = run_cell(cell, Path(run_dir), progress, attempt)
+        except StopRequested:
+            conn.send(("stopped", cell["id"], None))
+            return
         except KdbenchError as e:  # e.g. a full disk: the sweep stops, as it does inline
             conn.send(("error", cell["id"], (type(e).__name__, str(e), e.exit_code)))
             continue
@@ -213,7 +222,9 @@ def run_pool(
                     cell = queue.popleft()
                     w.give(cell, attempts[cell["id"]])
             busy = [w for w in workers if w.cell is not None]
-            wait([w.conn for w in busy] + [w.proc.sentinel for w in busy])
+            wait([w.conn for w in busy] + [w.proc.sentinel for w in busy], timeout=0.5)
+            if stop_requested():  # SIGTERM to the driver: workers checkpoint and stop (finally)
+                raise StopRequested("stop requested")
             for i, w in enumerate(workers):
                 if w.cell is None:
                     continue
@@ -241,6 +252,8 @@ def _drain(w: _Worker, on_result: Callable, on_progress: Callable | None) -> Non
         if kind == "progress":
             if on_progress is not None:
                 on_progress(w.cell, payload)
+        elif kind == "stopped":  # checkpointed on a stop request; the cell stays to run
+            w.cell = None
         elif kind == "result":
             w.cell = None
             on_result(payload)
@@ -265,8 +278,9 @@ def _died(cell: dict, attempt: int, exitcode: int | None, run_dir: Path) -> dict
     return {"cell": cell, "status": "failed", "error": reason, "attempt": attempt}
 
 
-def _shutdown(workers: list[_Worker], grace: float = 5.0) -> None:
-    """Ask idle workers to stop; terminate busy ones (their cells resume from checkpoints)."""
+def _shutdown(workers: list[_Worker], grace: float = 30.0) -> None:
+    """Ask idle workers to stop; terminate busy ones, which checkpoint at their next step and
+    exit (their cells resume from there); a worker still busy after ``grace`` s is killed."""
     for w in workers:
         if w.cell is None:
             w.stop()

@@ -88,8 +88,57 @@ def run_cell_job(job: CellJob) -> dict[str, Any]:
         cell = Cell.from_dict(job.cell)
     except ImportError:
         pass
-    result = run_cell(cell, Path(job.run_dir), None, job.attempt)
+    with _graceful_preemption():
+        result = run_cell(cell, Path(job.run_dir), None, job.attempt)
     return _jsonable(result)
+
+
+class _graceful_preemption:
+    """Turn a scheduler's preemption signal into a checkpoint at the next step boundary.
+
+    Slurm (through submitit: USR2, its handler requeues the job) and plain SIGTERM: our handler
+    asks the trainer to checkpoint at its next step and raise ``StopRequested``; then the
+    handler that was there before runs (submitit's requeue) or, for SIGTERM, the process exits
+    143. The requeued cell resumes from that exact step.
+    """
+
+    SIGNALS = ("SIGUSR2", "SIGTERM")
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        self.previous: dict[int, Any] = {}
+        self.caught: int | None = None
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        for name in self.SIGNALS:
+            sig = getattr(signal, name, None)
+            if sig is None:
+                continue
+            self.previous[sig] = signal.getsignal(sig)
+            signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        from kdbench.engine.train import request_stop
+
+        self.caught = signum
+        request_stop()
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        import signal
+
+        from kdbench.engine.train import StopRequested
+
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        if exc_type is not None and issubclass(exc_type, StopRequested) and self.caught is not None:
+            prev = self.previous.get(self.caught)
+            if callable(prev):
+                prev(self.caught, None)  # submitit: checkpoint() + requeue + exit
+            raise SystemExit(128 + self.caught)
+        return False
 
 
 def _jsonable(result: Any) -> dict[str, Any]:
