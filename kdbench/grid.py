@@ -91,12 +91,8 @@ def teacher_spec(
 
 
 def uses_teacher(m: PluginRef) -> bool:
-    """Whether a method (with these parameters) reads a teacher at all."""
-    method_cls = registry.load("losses", m.name)
-    needs = getattr(method_cls, "requires_teacher", True)
-    if callable(getattr(method_cls, "needs_teacher", None)):
-        needs = method_cls.needs_teacher(**m.method_params)
-    return bool(needs)
+    """Whether a method (with these parameters) reads a teacher at all (``Distiller.needs_teacher``)."""
+    return bool(registry.load("losses", m.name).needs_teacher(**m.method_params))
 
 
 def method_ref(grid: Grid, m: PluginRef, teacher: PluginRef, student: PluginRef) -> MethodRef:
