@@ -9,7 +9,7 @@ A method is an ``nn.Module`` subclass of :class:`Distiller`:
   The parameters' names, defaults and type hints are the method's public interface:
   a grid's ``methods: [{name: {param: value}}]`` is validated against this signature.
 * ``forward(s, t, batch)`` returns a dict of named, *unweighted* loss terms. The engine
-  multiplies each by its weight (``default_weights`` merged with the grid's ``weights``)
+  multiplies each by its weight (``default_weights`` merged with the grid's ``loss_weights``)
   and adds ``weights["ce"]`` times the cross-entropy of the student's prediction.
 * Trainable parts (regressors, embeddings) are submodules; they are optimised with the
   student. The teacher is in eval mode under ``no_grad``; ``t`` holds detached tensors.
@@ -25,10 +25,11 @@ Every other hook, with its default (the engine calls nothing else):
                                ``batch.views[name]`` holds both models' features on it
 ``teacher_view``               class var: what the teacher sees, ``"student"`` (the
                                student's augmented batch), ``"clean"`` or an augmenter name;
-                               None lets the grid decide (``train.teacher_view``)
+                               a grid's ``train.teacher_view`` other than "student" wins
 ``student_view``               class var: the student's augmentation when the grid leaves
                                ``train.augment`` at "none": a view name of ``train.views``
                                (e.g. ``"strong"``) or an augmenter name; None: the grid's
+                               ``train.augment``
 ``init_epochs``                epochs of an initialisation stage (AB, FT, FSP), 0: none
 ``init_loss(s, t, batch)``     loss terms of that stage
 ``init_parameters(student)``   what that stage optimises (default: student and method)
