@@ -229,10 +229,12 @@ def run_bench(
     json_path: str | Path | None = None,
     threads: list[int] | None = None,
     only: str | None = None,
+    on_case: Callable[[list[dict]], None] | None = None,
 ) -> list[dict]:
     """Runs every case (at each thread count in ``threads``; default: the current one) and
     returns one row per (case, threads, implementation); also writes JSON. ``only``
-    keeps the cases of one op ("kd", "dkd", "cka")."""
+    keeps the cases of one op ("kd", "dkd", "cka"); ``on_case`` gets each case's rows as
+    soon as it is timed."""
     repeats = 5 if quick else 20
     if quick:
         cases = [
@@ -260,7 +262,10 @@ def run_bench(
             for make in cases:
                 case = make()
                 times = {name: time_step(step, repeats) for name, step in case.steps.items()}
-                rows.extend(_rows(case, times, bandwidth))
+                case_rows = _rows(case, times, bandwidth)
+                rows.extend(case_rows)
+                if on_case is not None:
+                    on_case(case_rows)
                 del case
     finally:
         torch.set_num_threads(previous_threads)
@@ -357,7 +362,10 @@ def bench_command(
         f"kdbench bench: backend={K.backend()}, torch threads={threads or torch.get_num_threads()}"
         + (" (quick)" if quick else "")
     )
-    rows = run_bench(quick=quick, json_path=json, threads=counts, only=only)
+
+    def show(case_rows: list[dict]) -> None:  # one table per case, printed as it finishes
+        print(format_table(case_rows), flush=True)
+
+    rows = run_bench(quick=quick, json_path=json, threads=counts, only=only, on_case=show)
     if rows:
         console.print(f"measured copy bandwidth: {rows[0]['bandwidth_GBps']:.1f} GB/s")
-    print(format_table(rows))
