@@ -1,10 +1,11 @@
 // AVX2 + FMA kernel for the upper triangle of a centred Gram matrix, G = Xc Xc^T with
 // Xc = X - 1 mean^T, float32 (a symmetric rank-k update: about half the FLOPs of a GEMM).
 //
-// GotoBLAS-style: the feature dimension is cut into chunks of KC columns; each chunk of Xc
-// is centred while it is packed once (24-row panels, transposed 8 x 8 at a time), then a
-// 4 x 24 register-tile kernel accumulates every tile that touches
-// the upper triangle. Only tiles crossing the diagonal compute a few entries below it.
+// GotoBLAS-style: the feature dimension is cut into chunks of KC columns; each chunk's
+// column means are taken, the chunk is centred while it is packed once (24-row panels,
+// transposed 8 x 8 at a time), then a 4 x 24 register-tile kernel accumulates every tile
+// that touches the upper triangle. Only tiles crossing the diagonal compute a few entries
+// below it.
 // The strictly lower triangle of G is left as it was (callers read the upper triangle).
 // Compiled with the AVX2 target for this translation unit only; the caller checks the CPU.
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
