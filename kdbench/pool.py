@@ -171,13 +171,49 @@ def death_reason(exitcode: int | None) -> str:
     return f"exited with code {exitcode}"
 
 
+def gpu_for(slot: int, gpus: list[int] | None) -> str | None:
+    """CUDA_VISIBLE_DEVICES of worker ``slot``: its own GPU from ``gpus`` (round robin), or None."""
+    if not gpus:
+        return None
+    return str(gpus[slot % len(gpus)])
+
+
+def default_gpus(n_workers: int) -> list[int] | None:
+    """With several workers and several visible GPUs, one GPU per worker (None: leave CUDA be)."""
+    if n_workers < 2:
+        return None
+    try:
+        import torch
+
+        n = torch.cuda.device_count()
+    except Exception:  # noqa: BLE001 - no CUDA runtime at all
+        return None
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if n < 2:
+        return None
+    if visible:  # keep the user's numbering: pin to the ids they made visible
+        ids = [v.strip() for v in visible.split(",") if v.strip()]
+        return [int(v) for v in ids] if all(v.isdigit() for v in ids) else None
+    return list(range(n))
+
+
 class _Worker:
-    def __init__(self, ctx: Any, run_dir: Path, threads: int):
+    def __init__(self, ctx: Any, run_dir: Path, threads: int, gpu: str | None = None):
         self.conn, child = ctx.Pipe()
         # not a daemon: a cell may start processes of its own (DataLoader workers); the driver
         # stops its workers itself (``_shutdown``), or the kernel does when the driver dies
         self.proc = ctx.Process(target=_worker_main, args=(child, str(run_dir), threads, os.getpid()))
-        self.proc.start()
+        saved = os.environ.get("CUDA_VISIBLE_DEVICES")
+        if gpu is not None:  # a spawned child inherits the environment at start()
+            os.environ["CUDA_VISIBLE_DEVICES"] = gpu
+        try:
+            self.proc.start()
+        finally:
+            if gpu is not None:
+                if saved is None:
+                    os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+                else:
+                    os.environ["CUDA_VISIBLE_DEVICES"] = saved
         child.close()
         self.cell: dict | None = None
 
@@ -204,6 +240,7 @@ def run_pool(
     attempts: dict[str, int],
     on_result: Callable[[dict], None],
     on_progress: Callable[[dict, dict], None] | None = None,
+    gpus: list[int] | None = None,
 ) -> None:
     """Run ``todo`` on ``n_workers`` spawned processes; ``on_result`` gets every cell's result.
 
@@ -212,13 +249,14 @@ def run_pool(
     """
     ctx = mp.get_context("spawn")  # fork after torch initialised its thread pools is unsafe
     queue = deque(todo)
-    workers = [_Worker(ctx, run_dir, threads) for _ in range(min(n_workers, len(todo)))]
+    gpus = gpus if gpus is not None else default_gpus(n_workers)
+    workers = [_Worker(ctx, run_dir, threads, gpu_for(i, gpus)) for i in range(min(n_workers, len(todo)))]
     try:
         while queue or any(w.cell is not None for w in workers):
             for i, w in enumerate(workers):
                 if w.cell is None and queue:
                     if not w.proc.is_alive():
-                        workers[i] = w = _Worker(ctx, run_dir, threads)
+                        workers[i] = w = _Worker(ctx, run_dir, threads, gpu_for(i, gpus))
                     cell = queue.popleft()
                     w.give(cell, attempts[cell["id"]])
             busy = [w for w in workers if w.cell is not None]
@@ -234,7 +272,7 @@ def run_pool(
                     cell, w.cell = w.cell, None
                     on_result(_died(cell, attempts[cell["id"]], w.proc.exitcode, run_dir))
                     if queue:
-                        workers[i] = _Worker(ctx, run_dir, threads)
+                        workers[i] = _Worker(ctx, run_dir, threads, gpu_for(i, gpus))
     finally:
         _shutdown(workers)
 

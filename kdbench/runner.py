@@ -409,7 +409,8 @@ def _execute_locked(
             torch.set_num_threads(threads)
             _run_inline(todo, p.run_dir, store, bar, overall, attempts, counts)
         else:
-            _run_pool(todo, p.run_dir, store, bar, overall, attempts, counts, n_workers, threads)
+            gpus = p.executor.params.get("gpus") if p.executor is not None else None
+            _run_pool(todo, p.run_dir, store, bar, overall, attempts, counts, n_workers, threads, gpus)
     import_results(store, p.run_dir, p.cells)
     return counts
 
@@ -478,7 +479,7 @@ def _epoch_line(bar: Progress, overall: Any, desc: str, row: dict) -> None:
     bar.update(overall, description=line)
 
 
-def _run_pool(todo, run_dir, store, bar, overall, attempts, counts, n_workers, threads) -> None:
+def _run_pool(todo, run_dir, store, bar, overall, attempts, counts, n_workers, threads, gpus=None) -> None:
     def on_result(result: dict) -> None:
         _tally(result, store, counts, bar.console)
         bar.advance(overall)
@@ -486,4 +487,4 @@ def _run_pool(todo, run_dir, store, bar, overall, attempts, counts, n_workers, t
     def on_progress(cell: Cell, row: dict) -> None:
         _epoch_line(bar, overall, _describe(cell), row)
 
-    run_pool(todo, run_dir, n_workers, threads, attempts, on_result, on_progress)
+    run_pool(todo, run_dir, n_workers, threads, attempts, on_result, on_progress, gpus)

@@ -165,3 +165,19 @@ def test_detach_status_and_collect_through_the_cli(tiny_grid, tmp_path):
     s = kdbench_cli("status", str(run_dir))
     assert "2 done" in s.stdout, s.stdout
     assert len(list((run_dir / "submitit").iterdir())) <= 4  # teacher job + 2 cells (+ the %j template dir)
+
+
+def test_local_workers_are_pinned_to_their_own_gpu(tiny_grid, tmp_path):
+    from kdbench.executors.local import LocalExecutor
+    from kdbench.pool import gpu_for
+
+    assert [gpu_for(i, [0, 1]) for i in range(3)] == ["0", "1", "0"]
+    assert gpu_for(0, None) is None
+    cells = _cells(tiny_grid, methods="[ce]", seeds="[0, 1]", epochs=1)
+    results: list[dict] = []
+    LocalExecutor(workers=2, gpus=[3, 5]).run(
+        [CellJob(c, str(tmp_path), 1, 1) for c in cells], results.append
+    )
+    assert all(r["status"] == "done" for r in results), [r.get("error") for r in results]
+    # each worker saw only its own device (recorded in every result's environment)
+    assert sorted(r["env"]["cuda_visible_devices"] for r in results) == ["3", "5"]

@@ -46,4 +46,6 @@ class LocalExecutor(Executor):
         except ImportError:
             pass
         attempts = {j.id: j.attempt for j in jobs}
-        run_pool(cells, Path(jobs[0].run_dir), self.workers, jobs[0].threads, attempts, on_result, None)
+        run_pool(
+            cells, Path(jobs[0].run_dir), self.workers, jobs[0].threads, attempts, on_result, None, self.gpus
+        )
