@@ -79,6 +79,7 @@ def environment() -> dict[str, Any]:
         "kernels": kernels.backend(),
         "threads": torch.get_num_threads(),
         "cuda": torch.cuda.is_available(),
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         **numerics(),
     }
 
