@@ -11,7 +11,7 @@ import torch
 from kdbench.config import load_grid
 from kdbench.engine.cell import run_cell
 from kdbench.engine.lockstep import SharedTeachers, group_key, plan_groups, run_group
-from kdbench.engine.train import Trainer
+from kdbench.engine.train import StopRequested, Trainer, clear_stop, request_stop
 from kdbench.runner import plan
 
 pytestmark = pytest.mark.slow
@@ -114,8 +114,26 @@ def test_interrupted_group_resumes_to_the_same_numbers(tiny_grid, tmp_path, monk
     monkeypatch.setattr(Trainer, "train_step", dying_step)
     with pytest.raises(KeyboardInterrupt):
         run_group(cells, tmp_path / "group")
-    monkeypatch.setattr(Trainer, "train_step", step)
     assert not any((d / "result.json").exists() for d in cdirs)
+    # a stop request (SIGTERM) mid-epoch: every cell of the group checkpoints where it is
+    calls["n"] = 0
+
+    def stopping_step(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            request_stop()
+        return step(self, *a, **k)
+
+    monkeypatch.setattr(Trainer, "train_step", stopping_step)
+    try:
+        with pytest.raises(StopRequested):
+            run_group(cells, tmp_path / "group")
+    finally:
+        clear_stop()
+    monkeypatch.setattr(Trainer, "train_step", step)
+    for d in cdirs:
+        ckpt = torch.load(d / "checkpoint.pt", weights_only=False)
+        assert ckpt["trainer"].get("partial"), d.name  # mid-epoch position saved
     teachers = SharedTeachers()
     got = run_group(cells, tmp_path / "group", teachers=teachers)
     for r in got:

@@ -17,7 +17,9 @@ Why lockstep rather than replay (teacher outputs stored per step on disk): large
 resume needs nothing beyond each cell's own checkpoint. A cell that fails (a NaN loss) records
 its failure and leaves the group; the rest go on. A group interrupted and run again resumes
 each cell from its own last checkpoint; cells that are behind step alone (the group always
-advances the cells at the earliest position) until they catch up, then share again.
+advances the cells at the earliest position) until they catch up, then share again. On a stop
+request (SIGTERM, :func:`~kdbench.engine.train.request_stop`) every cell of the group checkpoints
+at its next step boundary before the group stops.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from torch import Tensor, nn
 
 from kdbench import registry
 from kdbench.cells import Cell
-from kdbench.engine.train import Progress, StepPos
+from kdbench.engine.train import Progress, StepPos, StopRequested
 from kdbench.features import FeatureReader, Features, TapSpec
 
 #: teacher forwards kept per group for reuse (the current step's inputs: one per distinct view)
@@ -243,6 +245,7 @@ class _Slot:
     rng: tuple
     pos: StepPos | None = None
     result: dict[str, Any] | None = None
+    stopped: bool = False
 
     def rank(self) -> tuple[int, int, int]:
         assert self.pos is not None
@@ -257,6 +260,9 @@ def _advance(slot: _Slot) -> None:
         slot.pos = next(slot.gen)
     except StopIteration as e:
         slot.pos, slot.result = None, e.value
+    except StopRequested:
+        slot.stopped = True
+        raise
     finally:
         slot.rng = _rng_state()
 
@@ -319,6 +325,17 @@ def run_group(
                 if s.pos is None:
                     live.remove(s)
                     finish(s)
+    except StopRequested:
+        # request_stop (SIGTERM): every other cell also checkpoints at its next step boundary
+        for s in slots:
+            if s.pos is not None and not s.stopped:
+                try:
+                    _advance(s)
+                except StopRequested:
+                    pass
+                if s.pos is None and s.result is not None:
+                    finish(s)
+        raise
     finally:
         for s in slots:
             s.gen.close()
