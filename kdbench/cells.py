@@ -127,7 +127,8 @@ class TrainRecipe(Record):
     """How a model is trained (the student's ``train``, the teacher's ``teacher_train``)."""
 
     OMIT_IF_DEFAULT: ClassVar[frozenset[str]] = frozenset(
-        {"teacher_view", "precision", "channels_last", "compile", "sampler", "swa"}
+        {"teacher_view", "precision", "channels_last", "compile", "sampler", "swa", "method"}
+        | {"gpus_per_cell", "nodes", "sync_bn"}
     )
 
     preset: Literal["repdistiller", "mdistiller", "quick"] | None = None
@@ -160,6 +161,15 @@ class TrainRecipe(Record):
     #: stochastic weight averaging of the train stage (kdbench/robustness/swa.py): true or
     #: {start: 0.75, lr: null (half the lr), anneal_epochs: 1}, stored with every key; None: off
     swa: dict[str, Any] | None = None
+    #: DDP inside the cell (kdbench/engine/distributed.py): ranks per node (one GPU each, or CPU ranks
+    #: on gloo) and nodes; ``batch_size`` stays the GLOBAL batch (each rank takes 1/N of every batch)
+    gpus_per_cell: int = Field(1, ge=1)
+    nodes: int = Field(1, ge=1)
+    #: BatchNorm statistics over the global batch (SyncBatchNorm) instead of each rank's share
+    sync_bn: bool = False
+    #: teacher_train only: a teacher-free ``kdbench.losses`` plugin the teacher trains with instead of
+    #: plain cross-entropy, resolved to {name, params} (e.g. the tolerant teacher); None: CE
+    method: Any = None
 
     @field_validator("swa", mode="before")
     @classmethod

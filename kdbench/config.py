@@ -126,6 +126,9 @@ class PairConfig(_Strict):
     #: the teacher's own training data (a dataset reference, e.g. the balanced variant of a
     #: spurious set); default: the cell's dataset. Same classes, channels and image size.
     teacher_dataset: Any = None
+    #: this pair's teacher recipe: keys merged over the grid's ``teacher_train`` (e.g. a tolerant
+    #: teacher next to a normal one: ``teacher_train: {method: {tolerant: {eta: 0.6}}}``)
+    teacher_train: dict[str, Any] | None = None
 
 
 class ReferenceValue(_Strict):
@@ -424,6 +427,7 @@ def load_yaml(path: Path) -> tuple[Any, yaml.Node | None]:
 INERT_KEYS: dict[str, dict[str, str]] = {
     "train": {
         "seed": "the student's seeds are the grid's `seeds:` list; set teacher seeds in `teacher_train.seed`",
+        "method": "the students' methods are the grid's `methods:`; `method` belongs to `teacher_train`",
     },
     "teacher_train": {
         "views": "teachers train with cross-entropy alone and read no extra views; set views in `train`",
@@ -468,12 +472,49 @@ class Grid(BaseModel):
     train_given: list[str] = Field(default_factory=list)
     #: the executor plugin and its validated parameters (``executor:`` minus ``kind`` and ``threads``)
     executor: PluginRef | None = None
+    #: per pair (aligned with ``pairs``): its own teacher recipe, or None for the grid's ``teacher_train``
+    teacher_trains: list[TrainConfig | None] = Field(default_factory=list)
     #: per pair (aligned with ``pairs``): the teacher's own dataset, or None for the cell's
     teacher_datasets: list[PluginRef | None] = Field(default_factory=list)
 
     @property
     def run_dir(self) -> Path:
         return Path(self.config.output) / self.config.name
+
+
+def _teacher_method(raw: Any, path: tuple, problems: Problems) -> dict[str, Any] | None:
+    """A teacher recipe's ``method``: a teacher-free loss plugin, validated, as {name, params}."""
+    ref = parse_ref(raw, "losses", path, problems)
+    if ref is None:
+        return None
+    validate_params(ref, path, problems)
+    try:
+        cls = registry.load("losses", ref.name)
+    except KdbenchError:
+        return None
+    if cls.needs_teacher(**ref.params):
+        problems.add(path, f"{ref.name} needs a teacher; a teacher's recipe can only use a teacher-free loss")
+        return None
+    return {"name": ref.name, "params": ref.params}
+
+
+def _pair_teacher_train(data: dict, override: dict, path: tuple, problems: Problems) -> TrainConfig | None:
+    """A pair's teacher recipe: its keys over the grid's ``teacher_train`` (after presets)."""
+    if not isinstance(override, dict):
+        problems.add(path, f"expected a mapping of teacher_train keys, got {override!r}")
+        return None
+    _reject_inert(override, "teacher_train", problems)
+    merged = {**(data.get("teacher_train") or {}), **override}
+    merged = apply_preset(merged, path, problems)
+    try:
+        tc = TrainConfig.model_validate(merged)
+    except ValidationError as e:
+        for err in e.errors():
+            problems.add(path + tuple(err["loc"]), _pydantic_msg(err))
+        return None
+    if tc.method is not None:
+        tc.method = _teacher_method(tc.method, path + ("method",), problems)
+    return tc
 
 
 def executor_ref(ex: ExecutorConfig, problems: Problems | None = None, kind: str | None = None) -> PluginRef:
@@ -523,6 +564,7 @@ def load_grid(path: str | Path) -> Grid:
     methods = _refs(cfg.methods, "losses", ("methods",), problems)
     pairs = []
     teacher_datasets: list[PluginRef | None] = []
+    teacher_trains: list[TrainConfig | None] = []
     for i, pair in enumerate(cfg.pairs):
         t = parse_ref(pair.teacher, "models", ("pairs", i, "teacher"), problems)
         s = parse_ref(pair.student, "models", ("pairs", i, "student"), problems)
@@ -536,9 +578,13 @@ def load_grid(path: str | Path) -> Grid:
             tds = parse_ref(pair.teacher_dataset, "datasets", where, problems)
             if tds is not None:
                 validate_params(tds, where, problems)
+        pair_tt = None
+        if pair.teacher_train is not None:
+            pair_tt = _pair_teacher_train(data, pair.teacher_train, ("pairs", i, "teacher_train"), problems)
         if t and s and src:
             pairs.append((t, s, src))
             teacher_datasets.append(tds)
+            teacher_trains.append(pair_tt)
     augs = {}
     for key, tc in (("train", cfg.train), ("teacher_train", cfg.teacher_train)):
         a = parse_ref(tc.augment, "augmenters", (key, "augment"), problems)
@@ -552,6 +598,9 @@ def load_grid(path: str | Path) -> Grid:
             validate_params(v, ("train", "views", view), problems)
             views[view] = v
     executor = executor_ref(cfg.executor, problems)
+    if cfg.teacher_train.method is not None:
+        resolved = _teacher_method(cfg.teacher_train.method, ("teacher_train", "method"), problems)
+        cfg.teacher_train.method = resolved
     if len(set(cfg.seeds)) != len(cfg.seeds):
         problems.add(("seeds",), "seeds repeat; list each seed once")
     problems.raise_if_any()
@@ -564,6 +613,7 @@ def load_grid(path: str | Path) -> Grid:
         train_augment=augs["train"],
         teacher_augment=augs["teacher_train"],
         executor=executor,
+        teacher_trains=teacher_trains,
         views=views,
         train_given=train_given,
         teacher_datasets=teacher_datasets,

@@ -8,6 +8,7 @@ file or a plugin version and the cell is new; change nothing and it is skipped.
 from __future__ import annotations
 
 import itertools
+from typing import Any
 
 from kdbench import registry
 from kdbench.cells import CELL_FORMAT, Cell, DatasetRef, MethodRef, TeacherSpec, canonical, digest
@@ -65,14 +66,19 @@ def teacher_spec(
     source: PluginRef,
     source_fingerprint: dict,
     seed: int,
+    own_recipe: Any = None,
 ) -> TeacherSpec:
     """Everything that determines a trained teacher; its hash is the teacher id."""
-    tt = grid.config.teacher_train
+    tt = own_recipe or grid.config.teacher_train
     tseed = seed if tt.seed == "per_cell" else (0 if tt.seed is None else tt.seed)
+    label = model_label(teacher)
+    if tt.method is not None:  # a teacher trained with its own loss is another teacher: say which
+        args = ",".join(f"{k}={_short(v)}" for k, v in sorted(tt.method["params"].items()))
+        label += f"[{tt.method['name']}({args})]" if args else f"[{tt.method['name']}]"
     return TeacherSpec.build(
         format=CELL_FORMAT,
         model=teacher.key(),
-        label=model_label(teacher),
+        label=label,
         source={**source.key(), "fingerprint": source_fingerprint},
         dataset=dataset,
         train=tt.model_dump(mode="json", exclude={"seed"}),
@@ -136,7 +142,15 @@ def expand(
             grid=grid.config.name,
             dataset=dataset,
             student={**s.key(), "label": model_label(s)},
-            teacher=teacher_spec(grid, t_data, t, src, source_fingerprints[p_i], seed),
+            teacher=teacher_spec(
+                grid,
+                t_data,
+                t,
+                src,
+                source_fingerprints[p_i],
+                seed,
+                grid.teacher_trains[p_i] if p_i < len(grid.teacher_trains) else None,
+            ),
             uses_teacher=uses_teacher(m),
             method=method_ref(grid, m, t, s),
             seed=seed,

@@ -170,3 +170,74 @@ def test_rank_correlations_match_scipy():
     assert got["diswot_rel"]["spearman_rho"] == pytest.approx(-1.0)
     assert got["cka"]["n"] == 4
     assert json.dumps(got)  # JSON-able for --json consumers
+
+
+TOLERANT_GRID = """
+name: tol
+output: {out}
+datasets:
+  - {{digits: {{limit: 400}}}}
+pairs:
+  - teacher: {{smallcnn: {{width: 8}}}}
+    student: {{smallcnn: {{width: 4}}}}
+  - teacher: {{smallcnn: {{width: 8}}}}
+    student: {{smallcnn: {{width: 4}}}}
+    teacher_train: {{method: {{tolerant: {{eta: 0.6}}}}}}
+methods: [kd]
+seeds: [0]
+train: {{epochs: 1, batch_size: 64, lr: 0.05, schedule: cosine}}
+teacher_train: {{epochs: 6, batch_size: 64, lr: 0.05, schedule: cosine}}
+eval: {{batch_size: 400}}
+"""
+
+
+@pytest.mark.slow
+def test_tolerant_teacher_recipe_is_its_own_teacher_and_less_confident(tmp_path):
+    from kdbench.config import load_grid
+    from kdbench.datasets.mnist import Digits
+    from kdbench.models.smallcnn import smallcnn
+    from kdbench.runner import plan
+
+    grid = write_grid(tmp_path / "g.yaml", TOLERANT_GRID.format(out=tmp_path / "runs"))
+    p = plan(load_grid(grid))
+    normal, tolerant = (c.teacher for c in p.cells)
+    assert normal.id != tolerant.id  # a teacher trained another way is another teacher
+    assert (
+        tolerant.label == "smallcnn(width=8)[tolerant(eta=0.6,k=5)]" and normal.label == "smallcnn(width=8)"
+    )
+    r = kdbench_cli("run", str(grid))
+    assert r.returncode == 0, r.stderr
+    assert "[tolerant(eta=0.6,k=5)]" in r.stdout  # side by side: its own leaderboard column
+
+    x = Digits(limit=400).split("train").tensors[0].float()
+
+    def confidence(teacher_id: str) -> float:
+        m = smallcnn(num_classes=10, in_channels=1, width=8)
+        m.load_state_dict(torch.load(tmp_path / "runs" / "tol" / "teachers" / f"{teacher_id}.pt"))
+        m.eval()
+        with torch.no_grad():
+            return float(m(x).softmax(1).max(1).values.mean())
+
+    assert confidence(tolerant.id) < confidence(normal.id) - 0.05
+
+
+@pytest.mark.parametrize(
+    ("block", "message"),
+    [
+        ("train: {{epochs: 1, method: tolerant}}", "`method` belongs to `teacher_train`"),
+        ("teacher_train: {{epochs: 1, method: kd}}", "kd needs a teacher"),
+        ("teacher_train: {{epochs: 1, method: {{tolerant: {{k: two}}}}}}", "teacher_train.method.k"),
+    ],
+)
+def test_teacher_recipe_method_errors(tmp_path, block, message):
+    from kdbench.config import load_grid
+    from kdbench.errors import ConfigError
+
+    text = TOLERANT_GRID.format(out=tmp_path / "runs")
+    key = block.split(":")[0]
+    lines = [ln for ln in text.splitlines() if not ln.startswith(key + ":")]
+    lines.append(block.format())
+    grid = write_grid(tmp_path / "g.yaml", "\n".join(lines) + "\n")
+    with pytest.raises(ConfigError) as e:
+        load_grid(grid)
+    assert message in str(e.value)

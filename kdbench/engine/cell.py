@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from kdbench import __version__, registry
 from kdbench.artifacts import save_atomic
 from kdbench.cells import Cell, PluginKey, TeacherSpec
+from kdbench.engine import distributed as _dist
 from kdbench.engine import evaluation as ev
 from kdbench.engine.build import build_augmenter, build_dataset, build_model, resolve_device
 from kdbench.engine.data import Batches, holdout
@@ -81,6 +82,7 @@ def environment() -> dict[str, Any]:
         "cuda": torch.cuda.is_available(),
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         **numerics(),
+        **_dist.describe(),  # {"ddp": {world, backend, device}} inside a DDP cell
     }
 
 
@@ -320,6 +322,25 @@ def prepare_teacher(cell: Cell | dict, run_dir: Path) -> None:
     obtain_teacher(cell.teacher, Path(run_dir), device, cell.eval.batch_size, cell.eval.ece_bins)
 
 
+def _teacher_loss(spec: TeacherSpec, data: CellData, device: torch.device):
+    """The teacher recipe's own loss (``teacher_train.method``, e.g. the tolerant teacher's term),
+    built like a teacher-free method, with its weights; (None, CE only) for plain cross-entropy."""
+    method = spec.train.method
+    if not method:
+        return None, {"ce": 1.0}
+    cls = registry.load("losses", method["name"])
+    params = dict(method.get("params") or {})
+    ctx = MethodContext(
+        num_classes=data.num_classes,
+        num_train=len(data.train),
+        epochs=spec.train.epochs,
+        batch_size=spec.train.batch_size,
+        train_targets=data.train.targets().to(device),
+        device=device,
+    )
+    return cls(ctx, **params).to(device), {"ce": 1.0, **cls.weights_for(**params)}
+
+
 def _make_teacher(
     spec: TeacherSpec,
     tdir: Path,
@@ -339,6 +360,7 @@ def _make_teacher(
     source = registry.load("teachers", spec.source.name)(**spec.source.params)
 
     def recipe(m: nn.Module) -> dict:
+        distiller, weights = _teacher_loss(spec, data, device)
         setup = TrainSetup(
             student=m,
             student_reader=reader,
@@ -347,6 +369,8 @@ def _make_teacher(
             device=device,
             seed=spec.seed,
             augment=build_augmenter(_plain(spec.augment), data.train.data).__call__,
+            distiller=distiller,
+            weights=weights,
             workdir=work,
             progress=(lambda r: progress({**r, "stage": "teacher"})) if progress else None,
         )
@@ -379,8 +403,11 @@ def run_cell(cell: Cell | dict, run_dir: Path, progress: Progress | None = None,
     """Run one cell to completion and write its ``result.json``; returns the result dict.
 
     Failures are recorded (status "failed" with the traceback) rather than raised, so one
-    broken cell never stops a sweep.
+    broken cell never stops a sweep. A cell with ``gpus_per_cell``/``nodes`` > 1 runs on several
+    processes (kdbench/engine/distributed.py); only rank 0 writes.
     """
+    if _dist.should_launch(Cell.coerce(cell)):
+        return _dist.launch_cell(Cell.coerce(cell), Path(run_dir), progress, attempt)
     return drain(run_cell_steps(cell, run_dir, progress, attempt))
 
 
@@ -397,8 +424,10 @@ def run_cell_steps(
     cdir = run_dir / "cells" / cell.id
     cdir.mkdir(parents=True, exist_ok=True)
     record = cell.to_dict()
-    write_json_atomic(cdir / "config.json", record)
-    with cell_logger(cdir / "log.txt") as log:
+    writer = _dist.is_writer()  # DDP: only rank 0 writes the cell's files
+    if writer:
+        write_json_atomic(cdir / "config.json", record)
+    with cell_logger(cdir / "log.txt" if writer else Path(os.devnull)) as log:
         log.info("cell %s attempt %d: %s", cell.id, attempt, cell.describe)
         t0 = time.perf_counter()
         result: dict[str, Any] = {"cell": record, "attempt": attempt, "env": environment()}
@@ -414,7 +443,8 @@ def run_cell_steps(
         result["wall_s"] = time.perf_counter() - t0
         if result["status"] == "done":
             result["metrics"]["wall_s"] = result["wall_s"]
-        write_json_atomic(cdir / "result.json", result)
+        if writer:
+            write_json_atomic(cdir / "result.json", result)
         log.info("%s in %.1f s", result["status"], result["wall_s"])
     return result
 
@@ -560,6 +590,8 @@ def _run(
     t_train = time.perf_counter()
     yield from train_steps(setup)
     train_s = time.perf_counter() - t_train
+    if not _dist.is_writer():
+        return {}, {}  # DDP: rank 0 evaluates and saves the student
 
     t_eval = time.perf_counter()
     teacher_logits = None
