@@ -54,6 +54,8 @@ def test_val_split_and_per_epoch_evaluation(tmp_path):
     for r in rows:
         assert {"test/top1", "test/nll", "val/top1", "val/nll"} <= set(r) and "test/ece" not in r
     assert rows[-1]["test/top1"] == m["top1"]  # the last epoch's model is the final model
+    cached = sorted(p.name for p in (run / "teachers" / cell.teacher.id / "eval").glob("*.pt"))
+    assert len(cached) == 2 and any("-test" in n for n in cached)  # teacher logits on test and val, kept
     teacher = json.loads(next((run / "teachers").glob("*/result.json")).read_text())
     assert "val/top1" in teacher["metrics"] and "top1" in teacher["metrics"]
     env = res["env"]
