@@ -1,13 +1,14 @@
 """Micro-benchmarks of the fused ops (``kdbench bench``): native vs eager vs compiled PyTorch.
 
-Every case times one forward + backward step per implementation (median of repeated runs
-after warm-up; CKA also forward alone) and reports, next to the time, the speed-up over
-eager PyTorch and over ``torch.compile`` of the same eager code (for CKA: over the six-line
-PyTorch version, :func:`sixline_cka`), and the memory-bandwidth floor of the case: the
-bytes any implementation must move (read the inputs, write the gradients) divided by the
-bandwidth of a large tensor copy measured on this machine. ``x floor`` is how far an
-implementation is from that limit. The pytest-benchmark suites in benchmarks/ time the
-same implementations (built by the ``*_case`` functions below).
+Every case times one forward + backward step per implementation (CKA also forward alone):
+the median of repeated runs after warm-up, the implementations interleaved round by round.
+It reports, next to the time, the speed-up over eager PyTorch and over ``torch.compile``
+of the same eager code (for CKA: over the six-line PyTorch version, :func:`sixline_cka`),
+and the memory-bandwidth floor of the case: the bytes any implementation must move (read
+the inputs, write the gradients) divided by the bandwidth of a large tensor copy measured
+on this machine. ``x floor`` is how far an implementation is from that limit. The
+pytest-benchmark suites in benchmarks/ time the same implementations (built by the
+``*_case`` functions below).
 """
 
 from __future__ import annotations
@@ -216,6 +217,27 @@ def time_step(step: Step, repeats: int, warmup: int = 2, max_seconds: float = 20
     return statistics.median(times)
 
 
+def time_steps(
+    steps: dict[str, Step], repeats: int, warmup: int = 2, max_seconds: float = 20.0
+) -> dict[str, float]:
+    """Median wall time of each step in seconds, timed round-robin (one call of each per
+    round), so that load from other processes falls on every implementation alike."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    start = time.perf_counter()
+    budget = max_seconds * len(steps)
+    rounds = 0
+    while rounds < repeats and (rounds < 3 or time.perf_counter() - start < budget):
+        for name, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - t0)
+        rounds += 1
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def measure_bandwidth(n_bytes: int = 256 * 2**20, repeats: int = 10) -> float:
     """Copy bandwidth in bytes/s (bytes read + bytes written) of a large tensor copy."""
     src = torch.ones(n_bytes // 4)
@@ -261,7 +283,7 @@ def run_bench(
             torch.set_num_threads(n_threads)
             for make in cases:
                 case = make()
-                times = {name: time_step(step, repeats) for name, step in case.steps.items()}
+                times = time_steps(case.steps, repeats)
                 case_rows = _rows(case, times, bandwidth)
                 rows.extend(case_rows)
                 if on_case is not None:
