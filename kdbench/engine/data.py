@@ -132,6 +132,9 @@ class Batches:
         self.extra_y: Tensor | None = None
         #: pinned host batches (DataLoader path) so copies to a GPU overlap (engine/precision.py)
         self.pin_memory = False
+        #: (rank, world) of a DDP cell: shuffled epochs yield this rank's share of every global
+        #: batch (kdbench/engine/distributed.py:shard_order); None: the whole split
+        self.shard: tuple[int, int] | None = None
 
     def __len__(self) -> int:
         return self.n_base + (0 if self.extra_y is None else len(self.extra_y))
@@ -209,12 +212,17 @@ class Batches:
         drawn in full either way, so the generator ends in the same state)."""
         n = len(self)
         order = self.order(generator, sampler)
+        bs = self.batch_size
+        if self.shard is not None and generator is not None:
+            from kdbench.engine.distributed import shard_order
+
+            order, bs = shard_order(order, bs, *self.shard)
         if skip_batches:
-            order = order[skip_batches * self.batch_size :]
+            order = order[skip_batches * bs :]
         plain = self.indices is None and self.extra_y is None
         if self.indexable:
-            for start in range(0, len(order), self.batch_size):
-                idx = order[start : start + self.batch_size]
+            for start in range(0, len(order), bs):
+                idx = order[start : start + bs]
                 if drop_singletons and len(idx) < 2 and n > 1:
                     continue  # BatchNorm cannot train on one sample
                 x, y = self.data[idx] if plain else self._gather(idx)
@@ -222,7 +230,7 @@ class Batches:
             return
         loader = DataLoader(
             _Positions(self),
-            batch_size=self.batch_size,
+            batch_size=bs,
             sampler=order.tolist(),
             num_workers=self.workers,
             persistent_workers=False,

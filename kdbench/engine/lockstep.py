@@ -51,8 +51,8 @@ _STAGE_RANK = {"init": 0, "train": 1}
 def group_key(cell: Cell) -> str | None:
     """Cells with the same key feed their teacher the same inputs; None: no teacher to share."""
     cell = Cell.coerce(cell)
-    if not cell.uses_teacher:
-        return None
+    if not cell.uses_teacher or cell.train.gpus_per_cell * cell.train.nodes > 1:
+        return None  # no teacher to share, or a DDP cell (its own processes)
     method_cls = registry.load("losses", cell.method.name)
     tv = cell.train.teacher_view
     if tv in (None, "student"):

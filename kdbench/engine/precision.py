@@ -19,6 +19,7 @@ pinned memory so the per-batch copy is asynchronous (``non_blocking``).
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -52,13 +53,18 @@ class Amp:
             return x.contiguous(memory_format=torch.channels_last)
         return x
 
-    def step(self, loss: Tensor, opt: torch.optim.Optimizer) -> None:
-        """Backward and optimiser step (fp16: scaled, skipped when a gradient overflowed)."""
+    def step(self, loss: Tensor, opt: torch.optim.Optimizer, sync: Callable[[], None] | None = None) -> None:
+        """Backward, ``sync`` (DDP: gradients averaged over ranks) and optimiser step (fp16: scaled,
+        skipped when a gradient overflowed)."""
         if self.scaler is None:
             loss.backward()
+            if sync is not None:
+                sync()
             opt.step()
             return
         self.scaler.scale(loss).backward()
+        if sync is not None:
+            sync()  # scaled gradients: an overflow on any rank reaches every rank
         self.scaler.step(opt)
         self.scaler.update()
 

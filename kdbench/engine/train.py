@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdbench.artifacts import load_checked, load_checkpoint, save_atomic, save_checked
+from kdbench.engine import distributed as _dist
 from kdbench.engine.data import Batches, DatasetAugmentContext, ExtraSamples
 from kdbench.engine.precision import Amp, keep_on_device, prepare_model
 from kdbench.features import FeatureReader, Features
@@ -178,6 +179,8 @@ class Trainer:
         self.resume_step = 0
         self.partial: dict[str, Any] = {}
         self.checkpointer = next((h for h in hooks if isinstance(h, Checkpoint)), None)
+        #: called between backward and the optimiser step (DDP: averages gradients over ranks)
+        self.grad_sync: Callable[[], None] | None = None
         for h in hooks:
             h.attach(self)
 
@@ -237,7 +240,7 @@ class Trainer:
         lr = self.opt.param_groups[0]["lr"]
         batches = s.train_data.iterate(self.data_gen, sampler=self.sampler, skip_batches=skip)
         for step, (x, y, idx) in enumerate(batches, start=skip):
-            if stop_requested():
+            if _dist.stop_requested_all():  # DDP: the flag every rank agreed on
                 if self.checkpointer is not None:
                     self.checkpointer.save_mid_epoch(self, epoch, step, epoch_order, totals, n)
                 raise StopRequested(f"stopped at {self.stage.name} epoch {epoch + 1} step {step}")
@@ -277,7 +280,7 @@ class Trainer:
                 f"(terms {values}); lower the lr or the method's weights"
             )
         self.opt.zero_grad(set_to_none=True)
-        self.amp.step(loss, self.opt)
+        self.amp.step(loss, self.opt, self.grad_sync)
         return {k: float(v.detach()) for k, v in terms.items()}
 
 
@@ -593,7 +596,7 @@ def _hooks(setup: TrainSetup, stage: Stage, ckpt: Path | None) -> list[Hook]:
         hooks.append(Checkpoint(setup, ckpt, setup.train_cfg.get("checkpoint_every", 1)))
     if setup.progress is not None:
         hooks.append(ProgressReport(setup.progress))
-    return hooks
+    return _dist.adapt_hooks(setup, hooks)  # DDP ranks: gradient sync; writers on rank 0 only
 
 
 def _upgrade(ckpt: dict[str, Any]) -> dict[str, Any]:
@@ -647,9 +650,9 @@ def train_steps(setup: TrainSetup) -> Generator[StepPos, None, dict[str, Any]]:
         torch.set_rng_state(resume["torch_rng"])
         if resume.get("cuda_rng") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(resume["cuda_rng"])
-        if setup.workdir is not None:
+        if setup.workdir is not None and _dist.is_writer():
             _truncate_metrics(setup.workdir / "metrics.jsonl", resume["stage"], resume["epoch"])
-    elif setup.workdir is not None:
+    elif setup.workdir is not None and _dist.is_writer():
         (setup.workdir / "metrics.jsonl").unlink(missing_ok=True)
     if setup.workdir is not None and setup.dataset_augmenters:
         done = 0
@@ -674,7 +677,7 @@ def train_steps(setup: TrainSetup) -> Generator[StepPos, None, dict[str, Any]]:
         yield from trainer.steps(start)
         row = last.row or row
         resume = None
-    if ckpt_path is not None:
+    if ckpt_path is not None and _dist.is_writer():
         ckpt_path.unlink(missing_ok=True)
     return row
 

@@ -1,0 +1,610 @@
+"""DDP inside one cell: ``train: {gpus_per_cell: N, nodes: 1}`` trains a cell with N processes.
+
+Two ways in:
+
+* **Local launcher** (every executor that calls ``run_cell``): :func:`launch_cell` obtains the
+  teacher in the calling process, spawns N rank processes (``spawn`` start method, gloo on CPU,
+  nccl on GPU with rank r on ``cuda:r``), forwards rank 0's progress rows, forwards SIGTERM
+  (:func:`~kdbench.engine.train.request_stop`) to the ranks and returns rank 0's result.
+* **Outside launcher** (Slurm ``tasks_per_node=N`` through submitit, or ``torchrun``): the
+  environment has ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_ADDR``/``MASTER_PORT``
+  (``submitit.helpers.TorchDistributedEnvironment().export()`` sets them); ``run_cell`` then
+  runs this process as that rank.
+
+What a rank does differently (everything else is the single-process engine):
+
+* Data: every rank draws the SAME epoch order from the cell's seeded generator; ``batch_size``
+  is the global batch and rank r takes ``batch[r::N]`` of every global batch (= ``order[r::N]``
+  in batches of ``batch_size / N``). A last global batch smaller than ``2 N`` is dropped (each
+  rank needs two samples for BatchNorm); otherwise every sample is seen exactly once per epoch.
+* Gradients: after ``backward`` the gradients of the optimised parameters are averaged over the
+  ranks in one flat all-reduce (DDP's arithmetic: the mean of the ranks' mean-loss gradients).
+  This is done by the engine rather than by wrapping the student in ``DistributedDataParallel``
+  because a KD step reads the student several times (views), trains method parts that some
+  stages leave unused, and taps features with hooks, which DDP's reducer does not accept
+  without ``find_unused_parameters``/``static_graph`` caveats. It does not overlap the
+  reduction with the backward pass (DDP's buckets do); see the report of issue 11.
+* ``sync_bn: true``: BatchNorm layers of the student and the method become
+  ``torch.nn.SyncBatchNorm`` on GPU, :class:`CpuSyncBatchNorm` on CPU (torch's needs a GPU).
+* Writes: only rank 0 writes (``metrics.jsonl``, ``checkpoint.pt``, ``log.txt``,
+  ``result.json``, ``student.pt``); every rank loads the checkpoint on resume; each rank's RNG
+  states (augmentation, torch) are gathered into rank 0's checkpoint so a resumed run continues
+  exactly. Evaluation runs on rank 0 only.
+* Stops: the stop flag rides along in the gradient all-reduce, so every rank stops before the
+  same step (a rank stopping alone would leave the others waiting in a collective).
+
+Refused under DDP (a clear error in the cell's result): methods keeping per-sample state
+(CRD's memory bank: each rank would update only its shard) and dataset-level augmenters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from kdbench.errors import ConfigError
+
+#: exit code of a rank that stopped on request (its checkpoint saved by rank 0)
+STOP_EXIT = 143
+#: seconds the launcher waits for the other ranks after one died before killing them
+GRACE_S = 20.0
+#: offset between the ranks' augmentation / torch RNG seeds (rank 0 keeps the cell's)
+RANK_SEED = 1_000_033
+
+
+@dataclass(frozen=True)
+class RankInfo:
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+
+
+_CURRENT: RankInfo | None = None
+_SYNC: DistributedSync | None = None
+
+
+def describe() -> dict[str, Any]:
+    """``{"ddp": {world, backend, device}}`` for a result's env inside a DDP cell, else {}."""
+    if _CURRENT is None:
+        return {}
+    backend = dist.get_backend() if dist.is_initialized() else None
+    return {"ddp": {"world": _CURRENT.world, "backend": backend, "device": _CURRENT.device.type}}
+
+
+def current() -> RankInfo | None:
+    """This process's rank within a DDP cell, or None outside one."""
+    return _CURRENT
+
+
+def is_writer() -> bool:
+    """True outside DDP and on rank 0: the only process that writes the cell's files."""
+    return _CURRENT is None or _CURRENT.rank == 0
+
+
+def world_size(cell: Any) -> int:
+    tr = cell.train
+    return int(getattr(tr, "gpus_per_cell", 1) or 1) * int(getattr(tr, "nodes", 1) or 1)
+
+
+def should_launch(cell: Any) -> bool:
+    """Whether ``run_cell`` must hand ``cell`` to :func:`launch_cell` (DDP, not yet a rank)."""
+    return world_size(cell) > 1 and _CURRENT is None
+
+
+# -------------------------------------------------------------------------------- sharding
+
+
+def shard_order(order: Tensor, batch_size: int, rank: int, world: int) -> tuple[Tensor, int]:
+    """Rank ``rank``'s positions of an epoch ``order`` and its per-rank batch size.
+
+    Global batch k is ``order[k B : (k+1) B]``; the rank takes every ``world``-th sample of it
+    from ``rank`` on. A last global batch with fewer than ``2 world`` samples is dropped.
+    """
+    if batch_size % world:
+        raise ConfigError(
+            f"train.batch_size {batch_size} is the global batch and must be divisible by "
+            f"gpus_per_cell x nodes = {world}; choose a multiple of {world}"
+        )
+    full = (len(order) // batch_size) * batch_size
+    parts = [order[:full].reshape(-1, world)[:, rank]]
+    tail = order[full:]
+    if len(tail) >= 2 * world:
+        parts.append(tail[rank::world])
+    return torch.cat(parts), batch_size // world
+
+
+# ------------------------------------------------------------------------------- rank side
+
+
+@contextlib.contextmanager
+def rank_context(rank: int, world: int, local_rank: int, device_pref: str) -> Iterator[RankInfo]:
+    """Join the process group (env:// rendezvous) as ``rank``; the engine acts as that rank inside."""
+    global _CURRENT
+    from kdbench.engine.build import resolve_device
+
+    device = resolve_device(device_pref)
+    if device.type == "cuda":
+        if torch.cuda.device_count() <= local_rank:
+            raise ConfigError(
+                f"gpus_per_cell needs GPU {local_rank} but {torch.cuda.device_count()} are visible; "
+                "lower train.gpus_per_cell or make more GPUs visible (CUDA_VISIBLE_DEVICES)"
+            )
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(minutes=30))
+    _CURRENT = RankInfo(rank, world, local_rank, device)
+    try:
+        yield _CURRENT
+    finally:
+        _CURRENT = None
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()
+
+
+def env_rank() -> tuple[int, int, int] | None:
+    """(rank, world, local rank) from a torchrun/submitit environment, or None."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ:
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        return rank, world, int(os.environ.get("LOCAL_RANK", rank))
+    return None
+
+
+def adapt_hooks(setup: Any, hooks: list) -> list:
+    """The trainer's hooks as this rank runs them: unchanged outside DDP; else the sync hook
+    first and, off rank 0, no hook that writes or evaluates."""
+    if _CURRENT is None:
+        return hooks
+    from kdbench.engine import train as T
+
+    if any(isinstance(h, T.DatasetAugment) for h in hooks):
+        raise ConfigError(
+            "dataset-level augmenters (e.g. config) are not supported with gpus_per_cell > 1: "
+            "run the cell on one process (gpus_per_cell: 1)"
+        )
+    if _CURRENT.rank != 0:
+        writers = (T.MetricsLog, T.Checkpoint, T.EpochEval, T.ProgressReport)
+        hooks = [h for h in hooks if not isinstance(h, writers)]
+    return [DistributedSync(setup), *hooks]
+
+
+def stop_requested_all() -> bool:
+    """The stop flag every rank agrees on (outside DDP: this process's flag)."""
+    from kdbench.engine.train import stop_requested
+
+    if _CURRENT is None or _SYNC is None:
+        return stop_requested()
+    if _SYNC.stop_agreed:
+        _SYNC.gather_rng()  # every rank is here, before rank 0 saves the mid-epoch checkpoint
+        return True
+    return False
+
+
+def refuse_per_sample_state(distiller: nn.Module | None, n_train: int) -> None:
+    """Methods whose buffers have a row per training sample (memory banks) cannot be sharded."""
+    if distiller is None:
+        return
+    for name, b in distiller.named_buffers():
+        if b.dim() >= 2 and b.shape[0] == n_train:
+            method = getattr(distiller, "name", None) or type(distiller).__name__
+            raise ConfigError(
+                f"method {method} keeps per-sample state ({name}: one row per training sample) "
+                "that DDP would split over ranks; run it with gpus_per_cell: 1"
+            )
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over the ranks, differentiable (the gradient of a sum over ranks is the sum of the
+    ranks' gradients)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:
+        out = x.clone()
+        dist.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+class CpuSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm over the global batch on any device (sums all-reduced with autograd); for CPU
+    ranks on gloo, where ``torch.nn.SyncBatchNorm`` refuses to run."""
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        dims = [0, *range(2, x.dim())]
+        n_local = x.numel() // x.shape[1]
+        stats = torch.cat([x.sum(dims), (x * x).sum(dims), x.new_tensor([float(n_local)])])
+        stats = _AllReduceSum.apply(stats)
+        c = x.shape[1]
+        n = stats[-1]
+        mean = stats[:c] / n
+        var = (stats[c : 2 * c] / n - mean * mean).clamp_min(0)
+        if self.track_running_stats and self.running_mean is not None:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                unbiased = var * n / (n - 1).clamp_min(1)
+                self.running_mean.mul_(1 - m).add_(m * mean.detach())
+                self.running_var.mul_(1 - m).add_(m * unbiased.detach())
+        shape = [1, c] + [1] * (x.dim() - 2)
+        out = (x - mean.view(shape)) / torch.sqrt(var.view(shape) + self.eps)
+        if self.affine:
+            out = out * self.weight.view(shape) + self.bias.view(shape)
+        return out
+
+
+def convert_sync_bn(module: nn.Module, device: torch.device) -> nn.Module:
+    """``module`` with its BatchNorm layers synchronised over the ranks (in place where it can)."""
+    if device.type != "cpu":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, CpuSyncBatchNorm):
+        new = CpuSyncBatchNorm(
+            module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats
+        )
+        if module.affine:
+            new.weight, new.bias = module.weight, module.bias
+        if module.track_running_stats:
+            new.running_mean, new.running_var = module.running_mean, module.running_var
+            new.num_batches_tracked = module.num_batches_tracked
+        new.train(module.training)
+        return new
+    for name, child in module.named_children():
+        new_child = convert_sync_bn(child, device)
+        if new_child is not child:
+            setattr(module, name, new_child)
+    return module
+
+
+class DistributedSync:
+    """The rank's side of a trainer (a trainer hook, first in the list): sharded batches,
+    gradient averaging, start from rank 0's weights, every rank's RNG states in checkpoints."""
+
+    name = "ddp"
+
+    def __init__(self, setup: Any):
+        assert _CURRENT is not None
+        self.setup = setup
+        self.info = _CURRENT
+        self.stop_agreed = False
+        self.rng: list[dict[str, Any]] | None = None
+        self.trainer: Any = None
+
+    def attach(self, trainer: Any) -> None:
+        global _SYNC
+        s, info = self.setup, self.info
+        refuse_per_sample_state(s.distiller, len(s.train_data))
+        if trainer.stage.cfg.get("sync_bn") and not getattr(s, "_sync_bn_done", False):
+            convert_sync_bn(s.student, info.device)
+            if s.distiller is not None:
+                convert_sync_bn(s.distiller, info.device)
+            s._sync_bn_done = True
+        s.train_data.shard = (info.rank, info.world)
+        trainer.grad_sync = self.sync_grads
+        if info.rank:  # rank 0 keeps the single-process streams
+            trainer.aug_gen.manual_seed(s.seed * 7919 + 17 + RANK_SEED * info.rank)
+            torch.manual_seed(s.seed + RANK_SEED * info.rank)
+        self.trainer = trainer
+        _SYNC = self
+
+    def before_stage(self, trainer: Any) -> None:
+        """Start from rank 0's weights (after a resume every rank loaded the same checkpoint)."""
+        with torch.no_grad():
+            for m in (self.setup.student, self.setup.distiller):
+                if m is None:
+                    continue
+                for t in [*m.parameters(), *m.buffers()]:
+                    dist.broadcast(t.data, 0)
+
+    def before_epoch(self, trainer: Any, epoch: int) -> None: ...
+
+    def after_epoch(self, trainer: Any, epoch: int, row: dict[str, Any]) -> None:
+        """The row's losses as means over every rank; RNG states gathered for the checkpoint
+        (this hook runs before rank 0's checkpoint hook saves ``state_dict``)."""
+        keys = sorted(k for k in row if k.startswith("loss_"))
+        if keys:
+            t = torch.tensor([float(row[k]) for k in keys], dtype=torch.float64, device=self.info.device)
+            dist.all_reduce(t)
+            row.update({k: v / self.info.world for k, v in zip(keys, t.tolist(), strict=True)})
+        self.gather_rng()
+
+    def gather_rng(self) -> None:
+        mine = {"aug": self.trainer.aug_gen.get_state(), "torch": torch.get_rng_state()}
+        if self.info.device.type == "cuda":
+            mine["cuda"] = torch.cuda.get_rng_state(self.info.device)
+        out: list[Any] = [None] * self.info.world
+        dist.all_gather_object(out, mine)
+        self.rng = out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rng": self.rng, "world": self.info.world} if self.rng is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        rng = state.get("rng")
+        if not rng:
+            return
+        if state.get("world") != self.info.world:
+            raise ConfigError(
+                f"the checkpoint was written by {state.get('world')} ranks, this run has "
+                f"{self.info.world}; keep gpus_per_cell x nodes or delete the cell's checkpoint.pt"
+            )
+        mine = rng[self.info.rank]
+        self.trainer.aug_gen.set_state(mine["aug"])
+        torch.set_rng_state(mine["torch"])
+        if "cuda" in mine and self.info.device.type == "cuda":
+            torch.cuda.set_rng_state(mine["cuda"], self.info.device)
+
+    def sync_grads(self) -> None:
+        """Average the optimised parameters' gradients over the ranks (one flat all-reduce);
+        the stop flag travels along. A gradient no rank produced stays None."""
+        from kdbench.engine.train import stop_requested
+
+        params = self.trainer.stage.params
+        dev = self.info.device
+        pieces = [
+            (p.grad.detach().float() if p.grad is not None else torch.zeros_like(p, dtype=torch.float32))
+            .reshape(-1)
+            .to(dev)
+            for p in params
+        ]
+        flags = torch.tensor(
+            [float(p.grad is not None) for p in params] + [float(stop_requested())], device=dev
+        )
+        flat = torch.cat([*pieces, flags])
+        dist.all_reduce(flat)
+        k = len(params)
+        has, stop = flat[-k - 1 : -1], flat[-1]
+        offset = 0
+        for p, have in zip(params, has.tolist(), strict=True):
+            n = p.numel()
+            if have:
+                g = (flat[offset : offset + n] / self.info.world).view_as(p).to(p.dtype)
+                if p.grad is None:
+                    p.grad = g
+                else:
+                    p.grad.copy_(g)
+            offset += n
+        self.stop_agreed = bool(stop > 0)
+
+
+# ---------------------------------------------------------------------------- launcher side
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def launch_cell(cell: Any, run_dir: Path, progress: Callable | None = None, attempt: int = 1) -> dict:
+    """Run a DDP cell: as this environment's rank (torchrun/Slurm tasks), else N local ranks."""
+    from kdbench.engine.cell import run_cell
+
+    run_dir = Path(run_dir)
+    world = world_size(cell)
+    env = env_rank()
+    if env is not None:
+        rank, env_world, local = env
+        if env_world != world:
+            return _failed(
+                cell,
+                run_dir,
+                attempt,
+                f"ConfigError: the launcher started {env_world} ranks but the cell wants "
+                f"gpus_per_cell x nodes = {world}; submit it with tasks_per_node=gpus_per_cell, nodes=nodes",
+            )
+        from kdbench.engine.cell import prepare_teacher
+
+        prepare_teacher(cell, run_dir)  # before joining: a teacher trains on one process
+        with rank_context(rank, world, local, cell.train.device):
+            result = run_cell(cell, run_dir, progress if rank == 0 else None, attempt)
+        return result if rank == 0 else {"cell": cell.to_dict(), "status": "rank", "rank": rank}
+    if int(getattr(cell.train, "nodes", 1)) > 1:
+        return _failed(
+            cell,
+            run_dir,
+            attempt,
+            "ConfigError: train.nodes > 1 needs a multi-node launcher (Slurm through the submitit "
+            "executor with tasks_per_node=gpus_per_cell, or torchrun); locally use nodes: 1",
+        )
+    return _spawn(cell, run_dir, progress, attempt, world)
+
+
+def _failed(cell: Any, run_dir: Path, attempt: int, error: str) -> dict:
+    from kdbench.store import write_json_atomic
+
+    cdir = run_dir / "cells" / cell.id
+    cdir.mkdir(parents=True, exist_ok=True)
+    result = {"cell": cell.to_dict(), "attempt": attempt, "status": "failed", "error": error, "wall_s": 0.0}
+    write_json_atomic(cdir / "result.json", result)
+    return result
+
+
+def _spawn(cell: Any, run_dir: Path, progress: Callable | None, attempt: int, world: int) -> dict:
+    import multiprocessing as mp
+    from multiprocessing.connection import wait
+
+    from kdbench.engine.cell import prepare_teacher
+    from kdbench.engine.train import StopRequested, stop_requested
+    from kdbench.store import write_json_atomic
+
+    t0 = time.perf_counter()
+    try:
+        prepare_teacher(cell, run_dir)  # once, in this process, before the ranks need it
+    except KeyboardInterrupt:
+        raise
+    except Exception as e:
+        return _failed(cell, run_dir, attempt, f"{type(e).__name__}: {e}")
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    threads = torch.get_num_threads()
+    procs, conns = [], []
+    for r in range(world):
+        recv, send = ctx.Pipe(duplex=False)
+        p = ctx.Process(
+            target=_rank_main,
+            args=(cell.to_dict(), str(run_dir), attempt, r, world, port, threads, os.getpid(), send),
+            name=f"kdbench-rank{r}",
+        )
+        p.start()
+        send.close()
+        procs.append(p)
+        conns.append(recv)
+    results: dict[int, dict] = {}
+    errors: dict[int, str] = {}
+    stopped = forwarded = False
+    dead_since: float | None = None
+    try:
+        open_conns = {c: r for r, c in enumerate(conns)}
+        while any(p.is_alive() for p in procs) or open_conns:
+            for c in wait(list(open_conns), timeout=0.2):
+                r = open_conns[c]
+                try:
+                    kind, payload = c.recv()
+                except (EOFError, OSError):
+                    del open_conns[c]
+                    continue
+                if kind == "progress" and progress is not None:
+                    progress(payload)
+                elif kind == "result":
+                    results[r] = payload
+                elif kind == "stopped":
+                    stopped = True
+                elif kind == "error":
+                    errors[r] = payload
+            if stop_requested() and not forwarded:
+                forwarded = True
+                for p in procs:
+                    if p.is_alive() and p.pid:
+                        os.kill(p.pid, signal.SIGTERM)
+            if any(p.exitcode not in (None, 0, STOP_EXIT) for p in procs):
+                dead_since = dead_since or time.monotonic()
+                if time.monotonic() - dead_since > GRACE_S:
+                    for p in procs:
+                        if p.is_alive():
+                            p.kill()
+            if not any(p.is_alive() for p in procs) and not open_conns:
+                break
+            if not any(p.is_alive() for p in procs):
+                # drain what is left, then stop
+                for c in list(open_conns):
+                    if not c.poll():
+                        del open_conns[c]
+    except BaseException:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+        for p in procs:
+            p.join(5)
+        raise
+    for p in procs:
+        p.join()
+    if stopped or any(p.exitcode == STOP_EXIT for p in procs):
+        raise StopRequested(f"DDP cell {cell.id} stopped on request (checkpoint saved by rank 0)")
+    result = results.get(0)
+    if result is None and forwarded:
+        raise StopRequested(f"DDP cell {cell.id} stopped on request before rank 0 finished")
+    others = {r: res.get("error") for r, res in results.items() if r and res.get("status") == "failed"} | {
+        r: e for r, e in errors.items() if r
+    }
+    if result is None:
+        reasons = [f"rank {r}: {e}" for r, e in sorted({**errors, **others}.items()) if e]
+        codes = ", ".join(f"rank {r} exit {p.exitcode}" for r, p in enumerate(procs))
+        from kdbench.pool import death_reason
+
+        why = "; ".join(reasons) or ", ".join(
+            f"rank {r} {death_reason(p.exitcode)}" for r, p in enumerate(procs)
+        )
+        result = {
+            "cell": cell.to_dict(),
+            "attempt": attempt,
+            "status": "failed",
+            "error": f"DDP rank 0 left no result ({codes}): {why}",
+            "wall_s": time.perf_counter() - t0,
+        }
+        write_json_atomic(run_dir / "cells" / cell.id / "result.json", result)
+    elif result.get("status") == "failed" and others:
+        result["error"] = (
+            result.get("error", "") + "; " + "; ".join(f"rank {r}: {e}" for r, e in others.items())
+        )
+        write_json_atomic(run_dir / "cells" / cell.id / "result.json", result)
+    return result
+
+
+def _rank_main(
+    cell_dict: dict,
+    run_dir: str,
+    attempt: int,
+    rank: int,
+    world: int,
+    port: int,
+    threads: int,
+    parent_pid: int,
+    conn: Any,
+) -> None:
+    """A spawned rank: join the group, run the cell as this rank, report to the launcher."""
+    from kdbench.pool import die_with_parent
+
+    die_with_parent(parent_pid)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the launcher decides what Ctrl-C means
+    from kdbench.engine.train import StopRequested, request_stop
+
+    signal.signal(signal.SIGTERM, lambda *_: request_stop())
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(max(1, threads))
+    from kdbench.cells import Cell
+    from kdbench.engine.cell import run_cell
+
+    cell = Cell.from_dict(cell_dict)
+
+    def progress(row: dict) -> None:
+        conn.send(("progress", row))
+
+    code = 0
+    try:
+        with rank_context(rank, world, rank, cell.train.device):
+            result = run_cell(cell, Path(run_dir), progress if rank == 0 else None, attempt)
+        conn.send(("result", _jsonable(result)))
+    except StopRequested:
+        conn.send(("stopped", None))
+        code = STOP_EXIT
+    except BaseException:
+        with contextlib.suppress(Exception):
+            conn.send(("error", traceback.format_exc(limit=5)))
+        code = 1
+    finally:
+        conn.close()
+    os._exit(code)
+
+
+def _jsonable(result: Any) -> dict:
+    if hasattr(result, "model_dump"):
+        return result.model_dump(mode="json")
+    out = dict(result)
+    if hasattr(out.get("cell"), "model_dump"):
+        out["cell"] = out["cell"].model_dump(mode="json")
+    return out
