@@ -138,13 +138,17 @@ def rank_context(rank: int, world: int, local_rank: int, device_pref: str) -> It
 
     device = resolve_device(device_pref)
     if device.type == "cuda":
-        if torch.cuda.device_count() <= local_rank:
+        count = torch.cuda.device_count()
+        # all the node's GPUs visible (torchrun, our launcher): cuda:<local rank>; one visible
+        # (submitit's TorchDistributedEnvironment().export() sets CUDA_VISIBLE_DEVICES per task): it
+        index = local_rank if count > local_rank else 0 if count == 1 and env_rank() else -1
+        if index < 0:
             raise ConfigError(
-                f"gpus_per_cell needs GPU {local_rank} but {torch.cuda.device_count()} are visible; "
+                f"gpus_per_cell needs GPU {local_rank} but {count} are visible; "
                 "lower train.gpus_per_cell or make more GPUs visible (CUDA_VISIBLE_DEVICES)"
             )
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(index)
+        device = torch.device("cuda", index)
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(minutes=30))
     _CURRENT = RankInfo(rank, world, local_rank, device)
@@ -458,6 +462,16 @@ def _spawn(cell: Any, run_dir: Path, progress: Callable | None, attempt: int, wo
         raise
     except Exception as e:
         return _failed(cell, run_dir, attempt, f"{type(e).__name__}: {e}")
+    from kdbench.engine.build import resolve_device
+
+    if resolve_device(cell.train.device).type == "cuda" and torch.cuda.device_count() < world:
+        return _failed(
+            cell,
+            run_dir,
+            attempt,
+            f"ConfigError: gpus_per_cell {world} needs {world} GPUs, {torch.cuda.device_count()} are "
+            "visible here (CUDA_VISIBLE_DEVICES); lower gpus_per_cell or give the cell more GPUs",
+        )
     ctx = mp.get_context("spawn")
     port = _free_port()
     threads = torch.get_num_threads()
@@ -530,6 +544,8 @@ def _spawn(cell: Any, run_dir: Path, progress: Callable | None, attempt: int, wo
     others = {r: res.get("error") for r, res in results.items() if r and res.get("status") == "failed"} | {
         r: e for r, e in errors.items() if r
     }
+    if result is not None:  # a rank's error worth adding is one rank 0 did not report itself
+        others = {r: e for r, e in others.items() if e and e != result.get("error")}
     if result is None:
         reasons = [f"rank {r}: {e}" for r, e in sorted({**errors, **others}.items()) if e]
         codes = ", ".join(f"rank {r} exit {p.exitcode}" for r, p in enumerate(procs))
