@@ -17,7 +17,15 @@ import hashlib
 import json
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from kdbench.errors import KdbenchError
 
@@ -170,6 +178,16 @@ class TrainRecipe(Record):
     #: teacher_train only: a teacher-free ``kdbench.losses`` plugin the teacher trains with instead of
     #: plain cross-entropy, resolved to {name, params} (e.g. the tolerant teacher); None: CE
     method: Any = None
+
+    @model_validator(mode="after")
+    def _global_batch_divides(self) -> TrainRecipe:
+        ranks = self.gpus_per_cell * self.nodes
+        if self.batch_size % ranks:
+            raise ValueError(
+                f"batch_size {self.batch_size} is the global batch of gpus_per_cell x nodes = {ranks} "
+                f"ranks and must be a multiple of {ranks}"
+            )
+        return self
 
     @field_validator("swa", mode="before")
     @classmethod

@@ -271,3 +271,16 @@ def test_sigterm_stops_every_rank_at_the_same_step_and_resumes(tmp_path):
     assert res["status"] == "done", res.get("error")
     assert [r["epoch"] for r in _rows(run, cell)] == list(range(8))
     assert abs(res["metrics"]["top1"] - ref["metrics"]["top1"]) <= 0.5, (res["metrics"], ref["metrics"])
+
+
+def test_a_global_batch_the_ranks_cannot_share_is_a_grid_error(tmp_path):
+    from kdbench.errors import KdbenchError
+
+    g = write_grid(
+        tmp_path / "g.yaml",
+        GRID.format(out=tmp_path / "r", method="kd", epochs=1, extra=", gpus_per_cell: 2").replace(
+            "batch_size: 64, lr: 0.1", "batch_size: 63, lr: 0.1"
+        ),
+    )
+    with pytest.raises(KdbenchError, match="must be a multiple of 2"):
+        load_grid(g)
