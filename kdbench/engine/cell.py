@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from kdbench import __version__, registry
-from kdbench.artifacts import save_atomic
+from kdbench.artifacts import DiskError, load_checked, save_atomic, save_checked
 from kdbench.cells import Cell, PluginKey, TeacherSpec
 from kdbench.engine import distributed as _dist
 from kdbench.engine import evaluation as ev
@@ -298,8 +298,10 @@ def obtain_teacher(
         if not weights.exists():
             _make_teacher(spec, tdir, device, data, ece_bins, progress)
     model, taps = build_model(_plain(spec.model), data.num_classes, data.in_channels)
+    # verified against the SHA-256 recorded when it was saved: a changed file fails its cells
+    state = load_checked(weights, rebuild_hint=f"delete it (and {tdir / spec.id}/) to train it again")
     try:
-        model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        model.load_state_dict(state)
     except RuntimeError as e:
         # the architecture's code changed under an unchanged plugin version
         raise KdbenchError(
@@ -393,7 +395,7 @@ def _make_teacher(
         "env": environment(),
     }
     write_json_atomic(work / "result.json", result)
-    save_atomic(model.state_dict(), tdir / f"{spec.id}.pt")
+    save_checked(model.state_dict(), tdir / f"{spec.id}.pt")
 
 
 # ------------------------------------------------------------------------------------ cell
@@ -435,8 +437,8 @@ def run_cell_steps(
             out = yield from _run(cell, run_dir, cdir, progress, log, teachers)
             result["metrics"], result["summary"] = out
             result["status"] = "done"
-        except KeyboardInterrupt:
-            raise
+        except (KeyboardInterrupt, DiskError):
+            raise  # a full disk stops the sweep with one line instead of failing every cell
         except Exception as e:
             log.error("failed:\n%s", traceback.format_exc())
             result.update(status="failed", error=f"{type(e).__name__}: {e}")
