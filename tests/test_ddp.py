@@ -284,3 +284,33 @@ def test_a_global_batch_the_ranks_cannot_share_is_a_grid_error(tmp_path):
     )
     with pytest.raises(KdbenchError, match="must be a multiple of 2"):
         load_grid(g)
+
+
+@pytest.mark.slow
+def test_a_dead_rank_fails_the_cell_with_its_reason_and_nothing_hangs(tmp_path):
+    """A rank killed mid-training (the OOM killer): rank 0's collective fails, the launcher
+    records the cell as failed naming the dead rank, and returns."""
+    import threading
+
+    from kdbench.engine.cell import run_cell
+
+    cell = _cell(tmp_path, "ddp", ", gpus_per_cell: 2", epochs=40)
+    run = tmp_path / "ddp"
+    ckpt = run / "cells" / cell.id / "checkpoint.pt"
+
+    def kill_rank1() -> None:
+        deadline = time.time() + 120
+        while time.time() < deadline and not ckpt.exists():
+            time.sleep(0.02)
+        ranks = sorted(_children(os.getpid()))
+        os.kill(ranks[-1], signal.SIGKILL)  # the later-started rank: rank 1
+
+    t = threading.Thread(target=kill_rank1)
+    t.start()
+    t0 = time.time()
+    res = run_cell(cell, run)
+    t.join()
+    assert res["status"] == "failed"
+    assert "rank 1" in res["error"] and "SIGKILL" in res["error"], res["error"]
+    assert time.time() - t0 < 120
+    assert json.loads((run / "cells" / cell.id / "result.json").read_text())["status"] == "failed"

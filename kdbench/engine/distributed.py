@@ -490,6 +490,7 @@ def _spawn(cell: Any, run_dir: Path, progress: Callable | None, attempt: int, wo
     results: dict[int, dict] = {}
     errors: dict[int, str] = {}
     stopped = forwarded = False
+    progress_error: str | None = None
     dead_since: float | None = None
     try:
         open_conns = {c: r for r, c in enumerate(conns)}
@@ -501,8 +502,13 @@ def _spawn(cell: Any, run_dir: Path, progress: Callable | None, attempt: int, wo
                 except (EOFError, OSError):
                     del open_conns[c]
                     continue
-                if kind == "progress" and progress is not None:
-                    progress(payload)
+                if kind == "progress" and progress is not None and progress_error is None:
+                    try:
+                        progress(payload)
+                    except Exception as e:  # a failure of the cell, as run_cell records it
+                        progress_error = f"{type(e).__name__}: {e}"
+                        for p in procs:
+                            p.kill()
                 elif kind == "result":
                     results[r] = payload
                 elif kind == "stopped":
@@ -538,19 +544,24 @@ def _spawn(cell: Any, run_dir: Path, progress: Callable | None, attempt: int, wo
         p.join()
     if stopped or any(p.exitcode == STOP_EXIT for p in procs):
         raise StopRequested(f"DDP cell {cell.id} stopped on request (checkpoint saved by rank 0)")
+    if progress_error is not None:
+        return _failed(cell, run_dir, attempt, progress_error)
     result = results.get(0)
     if result is None and forwarded:
         raise StopRequested(f"DDP cell {cell.id} stopped on request before rank 0 finished")
     others = {r: res.get("error") for r, res in results.items() if r and res.get("status") == "failed"} | {
         r: e for r, e in errors.items() if r
     }
+    from kdbench.pool import death_reason
+
+    for r, p in enumerate(procs):  # ranks that died without a word (OOM killer, a crash)
+        if r and r not in results and r not in errors and p.exitcode not in (0, STOP_EXIT):
+            others[r] = death_reason(p.exitcode)
     if result is not None:  # a rank's error worth adding is one rank 0 did not report itself
         others = {r: e for r, e in others.items() if e and e != result.get("error")}
     if result is None:
         reasons = [f"rank {r}: {e}" for r, e in sorted({**errors, **others}.items()) if e]
         codes = ", ".join(f"rank {r} exit {p.exitcode}" for r, p in enumerate(procs))
-        from kdbench.pool import death_reason
-
         why = "; ".join(reasons) or ", ".join(
             f"rank {r} {death_reason(p.exitcode)}" for r, p in enumerate(procs)
         )
