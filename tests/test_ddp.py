@@ -314,3 +314,23 @@ def test_a_dead_rank_fails_the_cell_with_its_reason_and_nothing_hangs(tmp_path):
     assert "rank 1" in res["error"] and "SIGKILL" in res["error"], res["error"]
     assert time.time() - t0 < 120
     assert json.loads((run / "cells" / cell.id / "result.json").read_text())["status"] == "failed"
+
+
+def test_every_engine_entry_hands_a_ddp_cell_to_the_launcher(tmp_path, monkeypatch):
+    """run_cell, run_cell_steps and lockstep groups (share_teacher) never train a DDP cell on one
+    process: they call the launcher (stubbed here)."""
+    from kdbench.engine import lockstep
+    from kdbench.engine.cell import run_cell
+
+    cell = _cell(tmp_path, "ddp", ", gpus_per_cell: 2")
+    calls = []
+
+    def fake(c, run_dir, progress=None, attempt=1):
+        calls.append(c.id)
+        return {"cell": c.to_dict(), "status": "done", "metrics": {"top1": 1.0}, "attempt": attempt}
+
+    monkeypatch.setattr(D, "launch_cell", fake)
+    assert lockstep.group_key(cell) is None and lockstep.plan_groups([cell, cell]) == [[cell], [cell]]
+    assert run_cell(cell, tmp_path / "r")["status"] == "done"
+    assert lockstep.run_group([cell], tmp_path / "r")[0]["metrics"] == {"top1": 1.0}
+    assert calls == [cell.id, cell.id]

@@ -408,8 +408,6 @@ def run_cell(cell: Cell | dict, run_dir: Path, progress: Progress | None = None,
     broken cell never stops a sweep. A cell with ``gpus_per_cell``/``nodes`` > 1 runs on several
     processes (kdbench/engine/distributed.py); only rank 0 writes.
     """
-    if _dist.should_launch(Cell.coerce(cell)):
-        return _dist.launch_cell(Cell.coerce(cell), Path(run_dir), progress, attempt)
     return drain(run_cell_steps(cell, run_dir, progress, attempt))
 
 
@@ -423,6 +421,8 @@ def run_cell_steps(
     """:func:`run_cell` as a generator yielding ``(stage, epoch, step)`` before each training
     step; ``teachers`` (a ``kdbench.engine.lockstep.SharedTeachers``) lends the teacher."""
     cell = Cell.coerce(cell)
+    if _dist.should_launch(cell):  # DDP: N rank processes run it (no steps to yield here)
+        return _dist.launch_cell(cell, Path(run_dir), progress, attempt)
     cdir = run_dir / "cells" / cell.id
     cdir.mkdir(parents=True, exist_ok=True)
     record = cell.to_dict()
