@@ -434,6 +434,9 @@ INERT_KEYS: dict[str, dict[str, str]] = {
         "init_lr": "teachers have no initialisation stage; `init_lr` belongs to `train`",
         "device": "the teacher trains on the cell's device; set `train.device`",
         "teacher_view": "`teacher_view` (what the teacher sees while distilling) belongs to `train`",
+        "gpus_per_cell": "a teacher trains on one process before its cells; DDP is for `train`",
+        "nodes": "a teacher trains on one process before its cells; DDP is for `train`",
+        "sync_bn": "a teacher trains on one process before its cells; DDP is for `train`",
     },
 }
 

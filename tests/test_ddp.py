@@ -334,3 +334,13 @@ def test_every_engine_entry_hands_a_ddp_cell_to_the_launcher(tmp_path, monkeypat
     assert run_cell(cell, tmp_path / "r")["status"] == "done"
     assert lockstep.run_group([cell], tmp_path / "r")[0]["metrics"] == {"top1": 1.0}
     assert calls == [cell.id, cell.id]
+
+
+def test_ddp_keys_in_teacher_train_are_rejected_not_ignored(tmp_path):
+    from kdbench.errors import KdbenchError
+
+    text = GRID.format(out=tmp_path / "r", method="kd", epochs=1, extra="").replace(
+        "teacher_train: {epochs: 1,", "teacher_train: {gpus_per_cell: 2, epochs: 1,"
+    )
+    with pytest.raises(KdbenchError, match="teacher_train.gpus_per_cell.*DDP is for `train`"):
+        load_grid(write_grid(tmp_path / "g.yaml", text))
