@@ -344,3 +344,41 @@ def test_ddp_keys_in_teacher_train_are_rejected_not_ignored(tmp_path):
     )
     with pytest.raises(KdbenchError, match="teacher_train.gpus_per_cell.*DDP is for `train`"):
         load_grid(write_grid(tmp_path / "g.yaml", text))
+
+
+_RANK_SCRIPT = """
+import sys, json
+from pathlib import Path
+from kdbench.executors.base import CellJob, run_cell_job
+
+if __name__ == "__main__":
+    out = run_cell_job(CellJob(json.loads(Path(sys.argv[1]).read_text()), sys.argv[2]))
+    print("RESULT", json.dumps({"status": out["status"], "error": out.get("error")}))
+"""
+
+
+@pytest.mark.slow
+def test_ranks_started_by_an_outside_launcher_run_the_cell(tmp_path):
+    """torchrun sets RANK/WORLD_SIZE/MASTER_ADDR as submitit's TorchDistributedEnvironment does
+    for Slurm tasks: each process runs run_cell_job and acts as its rank; rank 0 writes."""
+    cell = _cell(tmp_path, "ddp", ", gpus_per_cell: 2, sync_bn: true", epochs=2)
+    run = tmp_path / "ddp"
+    script, cfg = tmp_path / "rank.py", tmp_path / "cell.json"
+    script.write_text(_RANK_SCRIPT)
+    cfg.write_text(json.dumps(cell.to_dict()))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    args = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(D._free_port())]
+    proc = subprocess.run(
+        [sys.executable, *args, str(script), str(cfg), str(run)],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=150,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [json.loads(ln[7:]) for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert sorted(x["status"] for x in lines) == ["done", "rank"], proc.stdout
+    res = json.loads((run / "cells" / cell.id / "result.json").read_text())
+    assert res["status"] == "done" and res["env"]["ddp"]["world"] == 2
+    assert [r["epoch"] for r in _rows(run, cell)] == [0, 1]
