@@ -181,3 +181,25 @@ def test_local_workers_are_pinned_to_their_own_gpu(tiny_grid, tmp_path):
     assert all(r["status"] == "done" for r in results), [r.get("error") for r in results]
     # each worker saw only its own device (recorded in every result's environment)
     assert sorted(r["env"]["cuda_visible_devices"] for r in results) == ["3", "5"]
+
+
+def test_submitit_runs_a_ddp_cell_as_one_task_per_rank(tiny_grid, tmp_path):
+    pytest.importorskip("submitit")
+    from kdbench.executors.submitit_exec import SubmititExecutor, ranks_of
+
+    grid = tiny_grid(methods="[ce]", epochs=2)
+    text = grid.read_text()
+    grid.write_text(text.replace("\ntrain: {epochs: 2,", "\ntrain: {gpus_per_cell: 2, epochs: 2,"))
+    (cell,) = _cells(lambda **kw: grid)
+    assert ranks_of(cell) == (2, 1)
+    run_dir = tmp_path / "sub"
+    results: list[dict] = []
+    SubmititExecutor(cluster="local", time_min=10, poll_s=0.2).run(
+        [CellJob(cell, str(run_dir), 1, 1)], results.append
+    )
+    (r,) = results
+    assert r["status"] == "done", r.get("error")
+    assert r["env"]["ddp"]["world"] == 2  # the cell really ran on two ranks (submitit tasks)
+    # one job of two tasks (the local cluster's own log files per task)
+    logs = sorted(p.name for p in (run_dir / "submitit").glob("*/*_log.out"))
+    assert [n.split("_")[1] for n in logs] == ["0", "1"], logs

@@ -75,10 +75,11 @@ def run_cell_job(job: CellJob) -> dict[str, Any]:
     torch.set_num_threads(max(1, job.threads))
     cdir = Path(job.run_dir) / "cells" / job.id
     cdir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(
-        cdir / "worker.json",
-        {"host": platform.node(), "pid": os.getpid(), "started": time.time(), "attempt": job.attempt},
-    )
+    if os.environ.get("RANK", "0") == "0":  # a DDP cell's rank 0 speaks for it
+        write_json_atomic(
+            cdir / "worker.json",
+            {"host": platform.node(), "pid": os.getpid(), "started": time.time(), "attempt": job.attempt},
+        )
     from kdbench.engine.cell import run_cell
 
     cell: Any = job.cell

@@ -48,10 +48,26 @@ def run_teacher_job(cell: dict[str, Any], run_dir: str, threads: int) -> str:
     return cell["teacher"]["id"]
 
 
+def ranks_of(cell: dict[str, Any]) -> tuple[int, int]:
+    """(ranks per node, nodes) of a cell: ``train.gpus_per_cell`` and ``train.nodes`` (DDP)."""
+    tr = cell.get("train") or {}
+    return int(tr.get("gpus_per_cell") or 1), int(tr.get("nodes") or 1)
+
+
 class _CellTask:
-    """The callable submitit pickles for each array task (requeued as is on preemption)."""
+    """The callable submitit pickles for each array task (requeued as is on preemption).
+
+    A DDP cell (``train.gpus_per_cell`` > 1) runs as ``tasks_per_node`` tasks: each exports
+    the torch.distributed environment (RANK, WORLD_SIZE, MASTER_ADDR...) and the engine runs
+    it as that rank; task 0's result is the cell's.
+    """
 
     def __call__(self, job: CellJob) -> dict[str, Any]:
+        per_node, nodes = ranks_of(job.cell)
+        if per_node * nodes > 1:
+            import submitit
+
+            submitit.helpers.TorchDistributedEnvironment().export(overwrite=True)
         return run_cell_job(job)
 
     def checkpoint(self, job: CellJob):  # submitit calls this on preemption / time-out
@@ -101,7 +117,9 @@ class SubmititExecutor(Executor):
     def describe(self) -> dict[str, Any]:
         return {"kind": "submitit", "cluster": self.cluster, "partition": self.partition}
 
-    def _executor(self, run_dir: str, name: str, dependency: str | None = None):
+    def _executor(
+        self, run_dir: str, name: str, dependency: str | None = None, ranks: tuple[int, int] = (1, 1)
+    ):
         submitit = _submitit()
         folder = Path(self.folder) if self.folder else Path(run_dir) / "submitit"
         cluster = None if self.cluster == "auto" else self.cluster
@@ -112,9 +130,10 @@ class SubmititExecutor(Executor):
             "name": name,
             "timeout_min": self.time_min,
             "cpus_per_task": self.cpus_per_cell,
-            "gpus_per_node": self.gpus_per_cell,
-            "tasks_per_node": 1,
-            "nodes": 1,
+            # a DDP cell: one task (and with GPUs one GPU) per rank; else the executor's resources
+            "gpus_per_node": ranks[0] if ranks[0] > 1 and self.gpus_per_cell else self.gpus_per_cell,
+            "tasks_per_node": ranks[0],
+            "nodes": ranks[1],
             "slurm_array_parallelism": self.array_parallelism,
         }
         if self.mem_gb is not None:
@@ -149,8 +168,16 @@ class SubmititExecutor(Executor):
         return dict(zip(need, handles, strict=False))
 
     def _submit_cells(self, jobs: list[CellJob], dependency: str | None) -> list[Any]:
-        ex = self._executor(jobs[0].run_dir, "kdbench-cell", dependency)
-        return ex.map_array(_CellTask(), jobs)
+        """One job array per rank layout (plain cells: one array), handles in ``jobs`` order."""
+        by_ranks: dict[tuple[int, int], list[int]] = {}
+        for i, j in enumerate(jobs):
+            by_ranks.setdefault(ranks_of(j.cell), []).append(i)
+        handles: list[Any] = [None] * len(jobs)
+        for ranks, idx in by_ranks.items():
+            ex = self._executor(jobs[0].run_dir, "kdbench-cell", dependency, ranks)
+            for i, h in zip(idx, ex.map_array(_CellTask(), [jobs[i] for i in idx]), strict=True):
+                handles[i] = h
+        return handles
 
     def run(self, jobs: list[CellJob], on_result: OnResult) -> None:
         if not jobs:
@@ -180,7 +207,7 @@ class SubmititExecutor(Executor):
             for h in [h for h in pending if h.done()]:
                 job = pending.pop(h)
                 try:
-                    on_result(h.result())
+                    on_result(h.results()[0])  # a DDP cell's tasks: rank 0 speaks for the cell
                 except Exception as e:  # noqa: BLE001 - a dead or cancelled task is a failed cell
                     on_result(failed_result(job, f"submitit job {h.job_id}: {_first_line(e)}"))
             if pending:
