@@ -194,6 +194,7 @@ def plot(recs: list[dict[str, Any]], path: Path, spread: str = "std") -> Path:
         import matplotlib.pyplot as plt
     except ImportError:
         raise KdbenchError("--plot needs matplotlib: pip install 'kdbench[plot]'") from None
+    colours = plt.get_cmap("tab20")  # distinct colours for up to 20 rows
     widest = max(len(t["groups"]) * max(len(t["rows"]), 1) for t in recs)
     fig, axes = plt.subplots(len(recs), 1, figsize=(min(30.0, max(6.0, 0.18 * widest + 2)), 4.0 * len(recs)))
     axes = [axes] if len(recs) == 1 else list(axes)
@@ -207,8 +208,9 @@ def plot(recs: list[dict[str, Any]], path: Path, spread: str = "std") -> Path:
                 0.0 if not st[g].n or st[g].spread(spread) != st[g].spread(spread) else st[g].spread(spread)
                 for g in groups
             ]
-            ax.bar(xs, means, width, yerr=errs, capsize=2, label=r)
+            ax.bar(xs, means, width, yerr=errs, capsize=2, label=r, color=colours(i % 20))
         ax.set_xticks(range(len(groups)))
+        ax.set_xlim(-0.6, len(groups) - 0.4)
         ax.set_xticklabels(
             [f"{g}\n(n={t['sizes'].get(g, '?')})" for g in groups],
             fontsize=7,
@@ -217,7 +219,7 @@ def plot(recs: list[dict[str, Any]], path: Path, spread: str = "std") -> Path:
         ax.set_ylabel("accuracy (%)")
         ax.set_ylim(0, 105)
         ax.set_title(f"{t['column']} ({t['set']})", fontsize=9)
-        ax.legend(fontsize=7, ncol=min(len(rows), 4))
+        ax.legend(fontsize=7, ncol=min(len(rows), 7), loc="lower center", bbox_to_anchor=(0.5, 1.06))
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")
