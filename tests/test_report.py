@@ -188,3 +188,20 @@ def test_a_store_of_another_cell_format_is_refused(run_dir):
     with pytest.raises(KdbenchError, match="cell format 99") as e:
         report(run_dir)
     assert e.value.exit_code == 2
+
+
+def test_two_entries_of_one_dataset_get_their_own_columns():
+    from kdbench.reports.leaderboard import column_label, dataset_labels
+
+    def cfg(strength):
+        return {
+            "dataset": {"name": "spurious", "params": {"base": "mnist5k", "strength": strength}},
+            "teacher": {"label": "t"},
+            "student": {"label": "s"},
+        }
+
+    a, b = cfg(0.9), cfg(0.99)
+    labels = dataset_labels([a, b])
+    assert column_label(a, labels) == "spurious(strength=0.9): t→s"
+    assert column_label(b, labels) == "spurious(strength=0.99): t→s"
+    assert column_label(a, dataset_labels([a])) == "spurious: t→s"  # one entry: just its name

@@ -117,8 +117,37 @@ class Board:
         return (max if info.higher_is_better else min)(cands, key=lambda rv: rv[1])[0]
 
 
-def column_label(cfg: dict) -> str:
-    return f"{cfg['dataset']['name']}: {cfg['teacher']['label']}→{cfg['student']['label']}"
+def dataset_labels(configs: list[dict]) -> dict[str, str]:
+    """A label per distinct dataset entry: its name, plus the parameters that tell apart entries
+    sharing that name (two ``spurious`` sets of other strengths must not share a column)."""
+    import json as _json
+
+    by_name: dict[str, dict[str, dict]] = defaultdict(dict)
+    for cfg in configs:
+        ds = cfg["dataset"]
+        by_name[ds["name"]][_json.dumps(ds.get("params") or {}, sort_keys=True, default=str)] = (
+            ds.get("params") or {}
+        )
+    out: dict[str, str] = {}
+    for name, variants in by_name.items():
+        keys = sorted({k for p in variants.values() for k in p})
+        differ = [k for k in keys if len({_json.dumps(p.get(k), default=str) for p in variants.values()}) > 1]
+        for key, params in variants.items():
+            extra = ",".join(f"{k}={params.get(k)}" for k in differ)
+            out[f"{name}|{key}"] = f"{name}({extra})" if extra else name
+    return out
+
+
+def _ds_key(cfg: dict) -> str:
+    import json as _json
+
+    ds = cfg["dataset"]
+    return f"{ds['name']}|{_json.dumps(ds.get('params') or {}, sort_keys=True, default=str)}"
+
+
+def column_label(cfg: dict, ds_labels: dict[str, str] | None = None) -> str:
+    name = (ds_labels or {}).get(_ds_key(cfg), cfg["dataset"]["name"])
+    return f"{name}: {cfg['teacher']['label']}→{cfg['student']['label']}"
 
 
 def build_board(run: RunData, args: ReportArgs) -> Board:
@@ -130,9 +159,10 @@ def build_board(run: RunData, args: ReportArgs) -> Board:
     failures: list[Failure] = []
     epochs: list[int] = []
     cells = sorted(run.cells, key=lambda c: (c["config"]["dataset"]["name"], c["config"].get("seed", 0)))
+    ds_labels = dataset_labels([c["config"] for c in cells])
     for c in cells:
         cfg = c["config"]
-        col = column_label(cfg)
+        col = column_label(cfg, ds_labels)
         if col not in columns:
             columns.append(col)
         row = cfg["method"]["label"]
