@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 # pinned: these install from local disk on the reference machines; other versions download GBs
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install demo test bench lint clean
+.PHONY: install demo test test-all bench lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +23,12 @@ install: $(VENV)/.installed
 demo: install
 	$(BIN)/kdbench run examples/quickstart.yaml
 
+# the fast tests plus the slow end-to-end tests listed in tests/conftest.py (CI runs this)
 test: install
+	$(BIN)/python -m pytest -q -m "not slow or ci"
+
+# every test, all end-to-end ones included
+test-all: install
 	$(BIN)/python -m pytest -q
 
 bench: install
