@@ -241,3 +241,18 @@ def test_teacher_recipe_method_errors(tmp_path, block, message):
     with pytest.raises(ConfigError) as e:
         load_grid(grid)
     assert message in str(e.value)
+
+
+@pytest.mark.slow
+def test_every_cell_writes_tensorboard_events(tiny_grid, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    r = kdbench_cli("run", str(tiny_grid(methods="[kd]", epochs=2)))
+    assert r.returncode == 0, r.stderr
+    (cell_dir,) = (tmp_path / "runs" / "tiny" / "cells").iterdir()
+    acc = EventAccumulator(str(cell_dir / "tb"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"train/lr", "train/loss/kd", "train/loss/ce"} <= tags
+    assert [s.step for s in acc.Scalars("train/loss/kd")] == [1, 2]

@@ -43,6 +43,14 @@ def log_row(workdir: Path | None, row: dict[str, Any]) -> None:
     w.flush()
 
 
+def close_all() -> None:
+    """Close every open writer (a cell's end: no descriptor outlives its cell)."""
+    for key in list(_writers):
+        w = _writers.pop(key)
+        if w is not None:
+            w.close()
+
+
 def close(workdir: Path | None) -> None:
     """Close a cell's writer (the engine calls it when the cell ends)."""
     if workdir is None:

@@ -168,6 +168,9 @@ def cell_logger(path: Path) -> Iterator[logging.Logger]:
     finally:
         log.removeHandler(h)
         h.close()
+        from kdbench.analysis import tensorboard
+
+        tensorboard.close_all()
 
 
 # ------------------------------------------------------------------------------------ data

@@ -352,6 +352,11 @@ class MetricsLog(Hook):
     def after_epoch(self, trainer: Trainer, epoch: int, row: dict[str, Any]) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
+        from kdbench.analysis import tensorboard  # event files too, when tensorboard is installed
+
+        tensorboard.log_row(self.path.parent, row)
+        if epoch + 1 >= trainer.stage.epochs:
+            tensorboard.close(self.path.parent)
 
 
 class DatasetAugment(Hook):
