@@ -143,6 +143,7 @@ def test_ddp_cell_completes_writes_once_and_matches_single_process(tmp_path):
         "metrics.jsonl",
         "result.json",
         "student.pt",
+        "tb",  # TensorBoard events (rank 0)
     ]
     assert json.loads((cdir / "result.json").read_text())["metrics"]["top1"] == res["metrics"]["top1"]
     assert (cdir / "log.txt").read_text().count(f"cell {cell.id} attempt") == 1  # rank 0 only
