@@ -102,6 +102,8 @@ def heatmap(maps: CKAMaps, path: Path) -> None:
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.0), squeeze=False)
     for ax, (title, m) in zip(axes[0], panels, strict=False):
         im = ax.imshow(m.numpy(), vmin=0, vmax=1, cmap="viridis", origin="upper")
+        ax.set_xticks(range(m.shape[1]))
+        ax.set_yticks(range(m.shape[0]))
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("teacher stage")
         ax.set_ylabel("teacher stage" if title.startswith("teacher") else "student stage")

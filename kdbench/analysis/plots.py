@@ -46,8 +46,12 @@ def curves(run, out: Path, metric: str = "top1") -> Path:
         raise KdbenchError(
             f"{run.run_dir} has no per-epoch {key} rows; run the grid with `eval: {{every: 1}}`"
         )
-    fig, axes = plt.subplots(1, len(series), figsize=(5.5 * len(series), 4), squeeze=False)
-    for ax, (col, methods) in zip(axes[0], sorted(series.items()), strict=False):
+    ncols = min(3, len(series))
+    nrows = -(-len(series) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5.0 * ncols, 3.6 * nrows), squeeze=False)
+    for ax in axes.flat[len(series) :]:
+        ax.set_visible(False)
+    for ax, (col, methods) in zip(axes.flat, sorted(series.items()), strict=False):
         for label, runs in sorted(methods.items()):
             n = min(len(r) for r in runs)
             a = np.array([r[:n] for r in runs], dtype=float)
