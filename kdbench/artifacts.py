@@ -12,11 +12,14 @@ cannot be read is moved aside (``checkpoint.pt.corrupt``) and the cell restarts 
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import io
 import logging
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +50,22 @@ def sidecar(path: Path) -> Path:
     return path.with_name(path.name + ".sha256")
 
 
-def _write_bytes_atomic(path: Path, data: bytes) -> None:
+@contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock on ``path``, released by the OS if its holder dies (SIGKILL-safe);
+    how a shared artefact is built once by whichever process needs it first."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` via a temp file in the same directory + fsync + ``os.replace``; on failure the
+    temp file is removed and a full disk or unwritable place is a one-line :class:`DiskError`."""
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -80,7 +98,7 @@ def save_atomic(obj: Any, path: Path) -> None:
     """``torch.save`` to ``path`` via a temp file + rename; never leaves a half-written file."""
     buf = io.BytesIO()
     torch.save(obj, buf)
-    _write_bytes_atomic(Path(path), buf.getvalue())
+    write_bytes_atomic(Path(path), buf.getvalue())
 
 
 def save_checked(obj: Any, path: Path) -> str:
@@ -90,15 +108,15 @@ def save_checked(obj: Any, path: Path) -> str:
     torch.save(obj, buf)
     data = buf.getvalue()
     digest = hashlib.sha256(data).hexdigest()
-    _write_bytes_atomic(path, data)
-    _write_bytes_atomic(sidecar(path), (digest + "\n").encode())
+    write_bytes_atomic(path, data)
+    write_bytes_atomic(sidecar(path), (digest + "\n").encode())
     return digest
 
 
 def record_checksum(path: Path) -> str:
     """Record the SHA-256 of an existing file (written by other code) in its sidecar."""
     digest = sha256_file(Path(path))
-    _write_bytes_atomic(sidecar(Path(path)), (digest + "\n").encode())
+    write_bytes_atomic(sidecar(Path(path)), (digest + "\n").encode())
     return digest
 
 

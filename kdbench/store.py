@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -60,23 +59,10 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     A full disk or an unwritable directory raises ``DiskError`` naming the file; the temp
     file is removed.
     """
-    from kdbench.artifacts import disk_error
+    from kdbench.artifacts import write_bytes_atomic
 
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True, default=_json_default)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise disk_error(path, e) from None
-        raise
+    data = json.dumps(obj, indent=2, sort_keys=True, default=_json_default)
+    write_bytes_atomic(Path(path), data.encode())
 
 
 class Store:

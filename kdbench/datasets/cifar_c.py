@@ -24,12 +24,10 @@ block.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +35,7 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-from kdbench.artifacts import ArtifactCorrupt, load_checked, save_checked
+from kdbench.artifacts import ArtifactCorrupt, file_lock, load_checked, save_checked
 from kdbench.datasets._util import NormalizedImages
 from kdbench.errors import ConfigError, DataError
 from kdbench.robustness import corruptions as C
@@ -85,18 +83,6 @@ def selected(eval_cfg: Mapping[str, Any]) -> tuple[list[str], list[int]]:
     if bad_s:
         raise ConfigError(f"eval.severities: {bad_s} out of range; severities are 1..5")
     return list(dict.fromkeys(names)), sorted(set(sev))
-
-
-@contextmanager
-def _locked(path: Path):
-    """Exclusive advisory lock (released by the OS if the holder dies)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _digest(obj: Any) -> str:
@@ -187,7 +173,7 @@ class CorruptionSets(Mapping):
         if self.cache_dir is None:
             return self._generate(name, severity), self.test.labels
         path = self.cache_dir / f"{name}-{severity}-{self.cache_key(name, severity)}.pt"
-        with _locked(self.cache_dir / f".{path.stem}.lock"):
+        with file_lock(self.cache_dir / f".{path.stem}.lock"):
             if path.exists():
                 try:
                     obj = load_checked(path)

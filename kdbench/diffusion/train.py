@@ -13,13 +13,10 @@ decay, linear betas over 1000 steps, uniform timesteps, epsilon prediction.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import math
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdbench.artifacts import load_checked, load_checkpoint, save_atomic, save_checked
+from kdbench.artifacts import file_lock, load_checked, load_checkpoint, save_atomic, save_checked
 from kdbench.diffusion.model import DiffusionModel, alphas_cumprod_from, diffusers_module, tiny_unet
 from kdbench.errors import ConfigError
 
@@ -196,18 +193,6 @@ def train_unet(
     return model.to(device)
 
 
-@contextmanager
-def _lock(path: Path) -> Iterator[None]:
-    """An exclusive advisory lock, released by the OS if its holder dies."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def obtain_trained(
     recipe: Recipe,
     images: Tensor,
@@ -224,7 +209,7 @@ def obtain_trained(
     work = Path(run_dir) / "diffusion" / key
     weights = work / "model.pt"
     trained_here = False
-    with _lock(Path(run_dir) / "diffusion" / f"{key}.lock"):
+    with file_lock(Path(run_dir) / "diffusion" / f"{key}.lock"):
         if not weights.exists():
             model = train_unet(recipe, images, labels, num_classes, work, device)
             assert model is not None

@@ -9,7 +9,6 @@ whichever worker needs them first; their logits on evaluation sets are cached ne
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
@@ -31,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from kdbench import __version__, registry
-from kdbench.artifacts import DiskError, load_checked, save_atomic, save_checked
+from kdbench.artifacts import DiskError, file_lock, load_checked, save_atomic, save_checked
 from kdbench.cells import Cell, PluginKey, TeacherSpec
 from kdbench.engine import distributed as _dist
 from kdbench.engine import evaluation as ev
@@ -137,18 +136,6 @@ def numerics() -> dict[str, Any]:
         out["cudnn"] = torch.backends.cudnn.version()
         out["gpu"] = torch.cuda.get_device_name(0)
     return out
-
-
-@contextmanager
-def file_lock(path: Path):
-    """An exclusive advisory lock, released by the OS if the holder dies (SIGKILL-safe)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 @contextmanager
