@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,9 +13,8 @@ from kdbench.config import load_grid
 from kdbench.engine.cell import run_cell
 from kdbench.engine.lockstep import SharedTeachers, group_key, plan_groups, run_group
 from kdbench.engine.train import StopRequested, Trainer, clear_stop, request_stop
+from kdbench.features import TapSpec
 from kdbench.runner import plan
-
-pytestmark = pytest.mark.slow
 
 
 def _cells(tiny_grid, methods: str, epochs: int = 2):
@@ -43,11 +43,12 @@ def _same(a: dict, b: dict, a_dir: Path, b_dir: Path) -> None:
         assert torch.equal(sa[k], sb[k]), (a["cell"]["method"]["label"], k)
 
 
+@pytest.mark.slow
 def test_group_is_bit_identical_to_cells_run_alone(tiny_grid, tmp_path):
-    # crd draws negatives from the global RNG, ft has an init stage, consistency sees other views
-    cells = _cells(
-        tiny_grid, "[ce, kd, {dkd: {warmup: 1}}, fitnet, crd, {ft: {init_epochs: 1}}, consistency]"
-    )
+    # crd draws negatives from the global RNG, ft has an init stage, consistency sees other views,
+    # ckakd groups the teacher's layers by CKA on the (shared) set-up probe
+    methods = "[ce, kd, {dkd: {warmup: 1}}, fitnet, crd, {ft: {init_epochs: 1}}, consistency, ckakd]"
+    cells = _cells(tiny_grid, methods)
     alone = _alone(cells, tmp_path / "alone")
     _copy_teachers(tmp_path / "alone", tmp_path / "group")
     teachers = SharedTeachers()
@@ -60,8 +61,12 @@ def test_group_is_bit_identical_to_cells_run_alone(tiny_grid, tmp_path):
         _same(alone[r["cell"]["id"]], r, tmp_path / "alone", tmp_path / "group")
     # the teacher's forward was reused, not recomputed by every cell
     assert teachers.stats["hits"] > teachers.stats["misses"] > 0
+    # one set-up probe of the teacher and one of the (identically initialised) student
+    assert teachers.stats["probe_misses"] == 2
+    assert teachers.stats["probe_hits"] == 2 * len(cells) - 1 - 2  # ce has no teacher probe
 
 
+@pytest.mark.slow
 def test_groups_split_on_what_the_teacher_sees(tiny_grid):
     cells = _cells(tiny_grid, "[ce, kd, dkd, fitnet, consistency]")
     by_method = {c.method.name: c for c in cells}
@@ -72,6 +77,7 @@ def test_groups_split_on_what_the_teacher_sees(tiny_grid):
     assert sizes == [1, 1, 3]
 
 
+@pytest.mark.slow
 def test_a_failing_cell_leaves_the_group(tiny_grid, tmp_path):
     cells = _cells(tiny_grid, "[kd, {kd: {weights: {kd: 1.0e+300}}}, fitnet]", epochs=1)
     alone = _alone([cells[0], cells[2]], tmp_path / "alone")
@@ -84,6 +90,7 @@ def test_a_failing_cell_leaves_the_group(tiny_grid, tmp_path):
         _same(alone[c.id], got[c.id], tmp_path / "alone", tmp_path / "group")
 
 
+@pytest.mark.slow
 def test_interrupted_group_resumes_to_the_same_numbers(tiny_grid, tmp_path, monkeypatch):
     cells = _cells(tiny_grid, "[kd, fitnet, dkd]", epochs=3)
     alone = _alone(cells, tmp_path / "alone")
@@ -141,6 +148,7 @@ def test_interrupted_group_resumes_to_the_same_numbers(tiny_grid, tmp_path, monk
     assert teachers.stats["hits"] > 0  # the cell behind caught up, then they shared again
 
 
+@pytest.mark.slow
 def test_grid_throughput_benchmark_runs_and_checks_identity(tmp_path):
     import importlib.util
 
@@ -161,6 +169,7 @@ def test_grid_throughput_benchmark_runs_and_checks_identity(tmp_path):
     assert got["speedup"] > 0 and got["kd_vs_bare"] > 0
 
 
+@pytest.mark.slow
 def test_share_teacher_in_the_grid_runs_groups_through_the_cli(tiny_grid, tmp_path):
     import json
 
@@ -178,3 +187,41 @@ def test_share_teacher_in_the_grid_runs_groups_through_the_cli(tiny_grid, tmp_pa
     for c in cells:
         shared = json.loads((tmp_path / "runs" / "tiny" / "cells" / c.id / "result.json").read_text())
         _same(alone[c.id], shared, tmp_path / "alone", tmp_path / "runs" / "tiny")
+
+
+def _tiny_net(seed: int) -> tuple[torch.nn.Module, TapSpec]:
+    torch.manual_seed(seed)
+    nn = torch.nn
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(144, 3))
+    return net, TapSpec(stages=("2",), classifier="4")
+
+
+def test_set_up_probe_is_shared_only_between_bitwise_equal_models():
+    teachers = SharedTeachers()
+    x = torch.randn(5, 3, 8, 8)
+    cell = SimpleNamespace(student=SimpleNamespace(model_dump=lambda mode: {"name": "net"}))
+    other = SimpleNamespace(student=SimpleNamespace(model_dump=lambda mode: {"name": "other"}))
+    a, spec = _tiny_net(0)
+    teachers.setting_up(cell)
+    fa = teachers.probe(a, spec, x)
+    b, _ = _tiny_net(0)  # built the same way: the same weights
+    fb = teachers.probe(b, spec, x)
+    assert teachers.stats["probe_hits"] == 1 and teachers.stats["probe_misses"] == 1
+    assert torch.equal(fa.logits, fb.logits) and torch.equal(fa.stages[0], fb.stages[0])
+    fb.stages[0].zero_()  # each cell owns its copy
+    assert fa.stages[0].abs().sum() > 0
+    c, _ = _tiny_net(1)  # other weights
+    teachers.probe(c, spec, x)
+    d, _ = _tiny_net(0)
+    d[1].running_mean += 1  # other buffers
+    teachers.probe(d, spec, x)
+    teachers.probe(b, spec, x + 1)  # another batch
+    teachers.setting_up(other)  # another student reference
+    teachers.probe(_tiny_net(0)[0], spec, x)
+    teachers.setting_up(None)  # not set up by a cell of the group: never shared
+    teachers.probe(_tiny_net(0)[0], spec, x)
+    assert teachers.stats["probe_hits"] == 1 and teachers.stats["probe_misses"] == 5
+    teachers.end_setup()
+    teachers.setting_up(cell)
+    teachers.probe(_tiny_net(0)[0], spec, x)
+    assert teachers.stats["probe_misses"] == 6  # forgotten once every cell has set up

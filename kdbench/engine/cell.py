@@ -521,8 +521,9 @@ def _run(
     # probe both models once, reading every tap they expose: feature shapes for the method,
     # probe features for methods fitted before training (CKA grouping)
     probe_x = torch.cat([x for x, _, _ in _take(data.train, PROBE_SIZE)])[:PROBE_SIZE].to(device)
-    s_probe = _probe(student, sspec, probe_x)
-    t_probe = _probe(teacher, tspec, probe_x) if teacher is not None else None
+    probe = teachers.probe if teachers is not None else _probe  # a lockstep group probes once
+    s_probe = probe(student, sspec, probe_x)
+    t_probe = probe(teacher, tspec, probe_x) if teacher is not None else None
     classifier = teacher.get_submodule(tspec.classifier) if teacher is not None and tspec.classifier else None
     ctx = MethodContext(
         num_classes=data.num_classes,

@@ -10,7 +10,10 @@ optimiser step at a time. Around each cell's step the process-global RNG states 
 alone. One teacher module serves the group (:class:`SharedTeachers`): it reads the union of the
 taps the group's methods need, and a forward is reused only when its input is bitwise equal to
 the one a previous cell of the same step fed it (``torch.equal``), so results are bit-identical
-to running the cells one by one, on any method, view or failure.
+to running the cells one by one, on any method, view or failure. The set-up probe (every tap of
+each model on the first 256 training images, for the method's shapes and probe features) is
+shared too: the teacher's once per group, a student's when it is bitwise the same model (same
+architecture, seed and data: the same initial weights) on the same probe batch.
 
 Why lockstep rather than replay (teacher outputs stored per step on disk): large features
 (FitNet's hints, attention maps) are shared at no storage cost, nothing can go stale, and
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.nn.parameter import is_lazy
 
 from kdbench import registry
 from kdbench.cells import Cell
@@ -99,6 +104,41 @@ class _Entry:
     feats: Features
 
 
+def _same_input(a: Tensor, b: Tensor) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b)
+
+
+def _clone(f: Features) -> Features:
+    """A copy a cell may keep and even modify in place without touching the others' copies."""
+    return Features(
+        logits=None if f.logits is None else f.logits.clone(),
+        stages=[t.clone() for t in f.stages],
+        preact=[t.clone() for t in f.preact],
+        pooled=None if f.pooled is None else f.pooled.clone(),
+    )
+
+
+def _state(model: nn.Module) -> list[tuple[str, Tensor]]:
+    """Every parameter and buffer (persistent or not) of ``model``, by name."""
+    return [*model.named_parameters(), *model.named_buffers()]
+
+
+def _same_state(a: list[tuple[str, Tensor]], b: list[tuple[str, Tensor]]) -> bool:
+    return len(a) == len(b) and all(
+        na == nb and _same_input(ta.detach(), tb.detach()) for (na, ta), (nb, tb) in zip(a, b, strict=True)
+    )
+
+
+@dataclass
+class _Probe:
+    key: str  # the model's plugin reference (a student) or "" (a lent teacher)
+    spec: TapSpec
+    model: nn.Module | None  # a lent (frozen) teacher: the module itself
+    state: list[tuple[str, Tensor]] | None  # a student: a copy of its weights when probed
+    x: Tensor
+    feats: Features
+
+
 class _Union:
     """One teacher module read once per distinct input, with the union of the taps asked for."""
 
@@ -108,6 +148,7 @@ class _Union:
         self.reader: FeatureReader | None = None
         self.entries: list[_Entry] = []
         self.hits = self.misses = 0
+        self.seconds = 0.0  # in the forwards computed (misses)
 
     def want(self, taps: Iterable[str]) -> None:
         new = self.wanted | set(taps)
@@ -120,17 +161,14 @@ class _Union:
 
     def read(self, x: Tensor) -> Features:
         for e in self.entries:
-            if (
-                e.x.shape == x.shape
-                and e.x.dtype == x.dtype
-                and e.x.device == x.device
-                and torch.equal(e.x, x)
-            ):
+            if _same_input(e.x, x):
                 self.hits += 1
                 return e.feats
         assert self.reader is not None
         self.misses += 1
+        t0 = time.perf_counter()
         feats = self.reader.read(x)
+        self.seconds += time.perf_counter() - t0
         self.entries.append(_Entry(x.detach().clone(), feats))
         del self.entries[:-CACHE_ENTRIES]
         return feats
@@ -168,14 +206,18 @@ class SharedReader:
 class SharedTeachers:
     """Lends one loaded teacher per (teacher id, device) to every cell of a group.
 
-    ``obtain`` and ``reader`` replace :func:`~kdbench.engine.cell.obtain_teacher` and
-    :class:`FeatureReader` for the teacher inside :func:`~kdbench.engine.cell.run_cell_steps`.
+    ``obtain``, ``reader`` and ``probe`` replace :func:`~kdbench.engine.cell.obtain_teacher`,
+    :class:`FeatureReader` for the teacher and the set-up probe inside
+    :func:`~kdbench.engine.cell.run_cell_steps`.
     """
 
     def __init__(self) -> None:
         self._models: dict[tuple[str, str], tuple[nn.Module, TapSpec]] = {}
         self._unions: dict[int, _Union] = {}
-        self._closed = {"hits": 0, "misses": 0}
+        self._probes: list[_Probe] = []
+        self._closed: dict[str, float] = {"hits": 0, "misses": 0, "teacher_s": 0.0}
+        self._probe_stats = {"probe_hits": 0, "probe_misses": 0}
+        self._student_key: str | None = None
 
     def obtain(
         self,
@@ -200,25 +242,68 @@ class SharedTeachers:
         u.want(wanted)
         return SharedReader(u, wanted)
 
+    def probe(self, model: nn.Module, spec: TapSpec, x: Tensor) -> Features:
+        """:func:`~kdbench.engine.cell._probe` computed once per (model, weights, batch) in the group.
+
+        A lent teacher matches itself. A student (the cell being set up, :meth:`setting_up`)
+        matches an earlier student built from the same plugin reference whose parameters and
+        buffers were bitwise the same when it was probed (cells with one student and seed start
+        from the same weights). Each caller gets its own copy. Like the teacher's forward during
+        training, a probe must not draw from the global RNG (eval mode: no dropout).
+        """
+        from kdbench.engine.cell import _probe
+
+        lent = any(model is m for m, _ in self._models.values())
+        key = "" if lent else self._student_key
+        if key is None or any(is_lazy(p) for p in model.parameters()):
+            return _probe(model, spec, x)  # unknown origin, or a forward that initialises weights
+        state = None if lent else _state(model)
+        for p in self._probes:
+            if p.key != key or p.spec != spec or not _same_input(p.x, x):
+                continue
+            if p.model is model if lent else p.state is not None and _same_state(p.state, state or []):
+                self._probe_stats["probe_hits"] += 1
+                return _clone(p.feats)
+        self._probe_stats["probe_misses"] += 1
+        feats = _probe(model, spec, x)
+        kept = None if state is None else [(n, t.detach().clone()) for n, t in state]
+        self._probes.append(_Probe(key, spec, model if lent else None, kept, x.clone(), feats))
+        return _clone(feats)
+
+    def setting_up(self, cell: Cell | None) -> None:
+        """``cell`` is the one setting up now (its student may share a probe); None: none is."""
+        self._student_key = (
+            None if cell is None else json.dumps(cell.student.model_dump(mode="json"), sort_keys=True)
+        )
+
+    def end_setup(self) -> None:
+        """Every cell has set up: drop the probes (their features can be large)."""
+        self._probes.clear()
+
     def new_step(self) -> None:
         """Forget the previous step's inputs (every cell has moved on)."""
         for u in self._unions.values():
             u.entries.clear()
 
     @property
-    def stats(self) -> dict[str, int]:
-        """Teacher forwards reused (``hits``) and computed (``misses``)."""
+    def stats(self) -> dict[str, float]:
+        """Teacher forwards reused (``hits``) and computed (``misses``), the seconds those
+        forwards took (``teacher_s``), and set-up probes reused and computed."""
+        us = self._unions.values()
         return {
-            "hits": self._closed["hits"] + sum(u.hits for u in self._unions.values()),
-            "misses": self._closed["misses"] + sum(u.misses for u in self._unions.values()),
+            "hits": self._closed["hits"] + sum(u.hits for u in us),
+            "misses": self._closed["misses"] + sum(u.misses for u in us),
+            "teacher_s": self._closed["teacher_s"] + sum(u.seconds for u in us),
+            **self._probe_stats,
         }
 
     def close(self) -> None:
-        self._closed = self.stats
+        self._closed = {k: v for k, v in self.stats.items() if k in self._closed}
         for u in self._unions.values():
             u.close()
         self._unions.clear()
         self._models.clear()
+        self._probes.clear()
 
 
 # ------------------------------------------------------------------------------- the group
@@ -274,13 +359,17 @@ def run_group(
     attempts: dict[str, int] | None = None,
     on_result: Callable[[dict[str, Any]], None] | None = None,
     teachers: SharedTeachers | None = None,
+    timings: dict[str, float] | None = None,
 ) -> list[dict[str, Any]]:
     """Run ``cells`` (one :func:`group_key`) side by side, sharing their teacher; their results.
 
     Each cell writes exactly what :func:`~kdbench.engine.cell.run_cell` writes and gets the same
     numbers. ``progress(cell)`` gives a cell's per-epoch callback; ``on_result`` is called with
     each result as the cell finishes (cells may finish in any order). ``teachers``: pass one to
-    read its ``stats`` afterwards.
+    read its ``stats`` afterwards. ``timings`` (a dict) receives the seconds spent setting the
+    cells up (``setup_s``), in steps that left a cell at its next step (``steps_s``, over
+    ``step_calls`` of them) and in each cell's last call (``finish_s``: its last step, evaluation
+    and result).
     """
     from kdbench.engine.cell import run_cell_steps
 
@@ -302,6 +391,16 @@ def run_group(
         for c in cells
     ]
     results: dict[str, dict[str, Any]] = {}
+    clock = dict.fromkeys(("setup_s", "steps_s", "finish_s", "step_calls"), 0.0)
+
+    def timed(s: _Slot, setup: bool = False) -> None:
+        t0 = time.perf_counter()
+        try:
+            _advance(s)
+        finally:
+            kind = "setup_s" if setup else "steps_s" if s.pos is not None else "finish_s"
+            clock[kind] += time.perf_counter() - t0
+            clock["step_calls"] += kind == "steps_s"
 
     def finish(s: _Slot) -> None:
         assert s.result is not None
@@ -312,16 +411,21 @@ def run_group(
     try:
         live: list[_Slot] = []
         for s in slots:  # set-up (teacher, models, resume) up to each cell's first step
-            _advance(s)
+            teachers.setting_up(s.cell)
+            try:
+                timed(s, setup=True)
+            finally:
+                teachers.setting_up(None)
             if s.pos is None:
                 finish(s)
             else:
                 live.append(s)
+        teachers.end_setup()
         while live:
             first = min(s.rank() for s in live)
             teachers.new_step()
             for s in [s for s in live if s.rank() == first]:
-                _advance(s)
+                timed(s)
                 if s.pos is None:
                     live.remove(s)
                     finish(s)
@@ -341,4 +445,6 @@ def run_group(
             s.gen.close()
         _set_rng_state(start)
         teachers.close()
+        if timings is not None:
+            timings.update(clock)
     return [results[c.id] for c in cells if c.id in results]
