@@ -8,12 +8,13 @@ Plugin parameters are checked against the plugin's own signature.
 from __future__ import annotations
 
 import inspect
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, get_type_hints
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
 from kdbench import registry
 from kdbench.cells import EvalSpec, TrainRecipe
@@ -116,6 +117,41 @@ class ExecutorConfig(BaseModel):
     #: run the cells that feed one teacher the same batches side by side in one process, the
     #: teacher's forward computed once per batch (kdbench/engine/lockstep.py); same numbers
     share_teacher: bool = False
+    #: wall time one attempt of a cell may take (seconds, or "90s", "30m", "2h", "1:30:00");
+    #: past it the cell checkpoints at its next step and fails as retryable (under any executor)
+    time_limit: float | None = None
+
+    @field_validator("time_limit", mode="before")
+    @classmethod
+    def _duration(cls, v: Any) -> float | None:
+        return None if v is None else parse_duration(v)
+
+
+_UNITS = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(v: Any) -> float:
+    """Seconds in ``v``: a number (seconds), "90s", "30m", "1h30m", "2h", "1:30:00" or "30:00"."""
+    if isinstance(v, bool):
+        raise ValueError(f"expected a duration, got {v!r}")
+    if isinstance(v, int | float):
+        secs = float(v)
+    else:
+        text = str(v).strip().lower()
+        if ":" in text:
+            parts = text.split(":")
+            if len(parts) > 3 or not all(p.strip().isdigit() for p in parts):
+                raise ValueError(f"{v!r} is not a duration like 1:30:00")
+            secs = float(sum(int(p) * 60**i for i, p in enumerate(reversed(parts))))
+        else:
+            found = re.fullmatch(r"(?:\s*\d+(?:\.\d+)?\s*(?:sec|min|s|m|h|d)?)+", text)
+            pieces = re.findall(r"(\d+(?:\.\d+)?)\s*(sec|min|s|m|h|d)?", text)
+            if not found or not pieces:
+                raise ValueError(f"{v!r} is not a duration: write seconds or e.g. 90s, 30m, 2h, 1h30m")
+            secs = sum(float(n) * _UNITS[u or "s"] for n, u in pieces)
+    if not secs > 0:
+        raise ValueError(f"a duration must be positive, got {v!r}")
+    return secs
 
 
 class PairConfig(_Strict):
@@ -159,7 +195,28 @@ class GridConfig(_Strict):
 
 
 class _Located(yaml.SafeLoader):
-    """A SafeLoader that keeps the node tree so key paths map back to lines."""
+    """A SafeLoader that keeps the node tree so key paths map back to lines, and refuses a key
+    written twice in one mapping (YAML would silently keep the last; ``<<`` merges may override)."""
+
+    def __init__(self, stream: str):
+        super().__init__(stream)
+        self._checked: set[int] = set()
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        if isinstance(node, yaml.MappingNode) and id(node) not in self._checked:
+            self._checked.add(id(node))  # before merges are flattened into it
+            seen: dict[str, yaml.Node] = {}
+            for key, _ in node.value:
+                if not isinstance(key, yaml.ScalarNode) or key.tag == "tag:yaml.org,2002:merge":
+                    continue
+                if key.value in seen:
+                    raise yaml.constructor.ConstructorError(
+                        problem=f"the key {key.value!r} is written twice in one mapping (first on line "
+                        f"{seen[key.value].start_mark.line + 1}); keep one",
+                        problem_mark=key.start_mark,
+                    )
+                seen[key.value] = key
+        return super().construct_mapping(node, deep)
 
 
 def _node_at(root: yaml.Node | None, path: tuple[Any, ...]) -> yaml.Node | None:

@@ -138,13 +138,15 @@ def _worker_main(conn: Connection, run_dir: str, threads: int, parent_pid: int) 
             return
         if task is None:
             return
-        cell, attempt = task
+        cell, attempt, limit = task
 
         def progress(row: dict, cid: str = cell["id"]) -> None:
             conn.send(("progress", cid, row))
 
+        conn.send(("started", cell["id"], None))  # its time limit counts from here
+
         try:
-            result = run_cell(cell, Path(run_dir), progress, attempt)
+            result = run_cell(cell, Path(run_dir), progress, attempt, limit)
         except StopRequested:
             conn.send(("stopped", cell["id"], None))
             return
@@ -216,10 +218,18 @@ class _Worker:
                     os.environ["CUDA_VISIBLE_DEVICES"] = saved
         child.close()
         self.cell: dict | None = None
+        self.started: float | None = None
 
-    def give(self, cell: dict, attempt: int) -> None:
+    def give(self, cell: dict, attempt: int, time_limit: float | None) -> None:
         self.cell = cell
-        self.conn.send((cell, attempt))
+        self.started = None  # set when the worker says it began (a new worker imports first)
+        self.conn.send((cell, attempt, time_limit))
+
+    def overran(self, time_limit: float | None) -> bool:
+        """True when its cell has run past ``time_limit`` plus :func:`kill_grace`."""
+        if time_limit is None or self.started is None:
+            return False
+        return time.monotonic() - self.started > time_limit + kill_grace(time_limit)
 
     def stop(self) -> None:
         try:
@@ -241,14 +251,28 @@ def run_pool(
     on_result: Callable[[dict], None],
     on_progress: Callable[[dict, dict], None] | None = None,
     gpus: list[int] | None = None,
+    time_limit: float | None = None,
+    retries: int = 0,
 ) -> None:
     """Run ``todo`` on ``n_workers`` spawned processes; ``on_result`` gets every cell's result.
 
     A worker that dies fails its cell (status "failed", the exit code or signal as error) and
-    is replaced; the other cells go on.
+    is replaced; the other cells go on. ``time_limit``: seconds per attempt, enforced by the
+    cell itself at its step boundaries, and by killing a worker that overruns it by
+    :func:`kill_grace` (a hang in native code). ``retries``: a cell whose worker died or that
+    hit the time limit runs again up to that many times (resuming from its checkpoint);
+    ``on_result`` also gets each failed attempt, marked by :func:`retry_if_allowed`.
     """
     ctx = mp.get_context("spawn")  # fork after torch initialised its thread pools is unsafe
     queue = deque(todo)
+    first = dict(attempts)
+    by_id = {_cell_id(c): c for c in todo}
+
+    def handle(result: dict) -> None:
+        if retry_if_allowed(result, attempts, first, retries):
+            queue.append(by_id[_cell_id(result["cell"])])
+        on_result(result)
+
     gpus = gpus if gpus is not None else default_gpus(n_workers)
     workers = [_Worker(ctx, run_dir, threads, gpu_for(i, gpus)) for i in range(min(n_workers, len(todo)))]
     try:
@@ -258,7 +282,7 @@ def run_pool(
                     if not w.proc.is_alive():
                         workers[i] = w = _Worker(ctx, run_dir, threads, gpu_for(i, gpus))
                     cell = queue.popleft()
-                    w.give(cell, attempts[cell["id"]])
+                    w.give(cell, attempts[cell["id"]], time_limit)
             busy = [w for w in workers if w.cell is not None]
             wait([w.conn for w in busy] + [w.proc.sentinel for w in busy], timeout=0.5)
             if stop_requested():  # SIGTERM to the driver: workers checkpoint and stop (finally)
@@ -266,11 +290,18 @@ def run_pool(
             for i, w in enumerate(workers):
                 if w.cell is None:
                     continue
-                _drain(w, on_result, on_progress)
-                if w.cell is not None and not w.proc.is_alive():
+                _drain(w, handle, on_progress)
+                if w.cell is not None and w.overran(time_limit) and w.proc.is_alive():
+                    w.proc.kill()
                     w.proc.join()
                     cell, w.cell = w.cell, None
-                    on_result(_died(cell, attempts[cell["id"]], w.proc.exitcode, run_dir))
+                    handle(_timed_out(cell, attempts[cell["id"]], time_limit, run_dir))
+                    if queue:
+                        workers[i] = _Worker(ctx, run_dir, threads, gpu_for(i, gpus))
+                elif w.cell is not None and not w.proc.is_alive():
+                    w.proc.join()
+                    cell, w.cell = w.cell, None
+                    handle(_died(cell, attempts[cell["id"]], w.proc.exitcode, run_dir))
                     if queue:
                         workers[i] = _Worker(ctx, run_dir, threads, gpu_for(i, gpus))
     finally:
@@ -287,7 +318,9 @@ def _drain(w: _Worker, on_result: Callable, on_progress: Callable | None) -> Non
         except (EOFError, OSError):  # it is dying: let it finish so the caller sees its exit code
             w.proc.join(5)
             return
-        if kind == "progress":
+        if kind == "started":
+            w.started = time.monotonic()
+        elif kind == "progress":
             if on_progress is not None:
                 on_progress(w.cell, payload)
         elif kind == "stopped":  # checkpointed on a stop request; the cell stays to run
@@ -306,14 +339,52 @@ def _drain(w: _Worker, on_result: Callable, on_progress: Callable | None) -> Non
             raise err
 
 
-def _died(cell: dict, attempt: int, exitcode: int | None, run_dir: Path) -> dict:
-    reason = f"worker process {death_reason(exitcode)} while running this cell"
+def kill_grace(time_limit: float) -> float:
+    """Seconds past its time limit after which a worker that did not stop is killed."""
+    return min(300.0, max(10.0, 0.1 * time_limit))
+
+
+def retry_if_allowed(result: dict, attempts: dict[str, int], first: dict[str, int], retries: int) -> bool:
+    """True when failed ``result`` is retryable (its worker died, it hit the time limit) and its
+    cell has retries left; then the cell's next attempt is counted in ``attempts`` and the result
+    says so (``retry_attempt``). A NaN loss or a bad config is never retried: it would fail again."""
+    cid = _cell_id(result["cell"])
+    if result.get("status") != "failed" or not result.get("retryable"):
+        return False
+    if attempts[cid] - first[cid] >= retries:
+        return False
+    attempts[cid] += 1
+    result["retry_attempt"] = attempts[cid]
+    return True
+
+
+def _cell_id(cell: Any) -> str:
+    return cell["id"] if isinstance(cell, dict) else cell.id
+
+
+def _log_failure(run_dir: Path, cell: Any, reason: str) -> None:
     try:  # leave the reason where the cell's own log is
-        with open(run_dir / "cells" / cell["id"] / "log.txt", "a") as f:
+        with open(run_dir / "cells" / _cell_id(cell) / "log.txt", "a") as f:
             f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} failed: {reason}\n")
     except OSError:
         pass
-    return {"cell": cell, "status": "failed", "error": reason, "attempt": attempt}
+
+
+def _died(cell: dict, attempt: int, exitcode: int | None, run_dir: Path) -> dict:
+    reason = f"worker process {death_reason(exitcode)} while running this cell"
+    _log_failure(run_dir, cell, reason)
+    return {"cell": cell, "status": "failed", "error": reason, "attempt": attempt, "retryable": True}
+
+
+def _timed_out(cell: dict, attempt: int, limit: float, run_dir: Path) -> dict:
+    from kdbench.engine.train import format_seconds
+
+    reason = (
+        f"time limit of {format_seconds(limit)} reached and the cell did not stop at a step boundary "
+        f"within {format_seconds(kill_grace(limit))}: its worker was killed (the last checkpoint is kept)"
+    )
+    _log_failure(run_dir, cell, reason)
+    return {"cell": cell, "status": "failed", "error": reason, "attempt": attempt, "retryable": True}
 
 
 def _shutdown(workers: list[_Worker], grace: float = 30.0) -> None:

@@ -17,6 +17,7 @@ import os
 import platform
 import sqlite3
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ from kdbench.cells import Cell, TeacherSpec, changed_entries
 from kdbench.config import Grid, PluginRef, Problems, executor_ref, load_yaml
 from kdbench.errors import KdbenchError
 from kdbench.grid import expand
-from kdbench.pool import cpu_budget, run_pool
+from kdbench.pool import cpu_budget, retry_if_allowed, run_pool
 from kdbench.preflight import method_fit, teacher_datasets
 from kdbench.store import Store
 
@@ -135,14 +136,18 @@ def _fail_incompatible(
 
 
 def import_results(store: Store, run_dir: Path, cells: list[Cell]) -> None:
-    """Record every result file on disk that the store does not yet hold as done."""
+    """Record every result file on disk that the store does not yet hold as done (and that is
+    not older than the attempt the store holds: a killed worker leaves no file of its own)."""
     status = store.status()
+    tries = {r["id"]: r["attempts"] for r in store.cells()} if status else {}
     for c in cells:
         f = run_dir / "cells" / c.id / "result.json"
         if f.exists() and status.get(c.id) != "done":
             try:
-                store.record(json.loads(f.read_text()))
-            except (json.JSONDecodeError, KeyError):
+                result = json.loads(f.read_text())
+                if result.get("status") == "done" or int(result.get("attempt", 1)) >= tries.get(c.id, 0):
+                    store.record(result)
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
                 pass  # never half-written, but a foreign file must not stop the sweep
     for f in (run_dir / "teachers").glob("*/result.json"):
         try:
@@ -397,6 +402,7 @@ def _execute_locked(
         disable=not console.is_terminal,
     ) as bar:
         overall = bar.add_task("cells", total=len(todo))
+        faults = _Faults(p, attempts)
         if p.grid.config.executor.share_teacher:  # lockstep groups (kdbench/engine/lockstep.py)
             if n_workers > 1:
                 console.print(
@@ -404,13 +410,13 @@ def _execute_locked(
                     f"{n_workers} workers requested, groups run one after another"
                 )
             torch.set_num_threads(threads)
-            _run_groups(todo, p.run_dir, store, bar, overall, attempts, counts)
+            _run_groups(todo, p.run_dir, store, bar, overall, faults, counts)
         elif n_workers == 1 or len(todo) <= 1:
             torch.set_num_threads(threads)
-            _run_inline(todo, p.run_dir, store, bar, overall, attempts, counts)
+            _run_inline(todo, p.run_dir, store, bar, overall, faults, counts)
         else:
             gpus = p.executor.params.get("gpus") if p.executor is not None else None
-            _run_pool(todo, p.run_dir, store, bar, overall, attempts, counts, n_workers, threads, gpus)
+            _run_pool(todo, p.run_dir, store, bar, overall, faults, counts, n_workers, threads, gpus)
     import_results(store, p.run_dir, p.cells)
     return counts
 
@@ -424,8 +430,29 @@ def _describe(cell: Cell | dict) -> str:
     )
 
 
+class _Faults:
+    """The local executor's fault policy: ``executor.time_limit`` per attempt and ``retries``
+    (the ``local`` plugin's parameter) for cells whose worker died or that hit the limit."""
+
+    def __init__(self, p: Plan, attempts: dict[str, int]):
+        self.attempts = attempts
+        self.first = dict(attempts)
+        self.time_limit = p.grid.config.executor.time_limit
+        self.retries = int(p.executor.params.get("retries", 0)) if p.executor is not None else 0
+
+    def retry(self, result: dict) -> bool:
+        """True (and the next attempt counted) when ``result``'s cell should run again."""
+        return retry_if_allowed(result, self.attempts, self.first, self.retries)
+
+
 def _tally(result: dict, store: Store, counts: dict, console: Console) -> None:
     store.record(result)
+    if result.get("retry_attempt"):  # a failed attempt the executor runs again
+        console.print(
+            f"[yellow]attempt {result['attempt']} failed[/yellow] {escape(_describe(result['cell']))}: "
+            f"{escape(str(result.get('error')))}; retrying (attempt {result['retry_attempt']})"
+        )
+        return
     counts[result["status"]] += 1
     if result["status"] == "failed":
         console.print(
@@ -439,35 +466,52 @@ def _tally(result: dict, store: Store, counts: dict, console: Console) -> None:
         )
 
 
-def _run_inline(todo, run_dir, store, bar, overall, attempts, counts) -> None:
+def _run_inline(todo, run_dir, store, bar, overall, faults: _Faults, counts) -> None:
     from kdbench.engine.cell import run_cell
 
-    for c in todo:
+    queue = deque(todo)
+    while queue:
+        c = queue.popleft()
         desc = _describe(c)
         bar.update(overall, description=desc)
 
         def on_epoch(row: dict, desc: str = desc) -> None:
             _epoch_line(bar, overall, desc, row)
 
-        result = run_cell(c, run_dir, on_epoch, attempts[c.id])
+        result = run_cell(c, run_dir, on_epoch, faults.attempts[c.id], faults.time_limit)
+        if faults.retry(result):
+            queue.append(c)
         _tally(result, store, counts, bar.console)
-        bar.advance(overall)
+        if not result.get("retry_attempt"):
+            bar.advance(overall)
 
 
-def _run_groups(todo, run_dir, store, bar, overall, attempts, counts) -> None:
-    """Cells that share a teacher's inputs run side by side, the teacher's forward computed once."""
+def _run_groups(todo, run_dir, store, bar, overall, faults: _Faults, counts) -> None:
+    """Cells that share a teacher's inputs run side by side, the teacher's forward computed once.
+    The time limit applies to the group's wall time; cells to retry run again as a group."""
     from kdbench.engine.lockstep import plan_groups, run_group
+    from kdbench.engine.train import time_limit
 
     def progress(c: Cell):
         return lambda row, desc=_describe(c): _epoch_line(bar, overall, desc, row)
 
-    def on_result(result: dict) -> None:
-        _tally(result, store, counts, bar.console)
-        bar.advance(overall)
+    queue = deque(plan_groups(todo))
+    while queue:
+        group = queue.popleft()
+        again: list[Cell] = []
 
-    for group in plan_groups(todo):
+        def on_result(result: dict, group: list[Cell] = group, again: list[Cell] = again) -> None:
+            if faults.retry(result):
+                again.extend(c for c in group if c.id == result["cell"]["id"])
+            _tally(result, store, counts, bar.console)
+            if not result.get("retry_attempt"):
+                bar.advance(overall)
+
         bar.update(overall, description=f"{len(group)} cells sharing a teacher: {_describe(group[0])}")
-        run_group(group, run_dir, progress, attempts, on_result)
+        with time_limit(faults.time_limit):
+            run_group(group, run_dir, progress, faults.attempts, on_result)
+        if again:
+            queue.append(again)
 
 
 def _epoch_line(bar: Progress, overall: Any, desc: str, row: dict) -> None:
@@ -479,12 +523,24 @@ def _epoch_line(bar: Progress, overall: Any, desc: str, row: dict) -> None:
     bar.update(overall, description=line)
 
 
-def _run_pool(todo, run_dir, store, bar, overall, attempts, counts, n_workers, threads, gpus=None) -> None:
+def _run_pool(todo, run_dir, store, bar, overall, faults, counts, n_workers, threads, gpus=None) -> None:
     def on_result(result: dict) -> None:
         _tally(result, store, counts, bar.console)
-        bar.advance(overall)
+        if not result.get("retry_attempt"):
+            bar.advance(overall)
 
     def on_progress(cell: Cell, row: dict) -> None:
         _epoch_line(bar, overall, _describe(cell), row)
 
-    run_pool(todo, run_dir, n_workers, threads, attempts, on_result, on_progress, gpus)
+    run_pool(
+        todo,
+        run_dir,
+        n_workers,
+        threads,
+        faults.attempts,
+        on_result,
+        on_progress,
+        gpus,
+        faults.time_limit,
+        faults.retries,
+    )

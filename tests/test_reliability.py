@@ -68,6 +68,7 @@ class Twin(CE):
 CRASHERS = """
 import ctypes
 import os
+import time
 
 from kdbench.methods.ce import CE
 
@@ -84,6 +85,33 @@ class SegvLoss(CE):
 
     def forward(self, s, t, batch):
         ctypes.string_at(0)
+
+
+class SlowLoss(CE):
+    '''CE that takes 0.4 s a step (a cell slower than its time limit); same numbers as CE.'''
+
+    def forward(self, s, t, batch):
+        time.sleep(0.4)
+        return super().forward(s, t, batch)
+
+
+class HangLoss(CE):
+    '''Never returns from its first step, as a deadlock in native code would.'''
+
+    def forward(self, s, t, batch):
+        while True:
+            time.sleep(60)
+
+
+class FlakyLoss(CE):
+    '''Kills its process on the first attempt only (the file KDBENCH_TEST_FLAKY marks it).'''
+
+    def forward(self, s, t, batch):
+        mark = os.environ["KDBENCH_TEST_FLAKY"]
+        if not os.path.exists(mark):
+            open(mark, "w").close()
+            os._exit(1)
+        return super().forward(s, t, batch)
 """
 
 
@@ -99,7 +127,13 @@ def plugin_site(tmp_path_factory) -> Path:
             src,
             "kdbench-crashers",
             "kdbench_crashers",
-            {"crash_exit": "kdbench_crashers:ExitLoss", "crash_segv": "kdbench_crashers:SegvLoss"},
+            {
+                "crash_exit": "kdbench_crashers:ExitLoss",
+                "crash_segv": "kdbench_crashers:SegvLoss",
+                "slow": "kdbench_crashers:SlowLoss",
+                "hang": "kdbench_crashers:HangLoss",
+                "flaky": "kdbench_crashers:FlakyLoss",
+            },
             CRASHERS,
         ),
     ]
@@ -137,12 +171,15 @@ def test_bad_grid_files_are_one_clear_error_each(tmp_path):
     lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, 9)]
     bomb = tmp_path / "bomb.yaml"
     bomb.write_text("\n".join(lines) + "\n")  # 10^9 strings once expanded, 400 bytes on disk
+    twice = tmp_path / "twice.yaml"  # YAML itself would keep the second silently
+    twice.write_text("name: x\ndatasets: [digits]\nmethods: [kd]\nmethods: [ce]\n")
     assert bomb.stat().st_size < 1024
     cases = {
         tmp_path: "is a directory",
         binary: "binary.yaml:3: not UTF-8 text",
         nul: "nul.yaml:3: contains a NUL byte",
         bomb: "bomb.yaml: its anchors and aliases expand to more than",
+        twice: "twice.yaml:4: malformed YAML: the key 'methods' is written twice in one mapping (first on",
     }
     for path, message in cases.items():
         r = kdbench_cli("run", str(path))

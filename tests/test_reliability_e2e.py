@@ -281,3 +281,78 @@ def test_two_real_drivers_on_one_run_directory(tmp_path):
     for m in run_dir.glob("cells/*/metrics.jsonl"):
         epochs = [json.loads(ln)["epoch"] for ln in m.read_text().splitlines() if '"train"' in ln]
         assert epochs == [0, 1, 2, 3] or epochs == [1, 2, 3, 4], (m, epochs)
+
+
+# --------------------------------------------------------------------------- time limits, retries
+
+
+def attempts_of(run_dir: Path) -> dict[str, tuple[str, int, str | None]]:
+    """cell label -> (status, attempts, error) from the store."""
+    db = sqlite3.connect(run_dir / "results.sqlite")
+    try:
+        out = {}
+        for cfg, status, n, error in db.execute("SELECT config, status, attempts, error FROM cells"):
+            c = json.loads(cfg)
+            out[f"{c['method']['label']}/{c['seed']}"] = (status, n, error)
+        return out
+    finally:
+        db.close()
+
+
+def with_executor(grid: Path, block: str) -> Path:
+    """``grid`` with its ``executor:`` line set to ``block``."""
+    lines = [ln for ln in grid.read_text().splitlines() if not ln.startswith("executor:")]
+    grid.write_text("\n".join([*lines, f"executor: {block}"]) + "\n")
+    return grid
+
+
+def test_time_limit_checkpoints_and_retries_resume_to_the_same_numbers(plugin_site, tmp_path):  # noqa: F811
+    """A cell slower than `executor.time_limit` stops at a step boundary with its checkpoint;
+    `retries` runs it again from there until it finishes, with the numbers of an unlimited run."""
+    env = {"PYTHONPATH": str(plugin_site)}
+    free = tiny(tmp_path, "[slow]", epochs=3, name="free.yaml")
+    r = kdbench_cli("run", str(free), "--out", str(tmp_path / "free"), env=env)
+    assert r.returncode == 0, r.stderr
+
+    # no retries: the cell fails with the reason, its checkpoint kept; the sweep exits 1
+    grid = with_executor(tiny(tmp_path, "[slow]", epochs=3), "{time_limit: 3s}")
+    out = tmp_path / "limited"
+    r = kdbench_cli("run", str(grid), "--out", str(out), env=env)
+    assert r.returncode == 1, r.stderr
+    ((status, n, error),) = attempts_of(out).values()
+    assert status == "failed" and n == 1 and "time limit of 3 s reached at train epoch" in error, error
+    assert list(out.glob("cells/*/checkpoint.pt")), "the checkpoint must be kept"
+
+    # retries: each attempt resumes where the last stopped, until the cell is done
+    with_executor(grid, "{time_limit: 3s, retries: 8}")
+    r = kdbench_cli("run", str(grid), "--out", str(out), env=env)
+    assert r.returncode == 0, r.stderr
+    assert "retrying (attempt 3)" in r.stderr, r.stderr
+    ((status, n, error),) = attempts_of(out).values()
+    assert status == "done" and n >= 3, (n, error)
+    assert metrics(out) == metrics(tmp_path / "free")
+    log = next(out.glob("cells/*/log.txt")).read_text()
+    assert "resum" in log.lower(), log
+
+
+def test_pool_kills_a_hung_cell_at_its_time_limit_and_retries_a_dead_worker(plugin_site, tmp_path):  # noqa: F811
+    """A cell that never reaches a step boundary is killed past its limit (plus the grace);
+    a cell whose worker died is run again and finishes; every attempt is counted."""
+    env = {"PYTHONPATH": str(plugin_site), "KDBENCH_TEST_FLAKY": str(tmp_path / "flaky.mark")}
+    grid = with_executor(tiny(tmp_path, "[hang, flaky, ce]"), "{time_limit: 5, retries: 2, workers: 2}")
+    r = kdbench_cli("run", str(grid), env=env, timeout=400)  # three kills at ~15 s each, not a hang
+    assert r.returncode == 1, r.stderr
+    got = attempts_of(tmp_path / "runs" / "tiny")
+    status, n, error = got["hang/0"]
+    assert status == "failed" and n == 3, got
+    assert "time limit of 5 s reached" in error and "worker was killed" in error, error
+    status, n, error = got["flaky/0"]  # died once (exit 1), then finished
+    assert status == "done" and n >= 2, got
+    assert (
+        "exited with code 1"
+        in (tmp_path / "runs/tiny/cells")
+        .joinpath(json.loads((tmp_path / "runs/tiny/cells.json").read_text())[1], "log.txt")
+        .read_text()
+    )
+    assert got["ce/0"][:2] == ("done", 1), got
+    assert "retrying (attempt 2)" in r.stderr and "Traceback" not in r.stderr, r.stderr

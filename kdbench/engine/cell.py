@@ -37,6 +37,7 @@ from kdbench.engine import evaluation as ev
 from kdbench.engine.build import build_augmenter, build_dataset, build_model, resolve_device
 from kdbench.engine.data import Batches, holdout
 from kdbench.engine.train import Progress, StepPos, TrainSetup, drain, train, train_steps
+from kdbench.engine.train import time_limit as _time_limit
 from kdbench.errors import ConfigError, KdbenchError
 from kdbench.features import FeatureReader, Features, TapSpec
 from kdbench.methods.base import Distiller, MethodContext
@@ -391,14 +392,22 @@ def _make_teacher(
 # ------------------------------------------------------------------------------------ cell
 
 
-def run_cell(cell: Cell | dict, run_dir: Path, progress: Progress | None = None, attempt: int = 1) -> dict:
+def run_cell(
+    cell: Cell | dict,
+    run_dir: Path,
+    progress: Progress | None = None,
+    attempt: int = 1,
+    time_limit: float | None = None,
+) -> dict:
     """Run one cell to completion and write its ``result.json``; returns the result dict.
 
     Failures are recorded (status "failed" with the traceback) rather than raised, so one
     broken cell never stops a sweep. A cell with ``gpus_per_cell``/``nodes`` > 1 runs on several
-    processes (kdbench/engine/distributed.py); only rank 0 writes.
+    processes (kdbench/engine/distributed.py); only rank 0 writes. ``time_limit`` (seconds of
+    wall time): past it the cell checkpoints at its next step and fails, ``retryable``.
     """
-    return drain(run_cell_steps(cell, run_dir, progress, attempt))
+    with _time_limit(time_limit):
+        return drain(run_cell_steps(cell, run_dir, progress, attempt))
 
 
 def run_cell_steps(
@@ -419,6 +428,7 @@ def run_cell_steps(
     writer = _dist.is_writer()  # DDP: only rank 0 writes the cell's files
     if writer:
         write_json_atomic(cdir / "config.json", record)
+        (cdir / "result.json").unlink(missing_ok=True)  # an earlier attempt's outcome is stale now
     with cell_logger(cdir / "log.txt" if writer else Path(os.devnull)) as log:
         log.info("cell %s attempt %d: %s", cell.id, attempt, cell.describe)
         t0 = time.perf_counter()
@@ -432,6 +442,8 @@ def run_cell_steps(
         except Exception as e:
             log.error("failed:\n%s", traceback.format_exc())
             result.update(status="failed", error=f"{type(e).__name__}: {e}")
+            if getattr(e, "retryable", False):  # a time limit: `executor.retries` may run it again
+                result["retryable"] = True
         result["wall_s"] = time.perf_counter() - t0
         if result["status"] == "done":
             result["metrics"]["wall_s"] = result["wall_s"]

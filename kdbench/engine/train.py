@@ -20,6 +20,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Generator, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -60,6 +61,47 @@ def stop_requested() -> bool:
 
 def clear_stop() -> None:
     _STOP.clear()
+
+
+class TimeLimitReached(RuntimeError):
+    """A cell ran past its time limit; it checkpointed at a step boundary first (a rerun or a
+    retry resumes there)."""
+
+    retryable = True
+
+
+#: (monotonic deadline, the limit in seconds) of the cells running in this process, or None
+_DEADLINE: tuple[float, float] | None = None
+
+
+@contextmanager
+def time_limit(seconds: float | None) -> Iterator[None]:
+    """Trainers started inside stop at the first step boundary after ``seconds`` of wall time
+    (checkpoint, then :class:`TimeLimitReached`); None: no limit. A DDP cell ignores it (its
+    ranks would disagree on the step); its scheduler's own limit applies."""
+    global _DEADLINE
+    saved = _DEADLINE
+    _DEADLINE = None if seconds is None else (time.monotonic() + float(seconds), float(seconds))
+    try:
+        yield
+    finally:
+        _DEADLINE = saved
+
+
+def _past_deadline() -> float | None:
+    """The limit in seconds when it has been reached (outside DDP), else None."""
+    if _DEADLINE is None or _dist.current() is not None or time.monotonic() < _DEADLINE[0]:
+        return None
+    return _DEADLINE[1]
+
+
+def format_seconds(s: float) -> str:
+    """90 -> "90 s", 5400 -> "1.5 h"."""
+    if s >= 3600:
+        return f"{s / 3600:g} h"
+    if s >= 120:
+        return f"{s / 60:g} min"
+    return f"{s:g} s"
 
 
 @dataclass
@@ -244,6 +286,14 @@ class Trainer:
                 if self.checkpointer is not None:
                     self.checkpointer.save_mid_epoch(self, epoch, step, epoch_order, totals, n)
                 raise StopRequested(f"stopped at {self.stage.name} epoch {epoch + 1} step {step}")
+            limit = _past_deadline()
+            if limit is not None:
+                if self.checkpointer is not None:
+                    self.checkpointer.save_mid_epoch(self, epoch, step, epoch_order, totals, n)
+                raise TimeLimitReached(
+                    f"time limit of {format_seconds(limit)} reached at {self.stage.name} epoch "
+                    f"{epoch + 1} step {step}; checkpoint kept: a rerun or retry resumes there"
+                )
             yield (self.stage.name, epoch, step)
             terms = self.train_step(x, y, idx, epoch, step)
             for k, v in terms.items():
@@ -649,6 +699,11 @@ def train_steps(setup: TrainSetup) -> Generator[StepPos, None, dict[str, Any]]:
         resume = load_checkpoint(ckpt_path, map_location=setup.device, log=setup.log)
     if resume is not None:
         resume = _upgrade(resume)
+        if setup.log is not None:
+            step = (resume["trainer"].get("partial") or {}).get("step", 0)
+            setup.log.info(
+                "resuming %s epoch %d step %d from %s", resume["stage"], resume["epoch"] + 1, step, ckpt_path
+            )
         setup.student.load_state_dict(resume["student"])
         if setup.distiller is not None and resume.get("distiller") is not None:
             setup.distiller.load_state_dict(resume["distiller"])

@@ -21,6 +21,8 @@ class CellJob:
     run_dir: str
     attempt: int = 1
     threads: int = 1
+    #: seconds of wall time per attempt (``executor.time_limit``), None: none
+    time_limit: float | None = None
 
     @property
     def id(self) -> str:
@@ -75,10 +77,11 @@ def run_cell_job(job: CellJob) -> dict[str, Any]:
     torch.set_num_threads(max(1, job.threads))
     cdir = Path(job.run_dir) / "cells" / job.id
     cdir.mkdir(parents=True, exist_ok=True)
+    attempt = this_attempt(cdir, job.attempt)
     if os.environ.get("RANK", "0") == "0":  # a DDP cell's rank 0 speaks for it
         write_json_atomic(
             cdir / "worker.json",
-            {"host": platform.node(), "pid": os.getpid(), "started": time.time(), "attempt": job.attempt},
+            {"host": platform.node(), "pid": os.getpid(), "started": time.time(), "attempt": attempt},
         )
     from kdbench.engine.cell import run_cell
 
@@ -90,8 +93,21 @@ def run_cell_job(job: CellJob) -> dict[str, Any]:
     except ImportError:
         pass
     with _graceful_preemption():
-        result = run_cell(cell, Path(job.run_dir), None, job.attempt)
+        result = run_cell(cell, Path(job.run_dir), None, attempt, job.time_limit)
     return _jsonable(result)
+
+
+def this_attempt(cdir: Path, submitted: int) -> int:
+    """The attempt number of a cell starting now: ``submitted`` (what the driver counted), or one
+    more than the start recorded in ``worker.json`` when the scheduler restarted this same
+    submission (a Ray retry, a Slurm requeue after preemption or a time-out)."""
+    import json
+
+    try:
+        before = int(json.loads((cdir / "worker.json").read_text()).get("attempt", 0))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return submitted
+    return before + 1 if before >= submitted else submitted
 
 
 class _graceful_preemption:

@@ -76,7 +76,8 @@ def run_external(
         )
     counts["running"] = len(running)
     todo = [c for c in todo if c.id not in running]
-    jobs = [CellJob(c.model_dump(mode="json"), str(p.run_dir), attempts[c.id], threads) for c in todo]
+    limit = p.grid.config.executor.time_limit
+    jobs = [CellJob(c.model_dump(mode="json"), str(p.run_dir), attempts[c.id], threads, limit) for c in todo]
     if not jobs:
         return
     if detach:

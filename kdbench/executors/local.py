@@ -14,16 +14,21 @@ from kdbench.executors.base import CellJob, Executor, OnResult
 
 
 class LocalExecutor(Executor):
-    """``workers`` processes on this machine (1: inline); ``gpus`` pins worker i to gpus[i % len]."""
+    """``workers`` processes on this machine (1: inline); ``gpus`` pins worker i to gpus[i % len];
+    ``retries``: how often a cell whose worker died or that hit ``executor.time_limit`` runs again
+    (from its checkpoint; a NaN loss or a config error is not retried)."""
 
-    def __init__(self, workers: int = 1, gpus: list[int] | None = None):
+    def __init__(self, workers: int = 1, gpus: list[int] | None = None, retries: int = 0):
         if workers < 1:
             raise ConfigError(f"executor.workers must be at least 1, got {workers}")
+        if retries < 0:
+            raise ConfigError(f"executor.retries must be 0 or more, got {retries}")
         self.workers = workers
         self.gpus = list(gpus) if gpus else None
+        self.retries = retries
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": "local", "workers": self.workers, "gpus": self.gpus}
+        return {"kind": "local", "workers": self.workers, "gpus": self.gpus, "retries": self.retries}
 
     def run(self, jobs: list[CellJob], on_result: OnResult) -> None:
         """Run ``jobs`` without the driver's progress display (used by tests and other tools)."""
@@ -35,8 +40,19 @@ class LocalExecutor(Executor):
         if not jobs:
             return
         if self.workers == 1 or len(jobs) == 1:
-            for j in jobs:
-                on_result(run_cell_job(j))
+            from dataclasses import replace
+
+            from kdbench.pool import retry_if_allowed
+
+            attempts = {j.id: j.attempt for j in jobs}
+            first = dict(attempts)
+            queue = list(jobs)
+            while queue:
+                j = queue.pop(0)
+                result = run_cell_job(replace(j, attempt=attempts[j.id]))
+                if retry_if_allowed(result, attempts, first, self.retries):
+                    queue.append(j)
+                on_result(result)
             return
         cells = [j.cell for j in jobs]
         try:
@@ -46,6 +62,16 @@ class LocalExecutor(Executor):
         except ImportError:
             pass
         attempts = {j.id: j.attempt for j in jobs}
+        j = jobs[0]
         run_pool(
-            cells, Path(jobs[0].run_dir), self.workers, jobs[0].threads, attempts, on_result, None, self.gpus
+            cells,
+            Path(j.run_dir),
+            self.workers,
+            j.threads,
+            attempts,
+            on_result,
+            None,
+            self.gpus,
+            j.time_limit,
+            self.retries,
         )
