@@ -100,6 +100,7 @@ def test_submitit_preempted_cell_is_requeued_and_completes(tiny_grid, tmp_path):
     result = job.result()
     assert result["status"] == "done", result.get("error")
     assert _starts(cdir) == 2, (cdir / "log.txt").read_text()  # it really was stopped and requeued
+    assert result["attempt"] == 2  # the requeue is counted
     for k in KEYS:
         assert result["metrics"][k] == want[k], k
 
@@ -134,6 +135,8 @@ def test_ray_task_killed_mid_cell_is_retried_with_the_same_numbers(tiny_grid, tm
         for k in KEYS:
             assert r["metrics"][k] == want[r["cell"]["id"]][k], k
     assert _starts(victim) == 2
+    attempts = {r["cell"]["id"]: r["attempt"] for r in results}
+    assert attempts == {cells[0]["id"]: 2, cells[1]["id"]: 1}  # Ray's retry is counted
 
 
 def test_detach_status_and_collect_through_the_cli(tiny_grid, tmp_path):
