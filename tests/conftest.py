@@ -72,6 +72,7 @@ CI_SLOW = {
     "tests/test_reliability_e2e.py::test_numbers_do_not_depend_on_scheduling_and_a_killed_pool_leaves_no_orphans",
     "tests/test_reliability_e2e.py::test_a_worker_that_dies_hard_fails_only_its_cell",
     "tests/test_reliability_e2e.py::test_two_real_drivers_on_one_run_directory",
+    "tests/test_reliability_e2e.py::test_time_limit_checkpoints_and_retries_resume_to_the_same_numbers",
     "tests/test_executors.py::test_submitit_local_cluster_gives_the_inline_numbers",
     "tests/test_executors.py::test_ray_task_killed_mid_cell_is_retried_with_the_same_numbers",
     "tests/test_sigterm.py::test_sigterm_checkpoints_exits_143_and_resumes_to_the_same_numbers[2]",
