@@ -129,7 +129,6 @@ def _worker_main(conn: Connection, run_dir: str, threads: int, parent_pid: int) 
     import torch
 
     torch.set_num_threads(threads)
-    from kdbench.engine.cell import run_cell
 
     while True:
         try:
@@ -138,22 +137,37 @@ def _worker_main(conn: Connection, run_dir: str, threads: int, parent_pid: int) 
             return
         if task is None:
             return
-        cell, attempt, limit = task
-
-        def progress(row: dict, cid: str = cell["id"]) -> None:
-            conn.send(("progress", cid, row))
-
-        conn.send(("started", cell["id"], None))  # its time limit counts from here
-
+        job, attempts, limit = task
+        first = _cell_id(job[0] if isinstance(job, list) else job)
+        conn.send(("started", first, None))  # its time limit counts from here
         try:
-            result = run_cell(cell, Path(run_dir), progress, attempt, limit)
+            _run_job(conn, job, Path(run_dir), attempts, limit)
         except StopRequested:
-            conn.send(("stopped", cell["id"], None))
+            conn.send(("stopped", first, None))
             return
         except KdbenchError as e:  # e.g. a full disk: the sweep stops, as it does inline
-            conn.send(("error", cell["id"], (type(e).__name__, str(e), e.exit_code)))
-            continue
-        conn.send(("result", cell["id"], result))
+            conn.send(("error", first, (type(e).__name__, str(e), e.exit_code)))
+
+
+def _run_job(conn: Connection, job: Any, run_dir: Path, attempts: dict[str, int], limit: float | None):
+    """One cell, or a lockstep group sharing its teacher (a list); each result sent as it comes."""
+    from kdbench.engine.cell import run_cell
+
+    def progress(cell: Any):
+        return lambda row, cid=_cell_id(cell): conn.send(("progress", cid, row))
+
+    if isinstance(job, list):
+        from kdbench.engine.lockstep import run_group
+        from kdbench.engine.train import time_limit
+
+        def send(result: dict) -> None:
+            conn.send(("result", _cell_id(result["cell"]), result))
+
+        with time_limit(limit):
+            run_group(job, run_dir, progress, attempts, send)
+        return
+    result = run_cell(job, run_dir, progress(job), attempts[_cell_id(job)], limit)
+    conn.send(("result", _cell_id(job), result))
 
 
 # --------------------------------------------------------------------------- driver side
@@ -217,13 +231,20 @@ class _Worker:
                 else:
                     os.environ["CUDA_VISIBLE_DEVICES"] = saved
         child.close()
-        self.cell: dict | None = None
+        #: the cells of the job it runs that have no result yet (id -> cell); empty: idle
+        self.cells: dict[str, Any] = {}
         self.started: float | None = None
 
-    def give(self, cell: dict, attempt: int, time_limit: float | None) -> None:
-        self.cell = cell
+    @property
+    def busy(self) -> bool:
+        return bool(self.cells)
+
+    def give(self, job: Any, attempts: dict[str, int], time_limit: float | None) -> None:
+        """Send one cell, or a group of cells (a list) to run in lockstep."""
+        cells = job if isinstance(job, list) else [job]
+        self.cells = {_cell_id(c): c for c in cells}
         self.started = None  # set when the worker says it began (a new worker imports first)
-        self.conn.send((cell, attempt, time_limit))
+        self.conn.send((job, {k: attempts[k] for k in self.cells}, time_limit))
 
     def overran(self, time_limit: float | None) -> bool:
         """True when its cell has run past ``time_limit`` plus :func:`kill_grace`."""
@@ -256,7 +277,9 @@ def run_pool(
 ) -> None:
     """Run ``todo`` on ``n_workers`` spawned processes; ``on_result`` gets every cell's result.
 
-    A worker that dies fails its cell (status "failed", the exit code or signal as error) and
+    An item of ``todo`` is a cell, or a list of cells that one worker runs as a lockstep group
+    sharing their teacher (:func:`kdbench.engine.lockstep.run_group`). A worker that dies fails
+    the cells it had not finished (status "failed", the exit code or signal as error) and
     is replaced; the other cells go on. ``time_limit``: seconds per attempt, enforced by the
     cell itself at its step boundaries, and by killing a worker that overruns it by
     :func:`kill_grace` (a hang in native code). ``retries``: a cell whose worker died or that
@@ -266,7 +289,7 @@ def run_pool(
     ctx = mp.get_context("spawn")  # fork after torch initialised its thread pools is unsafe
     queue = deque(todo)
     first = dict(attempts)
-    by_id = {_cell_id(c): c for c in todo}
+    by_id = {_cell_id(c): c for job in todo for c in (job if isinstance(job, list) else [job])}
 
     def handle(result: dict) -> None:
         if retry_if_allowed(result, attempts, first, retries):
@@ -276,32 +299,33 @@ def run_pool(
     gpus = gpus if gpus is not None else default_gpus(n_workers)
     workers = [_Worker(ctx, run_dir, threads, gpu_for(i, gpus)) for i in range(min(n_workers, len(todo)))]
     try:
-        while queue or any(w.cell is not None for w in workers):
+        while queue or any(w.busy for w in workers):
             for i, w in enumerate(workers):
-                if w.cell is None and queue:
+                if not w.busy and queue:
                     if not w.proc.is_alive():
                         workers[i] = w = _Worker(ctx, run_dir, threads, gpu_for(i, gpus))
-                    cell = queue.popleft()
-                    w.give(cell, attempts[cell["id"]], time_limit)
-            busy = [w for w in workers if w.cell is not None]
+                    w.give(queue.popleft(), attempts, time_limit)
+            busy = [w for w in workers if w.busy]
             wait([w.conn for w in busy] + [w.proc.sentinel for w in busy], timeout=0.5)
             if stop_requested():  # SIGTERM to the driver: workers checkpoint and stop (finally)
                 raise StopRequested("stop requested")
             for i, w in enumerate(workers):
-                if w.cell is None:
+                if not w.busy:
                     continue
                 _drain(w, handle, on_progress)
-                if w.cell is not None and w.overran(time_limit) and w.proc.is_alive():
+                overran = w.busy and w.overran(time_limit) and w.proc.is_alive()
+                if overran:
                     w.proc.kill()
+                if w.busy and (overran or not w.proc.is_alive()):
                     w.proc.join()
-                    cell, w.cell = w.cell, None
-                    handle(_timed_out(cell, attempts[cell["id"]], time_limit, run_dir))
-                    if queue:
-                        workers[i] = _Worker(ctx, run_dir, threads, gpu_for(i, gpus))
-                elif w.cell is not None and not w.proc.is_alive():
-                    w.proc.join()
-                    cell, w.cell = w.cell, None
-                    handle(_died(cell, attempts[cell["id"]], w.proc.exitcode, run_dir))
+                    lost, w.cells = list(w.cells.values()), {}
+                    for cell in lost:
+                        a = attempts[_cell_id(cell)]
+                        handle(
+                            _timed_out(cell, a, time_limit or 0.0, run_dir)
+                            if overran
+                            else _died(cell, a, w.proc.exitcode, run_dir)
+                        )
                     if queue:
                         workers[i] = _Worker(ctx, run_dir, threads, gpu_for(i, gpus))
     finally:
@@ -310,23 +334,23 @@ def run_pool(
 
 def _drain(w: _Worker, on_result: Callable, on_progress: Callable | None) -> None:
     """Handle every message waiting from ``w``."""
-    while w.cell is not None:
+    while w.busy:
         try:
             if not w.conn.poll():
                 return
-            kind, _, payload = w.conn.recv()
+            kind, cid, payload = w.conn.recv()
         except (EOFError, OSError):  # it is dying: let it finish so the caller sees its exit code
             w.proc.join(5)
             return
         if kind == "started":
             w.started = time.monotonic()
         elif kind == "progress":
-            if on_progress is not None:
-                on_progress(w.cell, payload)
-        elif kind == "stopped":  # checkpointed on a stop request; the cell stays to run
-            w.cell = None
+            if on_progress is not None and cid in w.cells:
+                on_progress(w.cells[cid], payload)
+        elif kind == "stopped":  # checkpointed on a stop request; the cells stay to run
+            w.cells = {}
         elif kind == "result":
-            w.cell = None
+            w.cells.pop(cid, None)
             on_result(payload)
         else:
             name, message, code = payload
@@ -391,7 +415,7 @@ def _shutdown(workers: list[_Worker], grace: float = 30.0) -> None:
     """Ask idle workers to stop; terminate busy ones, which checkpoint at their next step and
     exit (their cells resume from there); a worker still busy after ``grace`` s is killed."""
     for w in workers:
-        if w.cell is None:
+        if not w.busy:
             w.stop()
         elif w.proc.is_alive():
             w.proc.terminate()

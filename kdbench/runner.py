@@ -403,20 +403,21 @@ def _execute_locked(
     ) as bar:
         overall = bar.add_task("cells", total=len(todo))
         faults = _Faults(p, attempts)
-        if p.grid.config.executor.share_teacher:  # lockstep groups (kdbench/engine/lockstep.py)
-            if n_workers > 1:
-                console.print(
-                    f"[yellow]warning:[/yellow] executor.share_teacher runs each group in this process; "
-                    f"{n_workers} workers requested, groups run one after another"
-                )
+        share = p.grid.config.executor.share_teacher  # lockstep groups (kdbench/engine/lockstep.py)
+        if n_workers == 1 or len(todo) <= 1:
             torch.set_num_threads(threads)
-            _run_groups(todo, p.run_dir, store, bar, overall, faults, counts)
-        elif n_workers == 1 or len(todo) <= 1:
-            torch.set_num_threads(threads)
-            _run_inline(todo, p.run_dir, store, bar, overall, faults, counts)
-        else:
+            if share:
+                _run_groups(todo, p.run_dir, store, bar, overall, faults, counts)
+            else:
+                _run_inline(todo, p.run_dir, store, bar, overall, faults, counts)
+        else:  # with share_teacher, a group is one job of one worker
+            jobs: list[Any] = list(todo)
+            if share:
+                from kdbench.engine.lockstep import plan_groups
+
+                jobs = [g if len(g) > 1 else g[0] for g in plan_groups(todo)]
             gpus = p.executor.params.get("gpus") if p.executor is not None else None
-            _run_pool(todo, p.run_dir, store, bar, overall, faults, counts, n_workers, threads, gpus)
+            _run_pool(jobs, p.run_dir, store, bar, overall, faults, counts, n_workers, threads, gpus)
     import_results(store, p.run_dir, p.cells)
     return counts
 

@@ -76,6 +76,7 @@ def environment() -> dict[str, Any]:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "host": platform.node(),
+        "pid": os.getpid(),  # which process ran it (a lockstep group: one process)
         "git_sha": sha,
         "kernels": kernels.backend(),
         "threads": torch.get_num_threads(),
