@@ -206,3 +206,43 @@ def test_submitit_runs_a_ddp_cell_as_one_task_per_rank(tiny_grid, tmp_path):
     # one job of two tasks (the local cluster's own log files per task)
     logs = sorted(p.name for p in (run_dir / "submitit").glob("*/*_log.out"))
     assert [n.split("_")[1] for n in logs] == ["0", "1"], logs
+
+
+def _done_metrics(run_dir: Path) -> dict[str, tuple[dict, int, str]]:
+    """cell id -> (metrics without timings, pid that ran it, method) from the result files."""
+    out = {}
+    for f in run_dir.glob("cells/*/result.json"):
+        r = json.loads(f.read_text())
+        assert r["status"] == "done", r.get("error")
+        m = {k: v for k, v in r["metrics"].items() if not k.endswith("_s")}
+        out[f.parent.name] = (m, r["env"]["pid"], r["cell"]["method"]["name"])
+    return out
+
+
+@pytest.mark.parametrize(
+    "executor",
+    [
+        "{kind: submitit, cluster: local, time_min: 10, poll_s: 0.2}",
+        "{kind: ray, address: local, num_cpus: 2}",
+    ],
+)
+def test_share_teacher_groups_are_one_job_on_submitit_and_ray(tiny_grid, tmp_path, executor):
+    """With share_teacher, each lockstep group is one submitit / Ray job: kd and fitnet run in
+    one process and give the numbers of the cells run inline and alone."""
+    from tests.conftest import kdbench_cli
+
+    if "submitit" in executor:
+        pytest.importorskip("submitit")
+    else:
+        pytest.importorskip("ray")
+    grid = tiny_grid(methods="[ce, kd, fitnet]", epochs=2)
+    r = kdbench_cli("run", str(grid), "--out", str(tmp_path / "inline"))
+    assert r.returncode == 0, r.stderr
+    grid.write_text(grid.read_text() + f"executor: {executor[:-1]}, share_teacher: true}}\n")
+    r = kdbench_cli("run", str(grid), "--out", str(tmp_path / "ext"))
+    assert r.returncode == 0, r.stderr
+    assert "running 3 cell(s) as 2 job(s) sharing teachers" in r.stderr, r.stderr
+    got, want = _done_metrics(tmp_path / "ext"), _done_metrics(tmp_path / "inline")
+    assert {k: v[0] for k, v in got.items()} == {k: v[0] for k, v in want.items()}
+    pid = {method: p for _, p, method in got.values()}
+    assert pid["kd"] == pid["fitnet"] != pid["ce"], pid

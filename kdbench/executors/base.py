@@ -23,10 +23,28 @@ class CellJob:
     threads: int = 1
     #: seconds of wall time per attempt (``executor.time_limit``), None: none
     time_limit: float | None = None
+    #: more cells that run in lockstep with ``cell``, sharing its teacher's forward
+    #: (``executor.share_teacher``), and their attempt numbers
+    group: tuple[dict[str, Any], ...] = ()
+    group_attempts: tuple[int, ...] = ()
 
     @property
     def id(self) -> str:
         return self.cell["id"]
+
+    @property
+    def cells(self) -> list[dict[str, Any]]:
+        """Every cell this job runs: ``cell``, then the rest of its group."""
+        return [self.cell, *self.group]
+
+    @property
+    def ids(self) -> list[str]:
+        return [c["id"] for c in self.cells]
+
+    @property
+    def attempts(self) -> tuple[int, ...]:
+        """The attempt numbers of :attr:`cells`, in order."""
+        return (self.attempt, *self.group_attempts)
 
 
 class Executor:
@@ -61,6 +79,48 @@ def failed_result(job: CellJob, error: str) -> dict[str, Any]:
     return {"cell": job.cell, "status": "failed", "error": error, "attempt": job.attempt}
 
 
+def failed_results(job: CellJob, error: str) -> list[dict[str, Any]]:
+    """:func:`failed_result` for every cell of ``job`` (one cell or a lockstep group)."""
+    return [
+        {"cell": c, "status": "failed", "error": error, "attempt": a}
+        for c, a in zip(job.cells, job.attempts, strict=True)
+    ]
+
+
+def run_job(job: CellJob) -> list[dict[str, Any]]:
+    """Run ``job`` in this process: one cell (:func:`run_cell_job`) or a lockstep group; the
+    results of every cell it holds."""
+    if not job.group:
+        return [run_cell_job(job)]
+    import torch
+
+    from kdbench.cells import Cell
+    from kdbench.engine.lockstep import run_group
+    from kdbench.engine.train import time_limit
+
+    torch.set_num_threads(max(1, job.threads))
+    attempts = {}
+    for c, a in zip(job.cells, job.attempts, strict=True):
+        cdir = Path(job.run_dir) / "cells" / c["id"]
+        cdir.mkdir(parents=True, exist_ok=True)
+        attempts[c["id"]] = this_attempt(cdir, a)
+        _write_worker(cdir, attempts[c["id"]])
+    with _graceful_preemption(), time_limit(job.time_limit):
+        results = run_group([Cell.from_dict(c) for c in job.cells], Path(job.run_dir), None, attempts)
+    return [_jsonable(r) for r in results]
+
+
+def _write_worker(cdir: Path, attempt: int) -> None:
+    import platform
+
+    from kdbench.store import write_json_atomic
+
+    write_json_atomic(
+        cdir / "worker.json",
+        {"host": platform.node(), "pid": os.getpid(), "started": time.time(), "attempt": attempt},
+    )
+
+
 def run_cell_job(job: CellJob) -> dict[str, Any]:
     """Run one cell in this process (what every worker does) and return its result dict.
 
@@ -68,21 +128,15 @@ def run_cell_job(job: CellJob) -> dict[str, Any]:
     it was scheduled. Writes ``cells/<id>/worker.json`` (host, pid, start time) so
     ``kdbench status`` can say where a cell is running.
     """
-    import platform
 
     import torch
-
-    from kdbench.store import write_json_atomic
 
     torch.set_num_threads(max(1, job.threads))
     cdir = Path(job.run_dir) / "cells" / job.id
     cdir.mkdir(parents=True, exist_ok=True)
     attempt = this_attempt(cdir, job.attempt)
     if os.environ.get("RANK", "0") == "0":  # a DDP cell's rank 0 speaks for it
-        write_json_atomic(
-            cdir / "worker.json",
-            {"host": platform.node(), "pid": os.getpid(), "started": time.time(), "attempt": attempt},
-        )
+        _write_worker(cdir, attempt)
     from kdbench.engine.cell import run_cell
 
     cell: Any = job.cell

@@ -43,6 +43,29 @@ def build_executor(ref) -> Executor:
     return cls(**ref.params)
 
 
+def make_jobs(p, todo: list, attempts: dict[str, int], threads: int) -> list[CellJob]:
+    """One job per cell, or with ``executor.share_teacher`` one per lockstep group."""
+    ex = p.grid.config.executor
+    if ex.share_teacher:
+        from kdbench.engine.lockstep import plan_groups
+
+        groups = plan_groups(todo)
+    else:
+        groups = [[c] for c in todo]
+    return [
+        CellJob(
+            g[0].model_dump(mode="json"),
+            str(p.run_dir),
+            attempts[g[0].id],
+            threads,
+            ex.time_limit,
+            tuple(c.model_dump(mode="json") for c in g[1:]),
+            tuple(attempts[c.id] for c in g[1:]),
+        )
+        for g in groups
+    ]
+
+
 def run_external(
     p,
     store: Store,
@@ -76,29 +99,31 @@ def run_external(
         )
     counts["running"] = len(running)
     todo = [c for c in todo if c.id not in running]
-    limit = p.grid.config.executor.time_limit
-    jobs = [CellJob(c.model_dump(mode="json"), str(p.run_dir), attempts[c.id], threads, limit) for c in todo]
+    jobs = make_jobs(p, todo, attempts, threads)
     if not jobs:
         return
     if detach:
         ids = ex.submit(jobs)
         now = time.time()
         for j in jobs:
-            submitted[j.id] = {
-                "executor": p.executor.name,
-                "job": ids.get(j.id),
-                "attempt": j.attempt,
-                "submitted": now,
-                "by": f"{platform.node()}:{os.getpid()}",
-            }
+            for cid in j.ids:
+                submitted[cid] = {
+                    "executor": p.executor.name,
+                    "job": ids.get(cid),
+                    "attempt": attempts[cid],
+                    "submitted": now,
+                    "by": f"{platform.node()}:{os.getpid()}",
+                }
         write_json_atomic(p.run_dir / JOBS_FILE, submitted)
-        counts["submitted"] = len(jobs)
+        counts["submitted"] = sum(len(j.ids) for j in jobs)
         console.print(
-            f"submitted {len(jobs)} cell(s) to {p.executor.name}; `kdbench status {p.run_dir}` "
+            f"submitted {counts['submitted']} cell(s) to {p.executor.name}; `kdbench status {p.run_dir}` "
             "shows them and `kdbench run` again collects the results"
         )
         return
-    console.print(f"[dim]running {len(jobs)} cell(s) on {p.executor.name}[/dim]")
+    n = sum(len(j.ids) for j in jobs)
+    shared = f" as {len(jobs)} job(s) sharing teachers" if n > len(jobs) else ""
+    console.print(f"[dim]running {n} cell(s){shared} on {p.executor.name}[/dim]")
     ex.run(jobs, lambda r: _tally(r, store, counts, console))
 
 

@@ -34,34 +34,27 @@ class LocalExecutor(Executor):
         """Run ``jobs`` without the driver's progress display (used by tests and other tools)."""
         from pathlib import Path
 
-        from kdbench.executors.base import run_cell_job
-        from kdbench.pool import run_pool
+        from kdbench.cells import Cell
+        from kdbench.executors.base import CellJob, run_job
+        from kdbench.pool import retry_if_allowed, run_pool
 
         if not jobs:
             return
+        attempts = {cid: a for j in jobs for cid, a in zip(j.ids, j.attempts, strict=True)}
         if self.workers == 1 or len(jobs) == 1:
-            from dataclasses import replace
-
-            from kdbench.pool import retry_if_allowed
-
-            attempts = {j.id: j.attempt for j in jobs}
             first = dict(attempts)
             queue = list(jobs)
             while queue:
                 j = queue.pop(0)
-                result = run_cell_job(replace(j, attempt=attempts[j.id]))
-                if retry_if_allowed(result, attempts, first, self.retries):
-                    queue.append(j)
-                on_result(result)
+                for result in run_job(j):
+                    if retry_if_allowed(result, attempts, first, self.retries):  # alone, from its checkpoint
+                        c = result["cell"]
+                        queue.append(CellJob(c, j.run_dir, attempts[c["id"]], j.threads, j.time_limit))
+                    on_result(result)
             return
-        cells = [j.cell for j in jobs]
-        try:
-            from kdbench.cells import Cell
-
-            cells = [Cell.from_dict(c) for c in cells]
-        except ImportError:
-            pass
-        attempts = {j.id: j.attempt for j in jobs}
+        cells: list = [
+            [Cell.from_dict(c) for c in j.cells] if j.group else Cell.from_dict(j.cell) for j in jobs
+        ]
         j = jobs[0]
         run_pool(
             cells,

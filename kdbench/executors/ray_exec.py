@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from kdbench.errors import ConfigError
-from kdbench.executors.base import CellJob, Executor, OnResult, failed_result, run_cell_job
+from kdbench.executors.base import CellJob, Executor, OnResult, failed_results, run_job
 from kdbench.executors.submitit_exec import _first_line, run_teacher_job
 
 
@@ -25,8 +25,8 @@ def _ray():
     return ray
 
 
-def _cell_after_teacher(job: CellJob, teacher_id: str | None) -> dict[str, Any]:
-    return run_cell_job(job)
+def _cell_after_teacher(job: CellJob, teacher_id: str | None) -> list[dict[str, Any]]:
+    return run_job(job)
 
 
 class RayExecutor(Executor):
@@ -90,9 +90,11 @@ class RayExecutor(Executor):
             for ref in done:
                 job = refs[ref]
                 try:
-                    on_result(ray.get(ref))
+                    got = ray.get(ref)
                 except Exception as e:  # noqa: BLE001 - task or its teacher failed for good
-                    on_result(failed_result(job, f"ray task: {_first_line(_cause(e))}"))
+                    got = failed_results(job, f"ray task: {_first_line(_cause(e))}")
+                for r in got:
+                    on_result(r)
 
     def shutdown(self) -> None:
         ray = _ray()

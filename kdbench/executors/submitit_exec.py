@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from kdbench.errors import ConfigError
-from kdbench.executors.base import CellJob, Executor, OnResult, failed_result, run_cell_job
+from kdbench.executors.base import CellJob, Executor, OnResult, failed_results, run_cell_job, run_job
 
 
 def _submitit():
@@ -62,7 +62,9 @@ class _CellTask:
     it as that rank; task 0's result is the cell's.
     """
 
-    def __call__(self, job: CellJob) -> dict[str, Any]:
+    def __call__(self, job: CellJob) -> dict[str, Any] | list[dict[str, Any]]:
+        if job.group:  # a lockstep group sharing its teacher (never DDP): its cells' results
+            return run_job(job)
         per_node, nodes = ranks_of(job.cell)
         if per_node * nodes > 1:
             import submitit
@@ -195,7 +197,8 @@ class SubmititExecutor(Executor):
         for j in jobs:
             tid = (j.cell.get("teacher") or {}).get("id")
             if j.cell.get("uses_teacher") and tid in teacher_error:
-                on_result(failed_result(j, f"teacher {tid} failed: {teacher_error[tid]}"))
+                for r in failed_results(j, f"teacher {tid} failed: {teacher_error[tid]}"):
+                    on_result(r)
         if not runnable:
             return
         dependency = None
@@ -207,9 +210,11 @@ class SubmititExecutor(Executor):
             for h in [h for h in pending if h.done()]:
                 job = pending.pop(h)
                 try:
-                    on_result(h.results()[0])  # a DDP cell's tasks: rank 0 speaks for the cell
+                    got = h.results()[0]  # a DDP cell's tasks: rank 0 speaks for the cell
                 except Exception as e:  # noqa: BLE001 - a dead or cancelled task is a failed cell
-                    on_result(failed_result(job, f"submitit job {h.job_id}: {_first_line(e)}"))
+                    got = failed_results(job, f"submitit job {h.job_id}: {_first_line(e)}")
+                for r in got if isinstance(got, list) else [got]:
+                    on_result(r)
             if pending:
                 time.sleep(self.poll_s)
 
@@ -225,7 +230,7 @@ class SubmititExecutor(Executor):
                     h.result()  # the local cluster cannot express the dependency: wait
                 dependency = None
         handles = self._submit_cells(jobs, dependency)
-        return {j.id: h.job_id for j, h in zip(jobs, handles, strict=False)}
+        return {cid: h.job_id for j, h in zip(jobs, handles, strict=False) for cid in j.ids}
 
     def alive(self, external_ids: dict[str, str]) -> dict[str, bool]:
         if self.cluster in ("local", "debug"):  # job id = the local controller's PID on this host
