@@ -448,137 +448,180 @@ def _failed(cell: Any, run_dir: Path, attempt: int, error: str) -> dict:
 
 
 def _spawn(cell: Any, run_dir: Path, progress: Callable | None, attempt: int, world: int) -> dict:
-    import multiprocessing as mp
-    from multiprocessing.connection import wait
-
-    from kdbench.engine.cell import prepare_teacher
-    from kdbench.engine.train import StopRequested, stop_requested
-    from kdbench.store import write_json_atomic
-
+    """Run ``cell`` on ``world`` spawned rank processes and return rank 0's result (or why not)."""
     t0 = time.perf_counter()
+    problem = _cannot_launch(cell, run_dir, world)
+    if problem is not None:
+        return _failed(cell, run_dir, attempt, problem)
+    ranks = _Ranks(cell, run_dir, attempt, world)
+    ranks.watch(progress)
+    return ranks.outcome(t0)
+
+
+def _cannot_launch(cell: Any, run_dir: Path, world: int) -> str | None:
+    """Train or load the teacher once, here, before the ranks need it; the reason a cell cannot
+    start (a failed teacher, too few GPUs), or None."""
+    from kdbench.engine.build import resolve_device
+    from kdbench.engine.cell import prepare_teacher
+
     try:
-        prepare_teacher(cell, run_dir)  # once, in this process, before the ranks need it
+        prepare_teacher(cell, run_dir)
     except KeyboardInterrupt:
         raise
     except Exception as e:
-        return _failed(cell, run_dir, attempt, f"{type(e).__name__}: {e}")
-    from kdbench.engine.build import resolve_device
-
+        return f"{type(e).__name__}: {e}"
     if resolve_device(cell.train.device).type == "cuda" and torch.cuda.device_count() < world:
-        return _failed(
-            cell,
-            run_dir,
-            attempt,
+        return (
             f"ConfigError: gpus_per_cell {world} needs {world} GPUs, {torch.cuda.device_count()} are "
-            "visible here (CUDA_VISIBLE_DEVICES); lower gpus_per_cell or give the cell more GPUs",
+            "visible here (CUDA_VISIBLE_DEVICES); lower gpus_per_cell or give the cell more GPUs"
         )
-    ctx = mp.get_context("spawn")
-    port = _free_port()
-    threads = torch.get_num_threads()
-    procs, conns = [], []
-    for r in range(world):
-        recv, send = ctx.Pipe(duplex=False)
-        p = ctx.Process(
-            target=_rank_main,
-            args=(cell.to_dict(), str(run_dir), attempt, r, world, port, threads, os.getpid(), send),
-            name=f"kdbench-rank{r}",
-        )
-        p.start()
-        send.close()
-        procs.append(p)
-        conns.append(recv)
-    results: dict[int, dict] = {}
-    errors: dict[int, str] = {}
-    stopped = forwarded = False
-    progress_error: str | None = None
-    dead_since: float | None = None
-    try:
-        open_conns = {c: r for r, c in enumerate(conns)}
-        while any(p.is_alive() for p in procs) or open_conns:
-            for c in wait(list(open_conns), timeout=0.2):
-                r = open_conns[c]
-                try:
-                    kind, payload = c.recv()
-                except (EOFError, OSError):
-                    del open_conns[c]
-                    continue
-                if kind == "progress" and progress is not None and progress_error is None:
-                    try:
-                        progress(payload)
-                    except Exception as e:  # a failure of the cell, as run_cell records it
-                        progress_error = f"{type(e).__name__}: {e}"
-                        for p in procs:
-                            p.kill()
-                elif kind == "result":
-                    results[r] = payload
-                elif kind == "stopped":
-                    stopped = True
-                elif kind == "error":
-                    errors[r] = payload
-            if stop_requested() and not forwarded:
-                forwarded = True
-                for p in procs:
-                    if p.is_alive() and p.pid:
-                        os.kill(p.pid, signal.SIGTERM)
-            if any(p.exitcode not in (None, 0, STOP_EXIT) for p in procs):
-                dead_since = dead_since or time.monotonic()
-                if time.monotonic() - dead_since > GRACE_S:
-                    for p in procs:
-                        if p.is_alive():
-                            p.kill()
-            if not any(p.is_alive() for p in procs) and not open_conns:
-                break
-            if not any(p.is_alive() for p in procs):
-                # drain what is left, then stop
-                for c in list(open_conns):
-                    if not c.poll():
-                        del open_conns[c]
-    except BaseException:
-        for p in procs:
+    return None
+
+
+class _Ranks:
+    """The rank processes of one DDP cell, what they said, and how they ended."""
+
+    def __init__(self, cell: Any, run_dir: Path, attempt: int, world: int):
+        import multiprocessing as mp
+
+        self.cell, self.run_dir, self.attempt = cell, run_dir, attempt
+        ctx = mp.get_context("spawn")
+        port = _free_port()
+        threads = torch.get_num_threads()
+        self.procs: list[Any] = []
+        self.conns: list[Any] = []
+        for r in range(world):
+            recv, send = ctx.Pipe(duplex=False)
+            p = ctx.Process(
+                target=_rank_main,
+                args=(cell.to_dict(), str(run_dir), attempt, r, world, port, threads, os.getpid(), send),
+                name=f"kdbench-rank{r}",
+            )
+            p.start()
+            send.close()
+            self.procs.append(p)
+            self.conns.append(recv)
+        self.results: dict[int, dict] = {}
+        self.errors: dict[int, str] = {}
+        self.stopped = self.forwarded = False
+        self.progress_error: str | None = None
+
+    def alive(self) -> bool:
+        return any(p.is_alive() for p in self.procs)
+
+    def kill(self) -> None:
+        for p in self.procs:
             if p.is_alive():
                 p.kill()
-        for p in procs:
-            p.join(5)
-        raise
-    for p in procs:
-        p.join()
-    if stopped or any(p.exitcode == STOP_EXIT for p in procs):
-        raise StopRequested(f"DDP cell {cell.id} stopped on request (checkpoint saved by rank 0)")
-    if progress_error is not None:
-        return _failed(cell, run_dir, attempt, progress_error)
-    result = results.get(0)
-    if result is None and forwarded:
-        raise StopRequested(f"DDP cell {cell.id} stopped on request before rank 0 finished")
-    others = {r: res.get("error") for r, res in results.items() if r and res.get("status") == "failed"} | {
-        r: e for r, e in errors.items() if r
-    }
-    from kdbench.pool import death_reason
 
-    for r, p in enumerate(procs):  # ranks that died without a word (OOM killer, a crash)
-        if r and r not in results and r not in errors and p.exitcode not in (0, STOP_EXIT):
-            others[r] = death_reason(p.exitcode)
-    if result is not None:  # a rank's error worth adding is one rank 0 did not report itself
-        others = {r: e for r, e in others.items() if e and e != result.get("error")}
-    if result is None:
-        reasons = [f"rank {r}: {e}" for r, e in sorted({**errors, **others}.items()) if e]
-        codes = ", ".join(f"rank {r} exit {p.exitcode}" for r, p in enumerate(procs))
+    def watch(self, progress: Callable | None) -> None:
+        """Relay progress and collect results until every rank has exited. A stop request is
+        forwarded to the ranks as SIGTERM; ranks outliving a dead rank by ``GRACE_S`` are killed."""
+        from multiprocessing.connection import wait
+
+        from kdbench.engine.train import stop_requested
+
+        dead_since: float | None = None
+        try:
+            open_conns = {c: r for r, c in enumerate(self.conns)}
+            while self.alive() or open_conns:
+                for c in wait(list(open_conns), timeout=0.2):
+                    try:
+                        kind, payload = c.recv()
+                    except (EOFError, OSError):
+                        del open_conns[c]
+                        continue
+                    self._heard(open_conns[c], kind, payload, progress)
+                if stop_requested() and not self.forwarded:
+                    self.forwarded = True
+                    for p in self.procs:
+                        if p.is_alive() and p.pid:
+                            os.kill(p.pid, signal.SIGTERM)
+                if any(p.exitcode not in (None, 0, STOP_EXIT) for p in self.procs):
+                    dead_since = dead_since or time.monotonic()
+                    if time.monotonic() - dead_since > GRACE_S:
+                        self.kill()
+                if not self.alive():  # drain what is left, then stop
+                    for c in list(open_conns):
+                        if not c.poll():
+                            del open_conns[c]
+        except BaseException:
+            self.kill()
+            for p in self.procs:
+                p.join(5)
+            raise
+        for p in self.procs:
+            p.join()
+
+    def _heard(self, rank: int, kind: str, payload: Any, progress: Callable | None) -> None:
+        if kind == "progress" and progress is not None and self.progress_error is None:
+            try:
+                progress(payload)
+            except Exception as e:  # a failure of the cell, as run_cell records it
+                self.progress_error = f"{type(e).__name__}: {e}"
+                self.kill()
+        elif kind == "result":
+            self.results[rank] = payload
+        elif kind == "stopped":
+            self.stopped = True
+        elif kind == "error":
+            self.errors[rank] = payload
+
+    def outcome(self, t0: float) -> dict:
+        """Rank 0's result, with the other ranks' errors added; raises StopRequested when the
+        ranks stopped on request (rank 0 saved the checkpoint)."""
+        from kdbench.engine.train import StopRequested
+
+        cell, procs = self.cell, self.procs
+        if self.stopped or any(p.exitcode == STOP_EXIT for p in procs):
+            raise StopRequested(f"DDP cell {cell.id} stopped on request (checkpoint saved by rank 0)")
+        if self.progress_error is not None:
+            return _failed(cell, self.run_dir, self.attempt, self.progress_error)
+        result = self.results.get(0)
+        if result is None and self.forwarded:
+            raise StopRequested(f"DDP cell {cell.id} stopped on request before rank 0 finished")
+        others = self._other_ranks_errors()
+        if result is not None:  # a rank's error worth adding is one rank 0 did not report itself
+            others = {r: e for r, e in others.items() if e and e != result.get("error")}
+        if result is None:
+            result = self._no_result(others, t0)
+        elif result.get("status") == "failed" and others:
+            result["error"] = (
+                result.get("error", "") + "; " + "; ".join(f"rank {r}: {e}" for r, e in others.items())
+            )
+        else:
+            return result
+        from kdbench.store import write_json_atomic
+
+        write_json_atomic(self.run_dir / "cells" / cell.id / "result.json", result)
+        return result
+
+    def _other_ranks_errors(self) -> dict[int, str]:
+        from kdbench.pool import death_reason
+
+        failed = {r: res for r, res in self.results.items() if r and res.get("status") == "failed"}
+        others = {r: res.get("error") for r, res in failed.items()}
+        others.update({r: e for r, e in self.errors.items() if r})
+        for r, p in enumerate(self.procs):  # ranks that died without a word (OOM killer, a crash)
+            if r and r not in self.results and r not in self.errors and p.exitcode not in (0, STOP_EXIT):
+                others[r] = death_reason(p.exitcode)
+        return others
+
+    def _no_result(self, others: dict[int, str], t0: float) -> dict:
+        from kdbench.pool import death_reason
+
+        reasons = [f"rank {r}: {e}" for r, e in sorted({**self.errors, **others}.items()) if e]
+        codes = ", ".join(f"rank {r} exit {p.exitcode}" for r, p in enumerate(self.procs))
         why = "; ".join(reasons) or ", ".join(
-            f"rank {r} {death_reason(p.exitcode)}" for r, p in enumerate(procs)
+            f"rank {r} {death_reason(p.exitcode)}" for r, p in enumerate(self.procs)
         )
-        result = {
-            "cell": cell.to_dict(),
-            "attempt": attempt,
+        return {
+            "cell": self.cell.to_dict(),
+            "attempt": self.attempt,
             "status": "failed",
             "error": f"DDP rank 0 left no result ({codes}): {why}",
             "wall_s": time.perf_counter() - t0,
         }
-        write_json_atomic(run_dir / "cells" / cell.id / "result.json", result)
-    elif result.get("status") == "failed" and others:
-        result["error"] = (
-            result.get("error", "") + "; " + "; ".join(f"rank {r}: {e}" for r, e in others.items())
-        )
-        write_json_atomic(run_dir / "cells" / cell.id / "result.json", result)
-    return result
 
 
 def _rank_main(
