@@ -190,6 +190,10 @@ class GridConfig(_Strict):
     #: `kdbench report` adds a "paper" column (see kdbench/reports/leaderboard.py)
     reference: dict[str, dict[str, float | ReferenceValue | str]] = Field(default_factory=dict)
 
+    def recipes(self) -> dict[str, TrainConfig]:
+        """The student recipe and the teacher recipe, by their keys."""
+        return {"train": self.train, "teacher_train": self.teacher_train}
+
 
 # --------------------------------------------------------------------------- YAML with lines
 
@@ -601,61 +605,15 @@ def load_grid(path: str | Path) -> Grid:
         problems.raise_if_any()
     data = dict(data)
     train_given = sorted(data["train"]) if isinstance(data.get("train"), dict) else []
-    for key in ("train", "teacher_train"):
-        if key in data and not isinstance(data[key], dict):
-            problems.add((key,), f"expected a mapping, got {data[key]!r}")
-            data.pop(key)
-        elif key in data:
-            _reject_inert(data[key], key, problems)
-            data[key] = apply_preset(data[key], (key,), problems)
-    try:
-        cfg = GridConfig.model_validate(data)
-    except ValidationError as e:
-        for err in e.errors():
-            problems.add(tuple(err["loc"]), _pydantic_msg(err))
-        cfg = None
-    if cfg is None:
-        # still report plugin problems of the parts that parsed
-        _check_plugins_only(data, problems)
-        problems.raise_if_any()
-    assert cfg is not None
-
+    cfg = _validate_grid(data, problems)
     datasets = _refs(cfg.datasets, "datasets", ("datasets",), problems)
     methods = _refs(cfg.methods, "losses", ("methods",), problems)
-    pairs = []
-    teacher_datasets: list[PluginRef | None] = []
-    teacher_trains: list[TrainConfig | None] = []
-    for i, pair in enumerate(cfg.pairs):
-        t = parse_ref(pair.teacher, "models", ("pairs", i, "teacher"), problems)
-        s = parse_ref(pair.student, "models", ("pairs", i, "student"), problems)
-        src = parse_ref(pair.source, "teachers", ("pairs", i, "source"), problems)
-        for ref, where in ((t, "teacher"), (s, "student"), (src, "source")):
-            if ref is not None:
-                validate_params(ref, ("pairs", i, where), problems, reserved=("taps",))
-        tds = None
-        if pair.teacher_dataset is not None:
-            where = ("pairs", i, "teacher_dataset")
-            tds = parse_ref(pair.teacher_dataset, "datasets", where, problems)
-            if tds is not None:
-                validate_params(tds, where, problems)
-        pair_tt = None
-        if pair.teacher_train is not None:
-            pair_tt = _pair_teacher_train(data, pair.teacher_train, ("pairs", i, "teacher_train"), problems)
-        if t and s and src:
-            pairs.append((t, s, src))
-            teacher_datasets.append(tds)
-            teacher_trains.append(pair_tt)
-    augs = {}
-    for key, tc in (("train", cfg.train), ("teacher_train", cfg.teacher_train)):
-        a = parse_ref(tc.augment, "augmenters", (key, "augment"), problems)
-        if a is not None:
-            validate_params(a, (key, "augment"), problems)
-        augs[key] = a
+    pairs, teacher_datasets, teacher_trains = _pairs(cfg, data, problems)
+    augs = {key: _augmenter(tc.augment, (key, "augment"), problems) for key, tc in cfg.recipes().items()}
     views = {}
     for view, raw in cfg.train.views.items():
-        v = parse_ref(raw, "augmenters", ("train", "views", view), problems)
+        v = _augmenter(raw, ("train", "views", view), problems)
         if v is not None:
-            validate_params(v, ("train", "views", view), problems)
             views[view] = v
     executor = executor_ref(cfg.executor, problems)
     if cfg.teacher_train.method is not None:
@@ -678,6 +636,63 @@ def load_grid(path: str | Path) -> Grid:
         train_given=train_given,
         teacher_datasets=teacher_datasets,
     )
+
+
+def _validate_grid(data: dict, problems: Problems) -> GridConfig:
+    """``data`` (recipes with their presets applied) as a GridConfig; raises with every problem
+    found, plugin problems of the parts that parsed included, when it is not one."""
+    for key in ("train", "teacher_train"):
+        if key in data and not isinstance(data[key], dict):
+            problems.add((key,), f"expected a mapping, got {data[key]!r}")
+            data.pop(key)
+        elif key in data:
+            _reject_inert(data[key], key, problems)
+            data[key] = apply_preset(data[key], (key,), problems)
+    try:
+        return GridConfig.model_validate(data)
+    except ValidationError as e:
+        for err in e.errors():
+            problems.add(tuple(err["loc"]), _pydantic_msg(err))
+    _check_plugins_only(data, problems)
+    problems.raise_if_any()
+    raise AssertionError("unreachable: a grid that failed validation has problems")
+
+
+def _augmenter(raw: Any, where: tuple, problems: Problems) -> PluginRef | None:
+    """An augmenter reference, its parameters checked (None: a problem was recorded)."""
+    ref = parse_ref(raw, "augmenters", where, problems)
+    if ref is not None:
+        validate_params(ref, where, problems)
+    return ref
+
+
+def _pairs(
+    cfg: GridConfig, data: dict, problems: Problems
+) -> tuple[list[tuple[PluginRef, PluginRef, PluginRef]], list[PluginRef | None], list[TrainConfig | None]]:
+    """Each valid pair's (teacher, student, source) references, its teacher's own dataset and
+    its teacher recipe (None: the grid's)."""
+    pairs, teacher_datasets, teacher_trains = [], [], []
+    for i, pair in enumerate(cfg.pairs):
+        t = parse_ref(pair.teacher, "models", ("pairs", i, "teacher"), problems)
+        s = parse_ref(pair.student, "models", ("pairs", i, "student"), problems)
+        src = parse_ref(pair.source, "teachers", ("pairs", i, "source"), problems)
+        for ref, where in ((t, "teacher"), (s, "student"), (src, "source")):
+            if ref is not None:
+                validate_params(ref, ("pairs", i, where), problems, reserved=("taps",))
+        tds = None
+        if pair.teacher_dataset is not None:
+            where = ("pairs", i, "teacher_dataset")
+            tds = parse_ref(pair.teacher_dataset, "datasets", where, problems)
+            if tds is not None:
+                validate_params(tds, where, problems)
+        pair_tt = None
+        if pair.teacher_train is not None:
+            pair_tt = _pair_teacher_train(data, pair.teacher_train, ("pairs", i, "teacher_train"), problems)
+        if t and s and src:
+            pairs.append((t, s, src))
+            teacher_datasets.append(tds)
+            teacher_trains.append(pair_tt)
+    return pairs, teacher_datasets, teacher_trains
 
 
 #: the key that sets a method's loss-term weights for the engine (``weights`` also works for a
