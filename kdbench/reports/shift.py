@@ -119,6 +119,22 @@ def _summary(rows: list[dict[str, Any]]) -> list[Any]:
     return [worst["group"]] + [_f(worst[k]) for k in keys] + [_f(_avg([r[k] for r in rows])) for k in keys]
 
 
+#: per-group columns of the csv and the per-group table: (record key, text header)
+GROUP_COLUMNS = (
+    ("err", "err"),
+    ("teacher_err", "teacher err"),
+    ("inherited", "inherited"),
+    ("own", "own"),
+    ("disagreement", "disagree"),
+    ("train_acc", "train acc"),
+    ("acc", "test acc"),
+    ("gap", "train−test"),
+)
+DETAIL_HEAD = ["method", "group", "n", *(h for _, h in GROUP_COLUMNS)]
+SUMMARY_HEAD = ["method", "worst group", "err", "teacher err", "inherited", "own", "disagree", "train−test"]
+SUMMARY_HEAD += [f"mean {h}" for h in ("err", "teacher err", "inherited", "own", "disagree", "train−test")]
+
+
 def render(run: RunData, args: ReportArgs) -> str:
     board = build_board(run, args)
     recs = analyse(board, args)
@@ -127,125 +143,59 @@ def render(run: RunData, args: ReportArgs) -> str:
             f"no per-group metrics in {run.run_dir}: the shift report needs a dataset with groups "
             "(spurious, waterbirds, celeba)"
         )
-    if args.fmt in ("json", "csv"):
-        data = [
-            {"column": r["column"], "sizes": r["sizes"], "groups": r["groups"], "scan": r["scan"]}
-            for r in recs
-        ]
-        if args.fmt == "json":
-            return json.dumps(data, indent=2)
-        lines = ["column,method,group,n,acc,err,teacher_err,inherited,own,disagreement,train_acc,gap"]
-        for r in data:
-            for method, rows in r["groups"].items():
-                for g in rows:
-                    vals = [
-                        g[k]
-                        for k in (
-                            "acc",
-                            "err",
-                            "teacher_err",
-                            "inherited",
-                            "own",
-                            "disagreement",
-                            "train_acc",
-                            "gap",
-                        )
-                    ]
-                    lines.append(
-                        ",".join(
-                            [
-                                f'"{r["column"]}"',
-                                f'"{method}"',
-                                g["group"],
-                                str(r["sizes"].get(g["group"], "")),
-                            ]
-                            + ["" if v is None else f"{v:.6g}" for v in vals]
-                        )
-                    )
-        return "\n".join(lines) + "\n"
+    if args.fmt == "json":
+        return json.dumps([{k: r[k] for k in ("column", "sizes", "groups", "scan")} for r in recs], indent=2)
+    if args.fmt == "csv":
+        return _csv(recs)
     tablefmt = "latex_booktabs" if args.fmt == "latex" else "github"
     parts = []
     for r in recs:
-        col = r["column"]
-        head = [
-            "method",
-            "worst group",
-            "err",
-            "teacher err",
-            "inherited",
-            "own",
-            "disagree",
-            "train−test",
-            "mean err",
-            "mean teacher err",
-            "mean inherited",
-            "mean own",
-            "mean disagree",
-            "mean train−test",
-        ]
-        body = [[m] + _summary(rows) for m, rows in r["groups"].items()]
-        parts.append(
-            f"{col} — error decomposition on test (%): worst group of each method, and mean over groups\n\n"
-            + tabulate(body, headers=head, tablefmt=tablefmt, disable_numparse=True)
-        )
-        detail = []
-        for m, rows in r["groups"].items():
-            for g in rows:
-                detail.append(
-                    [m, g["group"], r["sizes"].get(g["group"], "?")]
-                    + [
-                        _f(g[k])
-                        for k in (
-                            "err",
-                            "teacher_err",
-                            "inherited",
-                            "own",
-                            "disagreement",
-                            "train_acc",
-                            "acc",
-                            "gap",
-                        )
-                    ]
-                )
-        parts.append(
-            f"{col} — per group (%)\n\n"
-            + tabulate(
-                detail,
-                headers=[
-                    "method",
-                    "group",
-                    "n",
-                    "err",
-                    "teacher err",
-                    "inherited",
-                    "own",
-                    "disagree",
-                    "train acc",
-                    "test acc",
-                    "train−test",
-                ],
-                tablefmt=tablefmt,
-                disable_numparse=True,
-            )
-        )
-        if r["scan"]:
-            scan = [
-                [m, _f(s["max"], 2), _f(s["mean"], 3), ", ".join(f"{d}:{v:.2f}" for d, v in s["top"])]
-                for m, s in r["scan"].items()
-            ]
-            parts.append(
-                f"{col} — spurious-feature scan of pooled features (Cohen's d between attribute values "
-                "within a class; higher = the attribute is more linearly visible)\n\n"
-                + tabulate(
-                    scan,
-                    headers=["model", "max d", "mean d", f"top {TOP_DIMS} dims (first seed)"],
-                    tablefmt=tablefmt,
-                    disable_numparse=True,
-                )
-            )
+        parts += _tables(r, tablefmt)
     notes = footer(run.protocol(args)) + [
         "err = inherited (teacher also wrong) + own (teacher right); teacher err and disagreement are on the "
         "student's test set; train−test = accuracy on the training split minus test accuracy"
     ]
     text = "\n\n".join(parts) + "\n\n" + "\n".join(f"- {n}" for n in notes)
     return latex_comments(text) if args.fmt == "latex" else text
+
+
+def _csv(recs: list[dict]) -> str:
+    keys = ("acc", "err", "teacher_err", "inherited", "own", "disagreement", "train_acc", "gap")
+    lines = ["column,method,group,n," + ",".join(keys)]
+    for r in recs:
+        for method, rows in r["groups"].items():
+            for g in rows:
+                head = [f'"{r["column"]}"', f'"{method}"', g["group"], str(r["sizes"].get(g["group"], ""))]
+                lines.append(",".join(head + ["" if g[k] is None else f"{g[k]:.6g}" for k in keys]))
+    return "\n".join(lines) + "\n"
+
+
+def _tables(r: dict, tablefmt: str) -> list[str]:
+    """One column's tables: the summary, the per-group detail and the feature scan."""
+    col = r["column"]
+
+    def table(rows: list, headers: list[str]) -> str:
+        return tabulate(rows, headers=headers, tablefmt=tablefmt, disable_numparse=True)
+
+    body = [[m] + _summary(rows) for m, rows in r["groups"].items()]
+    detail = [
+        [m, g["group"], r["sizes"].get(g["group"], "?")] + [_f(g[k]) for k, _ in GROUP_COLUMNS]
+        for m, rows in r["groups"].items()
+        for g in rows
+    ]
+    out = [
+        f"{col} — error decomposition on test (%): worst group of each method, and mean over groups\n\n"
+        + table(body, SUMMARY_HEAD),
+        f"{col} — per group (%)\n\n" + table(detail, DETAIL_HEAD),
+    ]
+    if r["scan"]:
+        scan = [
+            [m, _f(s["max"], 2), _f(s["mean"], 3), ", ".join(f"{d}:{v:.2f}" for d, v in s["top"])]
+            for m, s in r["scan"].items()
+        ]
+        out.append(
+            f"{col} — spurious-feature scan of pooled features (Cohen's d between attribute values "
+            "within a class; higher = the attribute is more linearly visible)\n\n"
+            + table(scan, ["model", "max d", "mean d", f"top {TOP_DIMS} dims (first seed)"])
+        )
+    return out
