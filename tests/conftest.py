@@ -33,6 +33,29 @@ def kdbench_cli(
     )
 
 
+def store_row(i: int, method: str, seed: int, metrics: dict, dataset: str, teacher: bool | None = None):
+    """A done cell as ``Store.cells()`` returns it, for reports built from fabricated runs
+    (teacher "T" with id t0, student "S"; ``teacher`` defaults to every method but ce)."""
+    return {
+        "id": f"c{i}",
+        "status": "done",
+        "config": {
+            "dataset": {"name": dataset},
+            "teacher": {"label": "T", "id": "t0"},
+            "student": {"label": "S"},
+            "method": {"label": method, "name": method},
+            "seed": seed,
+            "uses_teacher": method != "ce" if teacher is None else teacher,
+            "train": {"epochs": 1},
+        },
+        "metrics": metrics,
+        "env": {"threads": 1},
+        "error": None,
+        "wall_s": 1.0,
+        "attempts": 1,
+    }
+
+
 TINY_GRID = """
 name: tiny
 output: {out}

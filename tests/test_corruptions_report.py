@@ -10,6 +10,7 @@ import pytest
 from kdbench.errors import KdbenchError
 from kdbench.reports import ReportArgs, RunData, leaderboard
 from kdbench.reports import corruptions as report
+from tests.conftest import store_row
 
 
 def _metrics(clean: float, acc: dict[tuple[str, int], float]) -> dict:
@@ -23,24 +24,7 @@ def _metrics(clean: float, acc: dict[tuple[str, int], float]) -> dict:
 
 
 def _cell(i: int, method: str, seed: int, metrics: dict) -> dict:
-    return {
-        "id": f"c{i}",
-        "status": "done",
-        "config": {
-            "dataset": {"name": "mnist5k"},
-            "teacher": {"label": "T", "id": "t0"},
-            "student": {"label": "S"},
-            "method": {"label": method, "name": method},
-            "seed": seed,
-            "uses_teacher": method != "ce",
-            "train": {"epochs": 1},
-        },
-        "metrics": metrics,
-        "env": {"threads": 1},
-        "error": None,
-        "wall_s": 1.0,
-        "attempts": 1,
-    }
+    return store_row(i, method, seed, metrics, "mnist5k")
 
 
 # ce: errors 20/40 (fog), 10/30 (snow), clean error 10; kd: errors 10/20, 10/10, clean error 5

@@ -10,28 +10,11 @@ import pytest
 from kdbench.reports import ReportArgs, RunData
 from kdbench.reports import groups as groups_report
 from kdbench.reports import shift as shift_report
-from tests.conftest import kdbench_cli, write_grid
+from tests.conftest import kdbench_cli, store_row, write_grid
 
 
 def _cell(i: int, method: str, seed: int, metrics: dict, teacher: bool = True) -> dict:
-    return {
-        "id": f"c{i}",
-        "status": "done",
-        "config": {
-            "dataset": {"name": "spurious"},
-            "teacher": {"label": "T", "id": "t0"},
-            "student": {"label": "S"},
-            "method": {"label": method, "name": method},
-            "seed": seed,
-            "uses_teacher": teacher,
-            "train": {"epochs": 1},
-        },
-        "metrics": metrics,
-        "env": {"threads": 1},
-        "error": None,
-        "wall_s": 1.0,
-        "attempts": 1,
-    }
+    return store_row(i, method, seed, metrics, "spurious", teacher)
 
 
 def _group_metrics(a0: float, a1: float, extra: dict | None = None) -> dict:
