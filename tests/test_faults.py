@@ -68,3 +68,28 @@ def test_time_limit_stops_a_cell_at_a_step_and_says_where(tmp_path, tiny_grid):
     done = run_cell(cell, tmp_path, None, 2)  # no limit: resumes and finishes
     assert done["status"] == "done"
     assert json.loads((tmp_path / "cells" / cell.id / "result.json").read_text())["attempt"] == 2
+
+
+def test_a_lockstep_group_shares_its_time_limit_and_resumes(tmp_path, tiny_grid):
+    """A group past its limit: every cell checkpoints and fails retryable; run again, each
+    resumes and gives the numbers of the cell run alone without a limit."""
+    from kdbench.engine.lockstep import run_group
+    from kdbench.engine.train import time_limit
+    from kdbench.runner import plan
+
+    cells = plan(load_grid(tiny_grid("[kd, fitnet]", epochs=2))).cells
+    alone = {c.id: run_cell(c, tmp_path / "alone")["metrics"] for c in cells}
+    shared = tmp_path / "shared"
+    (shared / "teachers").mkdir(parents=True)
+    for f in (tmp_path / "alone" / "teachers").iterdir():  # the same teacher, not trained again
+        if f.is_file():
+            (shared / "teachers" / f.name).write_bytes(f.read_bytes())
+    with time_limit(1e-9):
+        first = run_group(cells, shared)
+    assert [r["status"] for r in first] == ["failed", "failed"] and all(r["retryable"] for r in first)
+    assert all((shared / "cells" / c.id / "checkpoint.pt").exists() for c in cells)
+    again = run_group(cells, shared)
+    assert [r["status"] for r in again] == ["done", "done"]
+    for c, r in zip(cells, again, strict=True):
+        got = {k: v for k, v in r["metrics"].items() if not k.endswith("_s")}
+        assert got == {k: v for k, v in alone[c.id].items() if not k.endswith("_s")}
