@@ -519,55 +519,8 @@ def to_records(board: Board, run: RunData, args: ReportArgs) -> list[dict[str, A
         best = {m: board.best(c, m) for r in board.rows for m in board.stats.get(r, {}).get(c, {})}
         for r in board.rows:
             st = board.stats.get(r, {}).get(c, {})
-            if not st:
-                continue
-            cmp = board.comparisons.get(r, {}).get(c)
-            ref = board.references.get(r, {}).get(c)
-            s = st.get(args.metric, Stat())
-            metrics = {}
-            for m, v in st.items():
-                if not v.n:
-                    continue
-                info = metric_info(m)
-                metrics[m] = {
-                    "mean": v.mean,
-                    "std": _nan_none(v.spread("std")),
-                    "spread": _nan_none(v.spread(args.spread)),
-                    "n": v.n,
-                    "values": v.values,
-                    "seeds": v.seeds,
-                    "higher_is_better": info.higher_is_better if info else None,
-                    "best": r == best.get(m),
-                }
-            out.append(
-                {
-                    "method": r,
-                    "column": c,
-                    "status": "done",
-                    "metric": args.metric,
-                    "best": r == best.get(args.metric) and s.n > 0,
-                    "baseline": args.baseline,
-                    "is_baseline": r == args.baseline,
-                    "significance": None
-                    if cmp is None
-                    else {
-                        "test": cmp.test,
-                        "p": cmp.p,
-                        "diff": cmp.diff,
-                        "significant": cmp.significant,
-                        "alpha": ALPHA,
-                    },
-                    "paper": None
-                    if ref is None
-                    else {
-                        "value": ref.value,
-                        "source": ref.source,
-                        "diff": (s.mean - ref.value) if s.n else None,
-                    },
-                    "metrics": metrics,
-                    "protocol": protocol,
-                }
-            )
+            if st:
+                out.append(_record(board, r, c, st, best, args) | {"protocol": protocol})
     for f in board.failures:
         out.append(
             {
@@ -583,6 +536,50 @@ def to_records(board: Board, run: RunData, args: ReportArgs) -> list[dict[str, A
             }
         )
     return out
+
+
+def _record(
+    board: Board, r: str, c: str, st: dict[str, Stat], best: dict[str, str | None], args: ReportArgs
+) -> dict[str, Any]:
+    """The record of method ``r`` in column ``c``: every metric, the test against the baseline
+    and the paper's number."""
+    cmp = board.comparisons.get(r, {}).get(c)
+    ref = board.references.get(r, {}).get(c)
+    s = st.get(args.metric, Stat())
+    metrics = {}
+    for m, v in st.items():
+        if not v.n:
+            continue
+        info = metric_info(m)
+        metrics[m] = {
+            "mean": v.mean,
+            "std": _nan_none(v.spread("std")),
+            "spread": _nan_none(v.spread(args.spread)),
+            "n": v.n,
+            "values": v.values,
+            "seeds": v.seeds,
+            "higher_is_better": info.higher_is_better if info else None,
+            "best": r == best.get(m),
+        }
+    significance = None
+    if cmp is not None:
+        significance = {"test": cmp.test, "p": cmp.p, "diff": cmp.diff, "significant": cmp.significant}
+        significance["alpha"] = ALPHA
+    paper = None
+    if ref is not None:
+        paper = {"value": ref.value, "source": ref.source, "diff": (s.mean - ref.value) if s.n else None}
+    return {
+        "method": r,
+        "column": c,
+        "status": "done",
+        "metric": args.metric,
+        "best": r == best.get(args.metric) and s.n > 0,
+        "baseline": args.baseline,
+        "is_baseline": r == args.baseline,
+        "significance": significance,
+        "paper": paper,
+        "metrics": metrics,
+    }
 
 
 def _nan_none(v: float) -> float | None:
