@@ -1,7 +1,8 @@
 """One grid under every executor: wall time, same numbers, and what a sweep leaves on disk.
 
-Runs the same tiny grid (ce and kd on scikit-learn's digits, smallcnn 8→4, ``--seeds`` seeds,
-``--epochs`` epochs) with ``kdbench run`` (a fresh interpreter each, as a user runs it) under
+Runs the same grid (ce and kd on scikit-learn's digits or ``--dataset``, smallcnn 2w→w for
+``--width`` w, ``--seeds`` seeds, ``--epochs`` epochs) with ``kdbench run`` (a fresh
+interpreter each, as a user runs it) under
 
 - ``inline``: ``executor: {kind: local}``
 - ``local2``: ``executor: {kind: local, workers: 2}``
@@ -13,6 +14,7 @@ its metrics equal the inline run's bit for bit, and the files each run directory
 per teacher and in total, scaled to a 1000-cell sweep. Run it alone on the machine:
 
     OMP_NUM_THREADS=1 python benchmarks/executors.py --seeds 3 --epochs 2
+    OMP_NUM_THREADS=1 python benchmarks/executors.py --dataset "{mnist5k: {}}" --width 16 --epochs 3
 """
 
 from __future__ import annotations
@@ -30,10 +32,10 @@ GRID = """\
 name: bench
 output: {out}
 datasets:
-  - {{digits: {{limit: 600}}}}
+  - {dataset}
 pairs:
-  - teacher: {{smallcnn: {{width: 8}}}}
-    student: {{smallcnn: {{width: 4}}}}
+  - teacher: {{smallcnn: {{width: {tw}}}}}
+    student: {{smallcnn: {{width: {sw}}}}}
 methods: [ce, kd]
 seeds: {seeds}
 train: {{epochs: {epochs}, batch_size: 64, lr: 0.05, schedule: cosine, views: {{}}}}
@@ -74,6 +76,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--dataset", default="{digits: {limit: 600}}", help="a grid dataset entry")
+    ap.add_argument("--width", type=int, default=4, help="student width (the teacher's is twice it)")
     ap.add_argument("--only", help="comma-separated executors (default: all)")
     ap.add_argument("--json", help="write the numbers here")
     args = ap.parse_args()
@@ -85,7 +89,15 @@ def main() -> None:
         for name in names:
             out = Path(tmp) / name
             grid = Path(tmp) / f"{name}.yaml"
-            text = GRID.format(out=out, seeds=seeds, epochs=args.epochs, executor=EXECUTORS[name])
+            text = GRID.format(
+                out=out,
+                seeds=seeds,
+                epochs=args.epochs,
+                executor=EXECUTORS[name],
+                dataset=args.dataset,
+                tw=2 * args.width,
+                sw=args.width,
+            )
             grid.write_text(text)
             env = {**os.environ, "OMP_NUM_THREADS": "1"}
             t0 = time.perf_counter()
