@@ -10,15 +10,23 @@ default) for a fixed number of steps on CIFAR-shaped data, three ways, in one pr
    flip+crop, teacher forward under no_grad, student forward, 0.1·CE + 0.9·KL(T=4), SGD step).
 
 Prints images/s of the whole grid both ways and their ratio (wall time, set-up and evaluation
-included, plus an estimate for training alone), each cell's training images/s (its ``train_s``)
-in the unshared run, and the kd cell against the bare loop (timed before and after the grid,
-averaged; it uses eager ``F.kl_div`` where the kd cell uses the fused ``kernels.kd_loss``). ``--check``
-also asserts that the shared run gave bit-identical metrics (CPU). The data is random
+included), the same for training alone (unshared: the cells' ``train_s``; shared: the group's
+step time, :func:`run_group`'s ``timings``), each cell's training images/s in the unshared run,
+and the kd cell against the bare loop (timed before and after the grid, averaged; it uses eager
+``F.kl_div`` where the kd cell uses the fused ``kernels.kd_loss``).
+
+It also prints the bound sharing can reach (Amdahl): with ``T`` one cell's teacher forwards
+(timed inside the shared run's steps, the taps the methods read), the unshared cells' training
+``Σ train_s`` becomes at best ``Σ train_s − (n_teacher_cells − 1)·T`` shared, since cells without
+a teacher (ce) share nothing and every other cell keeps its student's part. ``--methods`` without
+ce (``kd,dkd,dist,fitnet``) measures a grid where every cell has the teacher. ``--check`` also
+asserts that the shared run gave bit-identical metrics (CPU). The data is random
 CIFAR-100-format files (``--data random``, written to a temp dir) or a real copy
 (``--data /path/to/cifar-100-python``). The teacher is the untrained model (``source: loaded``):
 its speed is what matters here.
 
     OMP_NUM_THREADS=2 python benchmarks/grid_throughput.py --threads 2 --steps 50
+    python benchmarks/grid_throughput.py --methods kd,dkd,dist,fitnet --steps 30
     python benchmarks/grid_throughput.py --teacher resnet32x4 --student resnet8x4 --threads 2
     python benchmarks/grid_throughput.py --device cuda --precision bf16 --channels-last --steps 200
 """
@@ -205,8 +213,9 @@ def main(argv: list[str] | None = None) -> int:
     alone = [run_cell(c, dirs["unshared"]) for c in cells]
     t_unshared = time.perf_counter() - t0
     teachers = SharedTeachers()
+    timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    shared = run_group(cells, dirs["shared"], teachers=teachers)
+    shared = run_group(cells, dirs["shared"], teachers=teachers, timings=timings)
     t_shared = time.perf_counter() - t0
     # the bare loop runs before and after the grid; its mean time evens out drifts in machine load
     t_bare_after = bare_kd_loop(args, cells[0], args.steps)
@@ -217,16 +226,40 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
     total = n_imgs * len(cells)
+    stats = {k: round(v, 2) if isinstance(v, float) else v for k, v in teachers.stats.items()}
     print(f"\ngrid, unshared: {t_unshared:7.2f} s  {_imgs(total, t_unshared)}")
-    print(f"grid, shared:   {t_shared:7.2f} s  {_imgs(total, t_shared)}  ({teachers.stats})")
+    print(f"grid, shared:   {t_shared:7.2f} s  {_imgs(total, t_shared)}  ({stats})")
     print(f"shared / unshared speed-up: {t_unshared / t_shared:.2f}x  (wall, with set-up + eval)")
-    # training alone: the unshared cells' train_s; the shared group's wall time less the same
-    # set-up + evaluation time the unshared cells spent outside training
+    # training alone: the unshared cells' train_s; the group's step time, scaled from the calls
+    # that only stepped (every step but each cell's last, whose call also evaluates the cell)
     train_unshared = sum(r["metrics"]["train_s"] for r in alone)
-    train_shared = max(t_shared - (t_unshared - train_unshared), 1e-9)
+    n_steps = timings["step_calls"] + len(cells)
+    train_shared = timings["steps_s"] * n_steps / max(timings["step_calls"], 1)
+    other_unshared = t_unshared - train_unshared
+    other_shared = t_shared - train_shared
     print(
-        f"training only: unshared {train_unshared:.2f} s, shared ~{train_shared:.2f} s, "
-        f"speed-up ~{train_unshared / train_shared:.2f}x"
+        f"training only: unshared {train_unshared:.2f} s, shared {train_shared:.2f} s, "
+        f"speed-up {train_unshared / train_shared:.2f}x"
+    )
+    print(
+        f"set-up + evaluation: unshared {other_unshared:.2f} s, shared {other_shared:.2f} s "
+        f"(set-up {timings['setup_s']:.2f} s, last steps + evaluation {timings['finish_s']:.2f} s)"
+    )
+    # Amdahl: one teacher forward per batch for the whole group, everything else unchanged. T: a
+    # cell's teacher forwards (one per step), timed inside the shared run's steps (what they cost
+    # between student steps; a loop of teacher forwards alone runs faster, its weights in cache)
+    n_teacher = sum(1 for c in cells if c.uses_teacher)
+    fwd = timings["teacher_step_forwards"]
+    t_teacher = timings["teacher_steps_s"] / fwd * args.steps if fwd else 0.0
+    ideal = train_unshared - max(n_teacher - 1, 0) * t_teacher
+    bound = train_unshared / ideal if ideal > 0 else float("nan")
+    by_label = {r["cell"]["method"]["label"]: r["metrics"]["train_s"] for r in alone}
+    t_kd_ce = by_label["kd"] - by_label["ce"] if {"kd", "ce"} <= by_label.keys() else None
+    print(
+        f"teacher forwards of one cell (T): {t_teacher:.2f} s"
+        + (f" (kd - ce train_s: {t_kd_ce:.2f} s)" if t_kd_ce is not None else "")
+        + f"; training bound with {n_teacher} cells sharing T: {ideal:.2f} s, {bound:.2f}x "
+        f"(reached {train_unshared / train_shared / bound:.0%} of it)"
     )
     print("\nper cell, unshared (training only):")
     per = {}
@@ -261,7 +294,12 @@ def main(argv: list[str] | None = None) -> int:
                     "unshared_s": t_unshared,
                     "shared_s": t_shared,
                     "speedup": t_unshared / t_shared,
-                    "train_speedup_estimate": train_unshared / train_shared,
+                    "train_unshared_s": train_unshared,
+                    "train_shared_s": train_shared,
+                    "train_speedup": train_unshared / train_shared,
+                    "teacher_forward_s": t_teacher,
+                    "amdahl_train_bound": bound,
+                    "group_timings": timings,
                     "per_cell_img_s": per,
                     "bare_kd_img_s": args.steps * args.batch_size / t_bare,
                     "kd_vs_bare": ratio,

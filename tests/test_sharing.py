@@ -166,7 +166,11 @@ def test_grid_throughput_benchmark_runs_and_checks_identity(tmp_path):
     got = __import__("json").loads(out.read_text())
     assert got["bit_identical"] is True and got["images_per_cell"] == 16
     assert got["teacher_forwards"]["hits"] == 2  # fitnet reused kd's teacher forward at each step
+    # one probe of the teacher, one of the student: ce, kd and fitnet start from the same weights
+    assert got["teacher_forwards"]["probe_misses"] == 2 and got["teacher_forwards"]["probe_hits"] == 3
     assert got["speedup"] > 0 and got["kd_vs_bare"] > 0
+    assert got["group_timings"]["step_calls"] == 3  # each cell's first of 2 steps; the last one finishes
+    assert got["teacher_forward_s"] > 0 and got["amdahl_train_bound"] > 1  # two cells share the teacher
 
 
 @pytest.mark.slow

@@ -261,7 +261,8 @@ class SharedTeachers:
         for p in self._probes:
             if p.key != key or p.spec != spec or not _same_input(p.x, x):
                 continue
-            if p.model is model if lent else p.state is not None and _same_state(p.state, state or []):
+            same = (p.model is model) if lent else (p.state is not None and _same_state(p.state, state or []))
+            if same:
                 self._probe_stats["probe_hits"] += 1
                 return _clone(p.feats)
         self._probe_stats["probe_misses"] += 1
@@ -368,7 +369,8 @@ def run_group(
     each result as the cell finishes (cells may finish in any order). ``teachers``: pass one to
     read its ``stats`` afterwards. ``timings`` (a dict) receives the seconds spent setting the
     cells up (``setup_s``), in steps that left a cell at its next step (``steps_s``, over
-    ``step_calls`` of them) and in each cell's last call (``finish_s``: its last step, evaluation
+    ``step_calls`` of them; the teacher's forwards in them: ``teacher_step_forwards`` taking
+    ``teacher_steps_s``) and in each cell's last call (``finish_s``: its last step, evaluation
     and result).
     """
     from kdbench.engine.cell import run_cell_steps
@@ -391,16 +393,22 @@ def run_group(
         for c in cells
     ]
     results: dict[str, dict[str, Any]] = {}
-    clock = dict.fromkeys(("setup_s", "steps_s", "finish_s", "step_calls"), 0.0)
+    clock = dict.fromkeys(
+        ("setup_s", "steps_s", "finish_s", "step_calls", "teacher_steps_s", "teacher_step_forwards"), 0.0
+    )
 
     def timed(s: _Slot, setup: bool = False) -> None:
-        t0 = time.perf_counter()
+        t0, before = time.perf_counter(), teachers.stats
         try:
             _advance(s)
         finally:
             kind = "setup_s" if setup else "steps_s" if s.pos is not None else "finish_s"
             clock[kind] += time.perf_counter() - t0
-            clock["step_calls"] += kind == "steps_s"
+            if kind == "steps_s":
+                after = teachers.stats
+                clock["step_calls"] += 1
+                clock["teacher_steps_s"] += after["teacher_s"] - before["teacher_s"]
+                clock["teacher_step_forwards"] += after["misses"] - before["misses"]
 
     def finish(s: _Slot) -> None:
         assert s.result is not None
