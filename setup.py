@@ -74,11 +74,16 @@ def _extension_kwargs() -> dict:
         _warn(f"torch.utils.cpp_extension unavailable ({exc}); installing without kdbench._C")
         return {}
 
-    cxx_flags = ["-O3", "-fvisibility=hidden"]
+    # -fopenmp: at::parallel_for is a header template; without it the pragma is dropped and
+    # every "parallel" loop of ours runs on one thread (the runtime is torch's own libgomp)
+    cxx_flags = ["-O3", "-fvisibility=hidden", "-fopenmp"]
+    link_flags = ["-fopenmp"]
     cpu_sources = [f"{CSRC}/{name}" for name in CPU_SOURCES]
 
     def cpu_extension():
-        return CppExtension("kdbench._C", cpu_sources, extra_compile_args={"cxx": list(cxx_flags)})
+        return CppExtension(
+            "kdbench._C", cpu_sources, extra_compile_args={"cxx": list(cxx_flags)}, extra_link_args=link_flags
+        )
 
     if _want_cuda():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
@@ -89,6 +94,7 @@ def _extension_kwargs() -> dict:
                 "cxx": cxx_flags + ["-DKDBENCH_WITH_CUDA"],
                 "nvcc": ["-O3", "-DKDBENCH_WITH_CUDA"],
             },
+            extra_link_args=link_flags,
         )
     else:
         ext = cpu_extension()

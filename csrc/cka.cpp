@@ -17,6 +17,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <c10/core/GradMode.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
@@ -143,6 +144,7 @@ at::Tensor packed_grams(at::TensorList acts, bool unbiased, const Triangle& tri)
     p = at::empty({L, n * (n + 1) / 2}, opts);
     const double off = unbiased ? 1.0 : std::sqrt(2.0);
     at::parallel_for(0, L, 1, [&](int64_t begin, int64_t end) {
+      c10::AutoGradMode no_grad(false);  // worker threads do not inherit the caller's grad mode
       at::Tensor g = at::empty({n, n}, opts);
       std::vector<float> work;
       for (int64_t l = begin; l < end; ++l) {
@@ -247,6 +249,7 @@ std::vector<at::Tensor> grams_backward(const at::Tensor& dp, at::TensorList acts
   if (cpu_path(dp)) {
     const at::Tensor v = dp.contiguous();
     at::parallel_for(0, L, 1, [&](int64_t begin, int64_t end) {
+      c10::AutoGradMode no_grad(false);  // worker threads do not inherit the caller's grad mode
       at::Tensor s = at::empty({n, n}, dp.options());
       for (int64_t l = begin; l < end; ++l) {
         unpack_centred_cpu(v[l], s, unbiased);

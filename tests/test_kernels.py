@@ -716,3 +716,28 @@ def test_backward_scaling_and_retained_graph(backend, device):
     (g,) = torch.autograd.grad(K.kd_loss(x, t), x)
     g.zero_()  # a caller writing into a returned gradient must not corrupt anything else
     torch.testing.assert_close(torch.autograd.grad(K.kd_loss(x, t), x)[0], want / 2.5)
+
+
+@pytest.mark.skipif(K.backend() != "native", reason="the native extension is not built")
+def test_cka_layers_run_on_several_threads_with_the_single_thread_numbers():
+    """The CPU op splits its layers over threads (at::parallel_for, built with -fopenmp): the
+    forward and the backward (worker threads start outside the caller's no-grad mode) give the
+    1-thread results."""
+    saved = torch.get_num_threads()
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(32, 40, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(4)]
+    ys = [torch.randn(32, 24, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    out = {}
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            m = K.cka_matrix(xs, ys)
+            grads = torch.autograd.grad(m.square().sum(), xs + ys)
+            out[threads] = (m.detach(), grads)
+    finally:
+        torch.set_num_threads(saved)
+    torch.testing.assert_close(out[2][0], out[1][0], rtol=0, atol=1e-12)
+    for a, b in zip(out[2][1], out[1][1], strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    want = reference.cka_matrix([x.detach() for x in xs], [y.detach() for y in ys])
+    torch.testing.assert_close(out[1][0], want)
