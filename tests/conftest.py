@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -31,6 +32,16 @@ def kdbench_cli(
         text=True,
         timeout=timeout,
     )
+
+
+def done_metrics(run_dir: Path) -> dict[str, dict]:
+    """cell id -> its metrics without timings, from a run directory's result files (all done)."""
+    out = {}
+    for f in Path(run_dir).glob("cells/*/result.json"):
+        r = json.loads(f.read_text())
+        assert r["status"] == "done", r.get("error")
+        out[f.parent.name] = {k: v for k, v in r["metrics"].items() if not k.endswith("_s")}
+    return out
 
 
 def store_row(i: int, method: str, seed: int, metrics: dict, dataset: str, teacher: bool | None = None):

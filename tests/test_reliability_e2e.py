@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from kdbench.pool import cpu_budget
+from tests.conftest import done_metrics as metrics
 from tests.conftest import kdbench_cli
 from tests.test_reliability import plugin_site, run_unprivileged, tiny  # noqa: F401  (fixture)
 
@@ -36,16 +37,6 @@ def rows(run_dir: Path) -> dict[str, tuple[str, str | None]]:
         return out
     finally:
         db.close()
-
-
-def metrics(run_dir: Path) -> dict[str, dict]:
-    """cell id -> its metrics without timings, from the result files."""
-    out = {}
-    for f in run_dir.glob("cells/*/result.json"):
-        r = json.loads(f.read_text())
-        assert r["status"] == "done", r.get("error")
-        out[f.parent.name] = {k: v for k, v in r["metrics"].items() if not k.endswith("_s")}
-    return out
 
 
 def children(pid: int) -> set[int]:

@@ -3,7 +3,6 @@ resume to the numbers of an uninterrupted run; pool workers checkpoint too and d
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -13,18 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import kdbench_cli
+from tests.conftest import done_metrics, kdbench_cli
 
 pytestmark = pytest.mark.slow
-
-
-def _metrics(run_dir: Path) -> dict[str, dict]:
-    out = {}
-    for f in run_dir.glob("cells/*/result.json"):
-        r = json.loads(f.read_text())
-        assert r["status"] == "done", r.get("error")
-        out[f.parent.name] = {k: r["metrics"][k] for k in ("top1", "nll", "ece")}
-    return out
 
 
 def _workers(pid: int) -> list[int]:
@@ -47,7 +37,7 @@ def test_sigterm_checkpoints_exits_143_and_resumes_to_the_same_numbers(tiny_grid
     ref = tiny_grid(methods="[ce, kd]", seeds="[0]", epochs=6, name="ref.yaml")
     ref.write_text(ref.read_text().replace("name: tiny", "name: ref"))
     assert kdbench_cli("run", str(ref)).returncode == 0
-    want = _metrics(tmp_path / "runs" / "ref")
+    want = done_metrics(tmp_path / "runs" / "ref")
 
     run_dir = tmp_path / "runs" / "tiny"
     args = [sys.executable, "-m", "kdbench.cli", "run", str(grid), "--workers", str(workers)]
@@ -64,10 +54,10 @@ def test_sigterm_checkpoints_exits_143_and_resumes_to_the_same_numbers(tiny_grid
     assert "SIGTERM" in stderr
     time.sleep(1.0)
     assert not [k for k in kids if os.path.exists(f"/proc/{k}")], "workers outlived their driver"
-    assert not list(run_dir.glob("cells/*/result.json")) or len(_metrics(run_dir)) < 2
+    assert not list(run_dir.glob("cells/*/result.json")) or len(done_metrics(run_dir)) < 2
 
     r = kdbench_cli("run", str(grid), "--workers", str(workers))
     assert r.returncode == 0, r.stderr
-    assert _metrics(run_dir) == {k: v for k, v in want.items()} or sorted(
-        _metrics(run_dir).values(), key=str
+    assert done_metrics(run_dir) == {k: v for k, v in want.items()} or sorted(
+        done_metrics(run_dir).values(), key=str
     ) == sorted(want.values(), key=str)
