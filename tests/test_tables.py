@@ -1,0 +1,157 @@
+"""Every report kind in every format, against golden files (tests/fixtures/reports/).
+
+The fabricated runs below cover what the report kinds show: reference rows, failed and
+pending cells, selection rules over per-epoch rows, significance against a baseline, the
+paper column, groups with DFR rows, the shift analysis and corruptions. The golden files were
+written by the reports before they were rebuilt on tables; any change to them is a fix named
+in the commit that makes it. ``KDBENCH_UPDATE_GOLDEN=1`` rewrites them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from kdbench.reports import FORMATS, ReportArgs, RunData, load
+from tests.conftest import store_row
+
+GOLDEN = Path(__file__).parent / "fixtures" / "reports"
+ENV = {"threads": 2, "torch": "2.5.1", "kernels": "cpp", "cuda": False}
+NOISE = [0.3, -0.2, 0.1, -0.4, 0.25]
+
+
+def _epochs(run_dir: Path, cell_id: str, final: float) -> None:
+    """Per-epoch rows whose validation peaks at the second of three epochs."""
+    rows = [
+        {"stage": "train", "epoch": e, "test/top1": final - d, "val/top1": final - v, "eval_s": 0.5}
+        for e, (d, v) in enumerate(((3.0, 2.0), (1.0, 0.0), (0.0, 1.0)))
+    ]
+    d = run_dir / "cells" / cell_id
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def leaderboard_run(run_dir: Path) -> RunData:
+    """Teacher, ce, kd (seed 2 missing), dkd close to ce, a failed and a pending cell, two
+    datasets, published numbers."""
+    cells, i = [], 0
+    plan = {"ce": (80.0, [0, 1, 2, 3]), "kd": (85.0, [0, 1, 3]), "dkd": (80.1, [0, 1, 2, 3])}
+    for dataset in ("cifar_x", "digits"):
+        for method, (base, seeds) in plan.items():
+            for seed in seeds:
+                top1 = base + NOISE[seed] + (5.0 if dataset == "digits" else 0.0)
+                metrics = {"top1": top1, "ece": 3.0 - seed / 2, "wall_s": 2.0}
+                row = store_row(i, method, seed, metrics, dataset)
+                row["env"] = ENV
+                row["config"]["train"]["epochs"] = 3
+                cells.append(row)
+                _epochs(run_dir, row["id"], top1)
+                i += 1
+    failed = store_row(i, "fit_net", 0, {}, "digits")
+    failed.update(status="failed", error="CUDA out of memory", metrics=None)
+    pending = store_row(i + 1, "fit_net", 1, {}, "cifar_x")
+    pending.update(status="pending", metrics=None)
+    teachers = {"t0": {"id": "t0", "metrics": {"top1": 97.5, "ece": 1.0}, "wall_s": 30.0}}
+    grid = {
+        "reference": {
+            "kd": {"source": "KD paper, table 1 (50% of 100#)", "T->S": 84.1},
+            "dkd": {"digits: T→S": {"value": 91.0, "source": "DKD paper"}},
+        }
+    }
+    return RunData(run_dir, cells + [failed, pending], teachers, grid)
+
+
+def groups_run(run_dir: Path) -> RunData:
+    def metrics(a0: float, a1: float, extra: dict | None = None) -> dict:
+        m = {
+            "top1": (a0 + a1) / 2,
+            "group/2_red/acc": a0,
+            "group/2_red/n": 10.0,
+            "group/10_red/acc": a1,
+            "group/10_red/n": 5.0,
+            "worst_group": min(a0, a1),
+            "mean_group": (a0 + a1) / 2,
+            "train/group/2_red/acc": 100.0,
+            "train/group/10_red/acc": 90.0,
+        }
+        return {**m, **(extra or {})}
+
+    kd = {
+        "group/2_red/teacher_acc": 90.0,
+        "group/2_red/agreement": 80.0,
+        "group/2_red/err_inherited": 10.0,
+        "group/2_red/err_own": 30.0,
+        "group/10_red/teacher_acc": 90.0,
+        "group/10_red/agreement": 90.0,
+        "group/10_red/err_inherited": 0.0,
+        "group/10_red/err_own": 20.0,
+        "scan/max": 2.5,
+        "scan/mean": 0.4,
+        "scan/top1/dim": 7.0,
+        "scan/top1/score": 2.5,
+        "dfr/group/2_red/acc": 75.0,
+        "dfr/group/10_red/acc": 85.0,
+        "dfr/worst_group": 75.0,
+    }
+    cells = [
+        store_row(0, "ce", 0, metrics(50.0, 90.0), "spurious", False),
+        store_row(1, "ce", 1, metrics(70.0, 90.0), "spurious", False),
+        store_row(2, "kd", 0, metrics(60.0, 80.0, kd), "spurious"),
+        store_row(3, "kd", 1, metrics(64.0, 82.0, kd), "spurious"),
+    ]
+    teachers = {"t0": {"id": "t0", "metrics": metrics(90.0, 90.0, {"scan/max": 0.3, "scan/mean": 0.1})}}
+    return RunData(run_dir, cells, teachers, {})
+
+
+def corruptions_run(run_dir: Path) -> RunData:
+    def metrics(clean: float, acc: dict[tuple[str, int], float]) -> dict:
+        m = {"top1": clean, **{f"c/{c}/{s}/top1": v for (c, s), v in acc.items()}}
+        m["corruption_acc"] = sum(acc.values()) / len(acc)
+        return m
+
+    ce = {("fog", 1): 80.0, ("fog", 3): 60.0, ("snow", 1): 90.0, ("jpeg_compression", 1): 89.8}
+    kd = {("fog", 1): 90.0, ("fog", 3): 80.0, ("snow", 1): 90.0, ("jpeg_compression", 1): 93.0}
+    teacher = {f"c/{c}/{s}/teacher_top1": 96.0 - s for (c, s) in kd}
+    cells = [
+        store_row(0, "ce", 0, metrics(90.0, ce), "mnist5k"),
+        store_row(1, "ce", 1, metrics(91.0, {k: v + 1 for k, v in ce.items()}), "mnist5k"),
+        store_row(2, "kd", 0, {**metrics(95.0, kd), **teacher}, "mnist5k"),
+        store_row(3, "kd", 1, {**metrics(94.0, kd), **teacher}, "mnist5k"),
+    ]
+    return RunData(run_dir, cells, {"t0": {"id": "t0", "metrics": {"top1": 99.0}}}, {})
+
+
+#: case name -> (run builder, report options)
+CASES: dict[str, tuple[Callable[[Path], RunData], dict]] = {
+    "leaderboard": (leaderboard_run, {}),
+    "leaderboard_baseline": (leaderboard_run, {"baseline": "ce"}),
+    "leaderboard_best_val": (leaderboard_run, {"select": "best_val", "spread": "ci95"}),
+    "leaderboard_ece_details": (leaderboard_run, {"metric": "ece", "details": True, "spread": "sem"}),
+    "groups": (groups_run, {"kind": "groups"}),
+    "groups_train": (groups_run, {"kind": "groups", "metric": "train/worst_group", "spread": "sem"}),
+    "shift": (groups_run, {"kind": "shift"}),
+    "corruptions": (corruptions_run, {"kind": "corruptions"}),
+    "corruptions_baseline": (corruptions_run, {"kind": "corruptions", "baseline": "kd"}),
+}
+
+
+def render_case(name: str, fmt: str, run_dir: Path) -> str:
+    build, options = CASES[name]
+    args = ReportArgs(fmt=fmt, **options)
+    args.check()
+    return load(args.kind)(build(run_dir), args)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("name", list(CASES))
+def test_report_output_matches_its_golden_file(name: str, fmt: str, tmp_path: Path):
+    out = render_case(name, fmt, tmp_path)
+    golden = GOLDEN / f"{name}.{fmt}"
+    if os.environ.get("KDBENCH_UPDATE_GOLDEN"):
+        golden.parent.mkdir(parents=True, exist_ok=True)
+        golden.write_bytes(out.encode())
+    assert out == golden.read_bytes().decode()
