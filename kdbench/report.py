@@ -1,7 +1,8 @@
-"""``kdbench report``: tables from a run directory alone (nothing is re-run).
+"""``kdbench report``: tables from a run directory's store alone (nothing is re-run).
 
 Opens the run's store, keeps the cells of the grid last run there (``--all``: every stored
-cell), and hands them to a report kind (:mod:`kdbench.reports`; the default is the
+cell; the grid and the ids of its cells are kept in the store, or, for runs made before, in
+``grid.yaml`` and ``cells.json``), and hands them to a report kind (:mod:`kdbench.reports`; the default is the
 leaderboard, :mod:`kdbench.reports.leaderboard`).
 """
 
@@ -14,7 +15,7 @@ from kdbench.cells import CELL_FORMAT, CellFormatError
 from kdbench.errors import KdbenchError
 from kdbench.reports import FORMATS, ReportArgs, RunData, load
 from kdbench.reports.leaderboard import TEACHER_ROW, Board, Stat, build_board, column_label, render_board
-from kdbench.store import Store
+from kdbench.store import META_CELLS, META_GRID, Store
 
 __all__ = [
     "FORMATS",
@@ -33,24 +34,39 @@ __all__ = [
 
 
 def current_cells(run_dir: Path) -> set[str] | None:
-    """Ids of the cells of the grid last run in ``run_dir`` (None if unknown)."""
+    """Ids of the cells of the grid last run in ``run_dir`` (None if unknown), from ``cells.json``."""
     f = Path(run_dir) / "cells.json"
     return set(json.loads(f.read_text())) if f.exists() else None
 
 
-def _grid(run_dir: Path) -> dict:
-    """The grid last run here, parsed (only presentation keys such as ``reference`` are read)."""
-    f = Path(run_dir) / "grid.yaml"
-    if not f.exists():
-        return {}
-    from kdbench.config import load_yaml
+def _grid_text(run_dir: Path, store: Store) -> str | None:
+    """The text of the grid last run here: from the store, else (older runs) ``grid.yaml``."""
+    text = store.get_meta(META_GRID)
+    if text is None and (Path(run_dir) / "grid.yaml").exists():
+        text = (Path(run_dir) / "grid.yaml").read_text()
+    return text
 
-    data, _ = load_yaml(f)
+
+def _grid(text: str | None) -> dict:
+    """The grid, parsed (only presentation keys such as ``reference`` are read)."""
+    if not text:
+        return {}
+    import yaml
+
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise KdbenchError(f"the grid stored with this run does not parse ({e}); run it again") from None
     return data if isinstance(data, dict) else {}
 
 
+def _current(run_dir: Path, store: Store) -> set[str] | None:
+    ids = store.get_meta(META_CELLS)
+    return set(json.loads(ids)) if ids is not None else current_cells(run_dir)
+
+
 def open_run(run_dir: Path, everything: bool = False) -> RunData:
-    """Everything a report reads from ``run_dir``.
+    """Everything a report reads, from the store of ``run_dir``.
 
     Cells of an earlier version of the grid (other epochs, say) share row and column names
     with the current ones, so mixing them would average different experiments: only the
@@ -59,16 +75,18 @@ def open_run(run_dir: Path, everything: bool = False) -> RunData:
     run_dir = Path(run_dir)
     store = Store.open_existing(run_dir / "results.sqlite")
     try:
-        only = None if everything else current_cells(run_dir)
+        only = None if everything else _current(run_dir, store)
         cells = [c for c in store.cells() if only is None or c["id"] in only]
         for c in cells:
             fmt = c["config"].get("format")
             if fmt is not None and fmt != CELL_FORMAT:  # another kdbench wrote it: keys may differ
                 raise CellFormatError(f"the store of {run_dir} (cell {c['id']})", fmt)
         teachers = {t["id"]: t for t in store.teachers()}
+        epochs = {c["id"]: rows for c in cells if (rows := store.epochs(c["id"])) is not None}
+        grid = _grid(_grid_text(run_dir, store))
     finally:
         store.close()
-    return RunData(run_dir, cells, teachers, _grid(run_dir))
+    return RunData(run_dir, cells, teachers, grid, epochs)
 
 
 def report(

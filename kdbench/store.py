@@ -1,8 +1,16 @@
-"""The results store: one SQLite file per run directory (stdlib sqlite3, WAL mode).
+"""The results store: one SQLite file per run directory (stdlib sqlite3).
 
 Only the driver process writes it. Workers leave ``cells/<id>/result.json`` (atomic) and the
 driver imports those files, so a crash between the two loses nothing: the next run imports
-whatever result files exist before deciding what is left to do.
+whatever result files exist before deciding what is left to do. A cell's per-epoch rows
+(``metrics.jsonl``) are imported with its result, in the same transaction, and the grid last
+run here is kept beside them, so reports read the store alone.
+
+Journal: SQLite's WAL keeps its index in shared memory, which only processes on one host
+share; a run directory on a network filesystem (NFS, Lustre, GPFS, CIFS, ...) read from a
+login node while the driver runs on a compute node would be misread. There the store uses a
+rollback journal (``journal_mode=DELETE``), elsewhere WAL. ``KDBENCH_SQLITE_JOURNAL=wal|delete``
+forces either.
 """
 
 from __future__ import annotations
@@ -14,6 +22,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from kdbench.errors import KdbenchError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS cells (
@@ -30,6 +40,12 @@ CREATE TABLE IF NOT EXISTS cells (
 CREATE TABLE IF NOT EXISTS meta (      -- facts about the run directory (e.g. threads)
     key TEXT PRIMARY KEY,
     value TEXT
+);
+CREATE TABLE IF NOT EXISTS epochs (    -- a cell's per-epoch rows (stage "train" of metrics.jsonl)
+    cell_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,              -- order in metrics.jsonl
+    row TEXT NOT NULL,                 -- JSON
+    PRIMARY KEY (cell_id, seq)
 );
 CREATE TABLE IF NOT EXISTS teachers (
     id TEXT PRIMARY KEY,
@@ -65,14 +81,87 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     write_bytes_atomic(Path(path), data.encode())
 
 
+#: filesystem types (``/proc/mounts``) whose files processes on several hosts open
+NETWORK_FS = ("nfs", "nfs4", "lustre", "gpfs", "cifs", "smb3", "smbfs", "ceph", "beegfs", "fuse.glusterfs")
+JOURNAL_ENV = "KDBENCH_SQLITE_JOURNAL"
+META_GRID = "grid.yaml"  # meta key: the text of the grid last run here
+META_CELLS = "cells.json"  # meta key: the ids of its cells (JSON list)
+
+
+class JournalModeError(KdbenchError):
+    """``KDBENCH_SQLITE_JOURNAL`` holds something other than wal or delete."""
+
+
+def _unescape_mount(path: str) -> str:
+    """``/proc/mounts`` writes a space in a mount point as ``\\040`` (and tab, newline, backslash)."""
+    for code, ch in (("\\040", " "), ("\\011", "\t"), ("\\012", "\n"), ("\\134", "\\")):
+        path = path.replace(code, ch)
+    return path
+
+
+def filesystem_type(path: Path, mounts: Path = Path("/proc/mounts")) -> str | None:
+    """The type of the filesystem holding ``path`` (the longest mount point above it); None if unknown."""
+    try:
+        lines = mounts.read_text().splitlines()
+    except OSError:
+        return None
+    target = str(Path(path).resolve())
+    best, fstype = "", None
+    for line in lines:
+        parts = line.split()
+        if len(parts) < 3:
+            continue
+        point = _unescape_mount(parts[1])
+        inside = target == point or target.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best):
+            best, fstype = point, parts[2]
+    return fstype
+
+
+def journal_mode(directory: Path) -> str:
+    """``"delete"`` (rollback journal) on a network filesystem, ``"wal"`` elsewhere, unless forced
+    by ``KDBENCH_SQLITE_JOURNAL``."""
+    forced = os.environ.get(JOURNAL_ENV, "").strip().lower()
+    if forced:
+        if forced not in ("wal", "delete"):
+            raise JournalModeError(
+                f"{JOURNAL_ENV}={forced!r}: use wal (one host) or delete (a shared filesystem), "
+                "or unset it to detect the filesystem"
+            )
+        return forced
+    fstype = filesystem_type(directory)
+    return "delete" if fstype is not None and fstype.lower() in NETWORK_FS else "wal"
+
+
+def read_epoch_rows(path: Path) -> list[dict]:
+    """The student's per-epoch rows (stage "train") of a ``metrics.jsonl``; [] when absent.
+
+    A line cut by a crash is skipped.
+    """
+    rows: list[dict] = []
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        return rows
+    for line in text.splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and row.get("stage", "train") == "train":
+            rows.append(row)
+    return rows
+
+
 class Store:
     """Thin, transactional access to ``results.sqlite``."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        mode = journal_mode(self.path.parent)
         self.db = sqlite3.connect(self.path, timeout=30)
-        self.db.execute("PRAGMA journal_mode=WAL")
+        self.journal = str(self.db.execute(f"PRAGMA journal_mode={mode.upper()}").fetchone()[0]).lower()
         self.db.executescript(SCHEMA)
         self.db.commit()
 
@@ -81,8 +170,6 @@ class Store:
         """Open a store that must exist; read-only (writing nothing) when its directory is."""
         path = Path(path)
         if not path.exists():
-            from kdbench.errors import KdbenchError
-
             raise KdbenchError(f"no results store at {path}; run `kdbench run GRID` first")
         if not os.access(path.parent, os.W_OK) or not os.access(path, os.W_OK):
             return cls.read_only(path)
@@ -98,6 +185,7 @@ class Store:
             immutable = not os.access(self.path.parent, os.W_OK)
         flags = "mode=ro&immutable=1" if immutable else "mode=ro"
         self.db = sqlite3.connect(f"{self.path.resolve().as_uri()}?{flags}", uri=True, timeout=30)
+        self.journal = "read-only"
         return self
 
     @contextmanager
@@ -116,11 +204,18 @@ class Store:
                 [(c["id"], json.dumps(_plain(c), sort_keys=True)) for c in cells],
             )
 
-    def record(self, result: dict) -> None:
-        """Insert or replace a cell's outcome from its result.json content."""
+    def record(self, result: dict, epochs: list[dict] | None = None) -> None:
+        """Insert or replace a cell's outcome from its result.json content; ``epochs`` (its
+        per-epoch rows, see :func:`read_epoch_rows`) replace those stored, in the same transaction."""
         result = _plain(result)
         cell = _plain(result["cell"])
         with self.transaction() as db:
+            if epochs is not None:
+                db.execute("DELETE FROM epochs WHERE cell_id = ?", (cell["id"],))
+                db.executemany(
+                    "INSERT INTO epochs (cell_id, seq, row) VALUES (?, ?, ?)",
+                    [(cell["id"], i, json.dumps(r, default=_json_default)) for i, r in enumerate(epochs)],
+                )
             db.execute(
                 """INSERT INTO cells (id, status, config, metrics, env, error, wall_s, attempts)
                    VALUES (?, ?, ?, ?, ?, ?, ?, ?)
@@ -139,6 +234,38 @@ class Store:
                     result.get("attempt", 1),
                 ),
             )
+
+    def import_cell(self, cell_dir: Path, result: dict | None = None) -> dict:
+        """Record a cell directory's outcome and its per-epoch rows in one transaction.
+
+        ``result`` defaults to ``cell_dir/result.json``; the rows come from
+        ``cell_dir/metrics.jsonl``. Returns the result recorded.
+        """
+        cell_dir = Path(cell_dir)
+        if result is None:
+            result = json.loads((cell_dir / "result.json").read_text())
+        self.record(result, read_epoch_rows(cell_dir / "metrics.jsonl"))
+        return result
+
+    def epochs(self, cell_id: str) -> list[dict] | None:
+        """The per-epoch rows imported with ``cell_id``'s result; None when none were imported
+        (a store written before they were, or a cell without rows)."""
+        try:
+            q = "SELECT row FROM epochs WHERE cell_id = ? ORDER BY seq"
+            rows = self.db.execute(q, (cell_id,)).fetchall()
+        except sqlite3.OperationalError:  # a store older than the epochs table, opened read-only
+            return None
+        return [json.loads(r[0]) for r in rows] if rows else None
+
+    def record_grid(self, grid_text: str, cell_ids: list[str]) -> None:
+        """Keep the grid last run here and the ids of its cells (what reports show)."""
+        with self.transaction() as db:
+            for key, value in ((META_GRID, grid_text), (META_CELLS, json.dumps(list(cell_ids)))):
+                db.execute(
+                    "INSERT INTO meta (key, value) VALUES (?, ?) "
+                    "ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+                    (key, value),
+                )
 
     def record_teacher(self, spec: dict, metrics: dict, env: dict, wall_s: float) -> None:
         spec = _plain(spec)

@@ -11,7 +11,6 @@ here so every table states its protocol the same way (:meth:`RunData.protocol`,
 from __future__ import annotations
 
 import importlib
-import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from typing import Any
 
 from kdbench.errors import KdbenchError
 from kdbench.metric_defs import metric_info, split_metric
+from kdbench.store import read_epoch_rows
 
 #: report kind -> module holding ``render(run: RunData, args: ReportArgs) -> str``
 KINDS: dict[str, str] = {
@@ -87,22 +87,18 @@ class RunData:
     cells: list[dict]  # store rows: id, status, config, metrics, env, error, wall_s, attempts
     teachers: dict[str, dict] = field(default_factory=dict)  # teacher id -> store row
     grid: dict = field(default_factory=dict)  # the grid last run here, as parsed YAML ({} if absent)
+    #: cell id -> per-epoch rows imported into the store (cells absent here: read metrics.jsonl)
+    stored_epochs: dict[str, list[dict]] = field(default_factory=dict)
     _epochs: dict[str, list[dict]] = field(default_factory=dict, repr=False)
 
     def epochs(self, cell_id: str) -> list[dict]:
-        """The student's per-epoch evaluation rows (stage "train") of ``cells/<id>/metrics.jsonl``."""
+        """The student's per-epoch evaluation rows (stage "train"): those imported into the store
+        with the cell's result, else (a run imported before they were) ``cells/<id>/metrics.jsonl``."""
         if cell_id not in self._epochs:
-            f = self.run_dir / "cells" / cell_id / "metrics.jsonl"
-            rows = []
-            if f.exists():
-                for line in f.read_text().splitlines():
-                    try:
-                        row = json.loads(line)
-                    except ValueError:
-                        continue  # a line cut by a crash
-                    if isinstance(row, dict) and row.get("stage", "train") == "train":
-                        rows.append(_normalise_row(row))
-            self._epochs[cell_id] = rows
+            rows = self.stored_epochs.get(cell_id)
+            if rows is None:
+                rows = read_epoch_rows(self.run_dir / "cells" / cell_id / "metrics.jsonl")
+            self._epochs[cell_id] = [_normalise_row(r) for r in rows]
         return self._epochs[cell_id]
 
     def done(self) -> list[dict]:
