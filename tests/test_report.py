@@ -153,6 +153,16 @@ def test_unknown_metric_exits_2_naming_those_that_exist(run_dir):
         report(run_dir, metric="top5")
 
 
+def test_an_undeclared_metric_is_refused_even_when_every_cell_failed(tmp_path):
+    s = Store(tmp_path / "results.sqlite")
+    s.record({"cell": cell("kd", 0), "status": "failed", "error": "oom"})
+    s.close()
+    with pytest.raises(KdbenchError, match="unknown metric 'top7'; no cell of this run finished") as e:
+        report(tmp_path, metric="top7")
+    assert e.value.exit_code == 2 and "declared metrics: top1, top5, nll" in str(e.value)
+    assert "failed" in report(tmp_path, metric="top5")  # declared: the failures are the table
+
+
 def test_report_needs_a_store(tmp_path):
     with pytest.raises(KdbenchError, match="kdbench run"):
         report(tmp_path)

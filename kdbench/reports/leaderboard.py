@@ -314,22 +314,28 @@ def references(run: RunData, board: Board, metric: str) -> dict[str, dict[str, R
 # ---------------------------------------------------------------- rendering
 
 
+class UnknownMetric(KdbenchError):
+    """``--metric`` names no declared metric, or none a cell of the run recorded."""
+
+
 def check_metric(run: RunData, metric: str) -> None:
-    """Raise (exit 2) when no cell of the run recorded ``metric``, naming those that exist."""
+    """Raise (exit 2) when ``metric`` is not declared (:mod:`kdbench.metric_defs`), or no finished
+    cell recorded it, naming the metrics that exist. A declared metric of a run with no finished
+    cell passes: the table then lists the failures."""
+    known = metric_info(metric) is not None
     done = run.done()
-    if not done:
-        return  # nothing to show but the failures
+    if known and not done:
+        return
     have: set[str] = set()
     for c in done:
         have.update(k for k, v in (c["metrics"] or {}).items() if isinstance(v, int | float))
     if metric in have:
         return
     names = sorted({_family_name(k) for k in have})
-    known = metric_info(metric) is not None
     hint = "" if known else f" (declared metrics: {', '.join(n for n in declared() if '*' not in n)})"
-    raise KdbenchError(
-        f"{'no cell of this run recorded' if known else 'unknown'} metric {metric!r}; "
-        f"this run has: {', '.join(names)}{hint}"
+    has = f"this run has: {', '.join(names)}" if names else "no cell of this run finished"
+    raise UnknownMetric(
+        f"{'no cell of this run recorded' if known else 'unknown'} metric {metric!r}; {has}{hint}"
     )
 
 
