@@ -224,12 +224,53 @@ def test_fewer_than_three_seeds_marks_nothing(tmp_path):
     }
 
 
-def test_unmatched_seeds_use_welch(tmp_path):
-    three_methods(tmp_path, 5, kd_seeds=[2, 3, 4])
+def test_a_missing_seed_pairs_on_the_seeds_both_share(tmp_path):
+    three_methods(tmp_path, 5, kd_seeds=[2, 3, 4])  # ce has seeds 0-4, kd only 2-4
+    recs = records(tmp_path, baseline="kd")
+    assert recs["ce"]["significance"]["test"] == "paired t-test"  # was Welch's t-test
+    assert recs["ce"]["significance"]["n"] == 3
+    assert recs["ce"]["significance"]["significant"] is True
+
+
+def test_disjoint_seeds_use_welch(tmp_path):
+    three_methods(tmp_path, 5, kd_seeds=[])
+    for seed in (5, 6, 7):
+        add(tmp_path, "kd", seed, None, final={"top1": 90.0 + seed / 10})
     recs = records(tmp_path, baseline="kd")
     assert recs["ce"]["significance"]["test"] == "Welch's t-test"
-    assert recs["ce"]["significance"]["significant"] is True
     assert "Welch's t-test" in report(tmp_path, baseline="kd")
+
+
+def test_holm_bonferroni_across_the_table(tmp_path):
+    ce = [80.0, 80.6, 79.5, 80.2, 79.9]
+    others = {"kd": [82.1, 82.4, 81.7, 81.9, 82.6], "fitnet": [80.4, 80.9, 79.9, 80.3, 80.6]}
+    others.update(rkd=[80.3, 80.9, 79.4, 80.6, 80.2], dkd=ce)
+    for seed, v in enumerate(ce):
+        add(tmp_path, "ce", seed, None, final={"top1": v})
+        for m, vs in others.items():
+            add(tmp_path, m, seed, None, final={"top1": vs[seed]})
+    recs = records(tmp_path, baseline="ce")
+    fit = recs["fitnet"]["significance"]
+    assert fit["p"] < 0.05 and fit["significant"] is False  # p = 0.017 alone; Holm: 2nd of 4 -> 0.052
+    assert fit["p_adjusted"] == pytest.approx(3 * fit["p"]) and fit["comparisons"] == 4
+    assert recs["kd"]["significance"]["significant"] is True
+    md = report(tmp_path, baseline="ce")
+    assert "≈" in next(ln for ln in md.splitlines() if ln.startswith("| fitnet"))
+    assert "after Holm–Bonferroni over the 4 comparison(s) of this table" in md
+
+
+def test_a_constant_difference_with_no_variance_is_undefined_not_significant(tmp_path):
+    for seed, v in enumerate([80.0, 80.6, 79.5]):
+        add(tmp_path, "ce", seed, None, final={"top1": v})
+        add(tmp_path, "kd", seed, None, final={"top1": v + 0.5})
+        add(tmp_path, "dkd", seed, None, final={"top1": v})
+    recs = records(tmp_path, baseline="ce")
+    assert recs["kd"]["significance"]["p"] is None and recs["kd"]["significance"]["undefined"] is True
+    assert recs["kd"]["significance"]["significant"] is None  # was p = 0, "significant"
+    assert recs["dkd"]["significance"]["p"] == 1.0 and recs["dkd"]["significance"]["significant"] is False
+    md = report(tmp_path, baseline="ce")
+    assert next(ln for ln in md.splitlines() if ln.startswith("| kd")).rstrip(" |").endswith("†")
+    assert "†: the same non-zero difference from ce on every seed (zero variance)" in md
 
 
 def test_unknown_baseline(tmp_path):
@@ -241,7 +282,8 @@ def test_unknown_baseline(tmp_path):
 def test_compare_directly():
     a = Stat([1.0, 2.0, 3.0], [0, 1, 2])
     assert compare(a, Stat([1.0, 2.0, 3.0], [0, 1, 2])).significant is False
-    assert compare(a, Stat([11.0, 12.0, 13.0], [0, 1, 2])).significant is True  # constant difference
+    shifted = compare(a, Stat([11.0, 12.0, 13.0], [0, 1, 2]))  # constant difference, zero variance
+    assert shifted.undefined and shifted.p is None and shifted.significant is None
     assert compare(a, Stat([1.0, 2.0], [0, 1])).test == "n too small"
 
 
@@ -278,6 +320,23 @@ def test_reference_adds_a_paper_column_with_the_difference(tmp_path):
     rows = {r["method"]: r for r in csv_rows(report(tmp_path, "csv")) if r["metric"] == "top1"}
     assert rows["dkd"]["paper"] == "89.5" and rows["dkd"]["paper_source"] == "DKD paper table 2"
     assert r"paper ($\Delta$)" in report(tmp_path, "latex")
+
+
+def test_a_paper_selected_by_another_rule_is_marked(tmp_path):
+    three_methods(tmp_path, 3)
+    (tmp_path / "grid.yaml").write_text(
+        "name: x\nreference:\n  kd: {big->small: {value: 91.0, select: best_test}}\n"
+        "  dkd: {select: last, big->small: 89.5}\n"
+    )
+    md = report(tmp_path)
+    assert "91.00 (−0.97) ≠" in next(ln for ln in md.splitlines() if ln.startswith("| kd"))
+    assert "≠" not in next(ln for ln in md.splitlines() if ln.startswith("| dkd"))
+    assert "≠: the paper selected its number by best_test, this table by last" in md
+    assert records(tmp_path)["kd"]["paper"]["same_select"] is False
+    bad = "name: x\nreference: {kd: {big->small: {value: 91.0, select: best}}}\n"
+    (tmp_path / "grid.yaml").write_text(bad)
+    with pytest.raises(KdbenchError, match="select 'best' is not a selection rule; use one of last"):
+        report(tmp_path)
 
 
 def test_bad_reference_names_the_key(tmp_path):

@@ -22,14 +22,18 @@ from tabulate import tabulate
 
 from kdbench.errors import KdbenchError
 from kdbench.metric_defs import MetricInfo, declared, metric_info, split_metric
-from kdbench.reports import OPTIMISTIC, SPREAD_LABEL, ReportArgs, RunData, footer, spread
+from kdbench.reports import OPTIMISTIC, SELECTS, SPREAD_LABEL, ReportArgs, RunData, footer, spread
+from kdbench.reports.stats import ALPHA, PAIRED, Comparison, compare_values, holm
 
 TEACHER_ROW = "teacher"
 #: metric prefixes of a post-hoc variant of the trained student, shown as an extra row
 #: "<method>+<variant>" (``dfr/worst_group`` -> row "kd+dfr", metric ``worst_group``)
 VARIANTS = ("dfr",)
-ALPHA = 0.05
 NOT_SIGNIFICANT = "≈"
+#: a comparison whose t statistic is undefined (constant non-zero difference over seeds)
+UNDEFINED = "†"
+#: a published number selected by another rule than the table's --select
+OTHER_RULE = "≠"
 
 
 @dataclass
@@ -56,19 +60,6 @@ class Stat:
 
 
 @dataclass
-class Comparison:
-    """A method against the baseline row in one column."""
-
-    test: str  # "paired t-test" | "Welch's t-test" | "n too small"
-    p: float | None = None
-    diff: float | None = None
-
-    @property
-    def significant(self) -> bool | None:
-        return None if self.p is None else self.p < ALPHA
-
-
-@dataclass
 class Failure:
     row: str
     column: str
@@ -80,6 +71,7 @@ class Reference:
     value: float
     source: str | None
     note: int = 0  # footnote number of the source
+    select: str | None = None  # the paper's selection rule (see reports.SELECTS), when given
 
 
 @dataclass
@@ -93,6 +85,7 @@ class Board:
     selected_epochs: list[int] = field(default_factory=list)
     comparisons: dict[str, dict[str, Comparison]] = field(default_factory=dict)  # row -> column -> cmp
     references: dict[str, dict[str, Reference]] = field(default_factory=dict)  # row -> column -> ref
+    n_comparisons: int = 0  # tested comparisons the Holm–Bonferroni correction runs over
 
     @property
     def failed(self) -> int:
@@ -216,6 +209,7 @@ def build_board(run: RunData, args: ReportArgs) -> Board:
     board = Board(order, columns, stats, failures, epochs)
     if args.baseline:
         board.comparisons = compare_all(board, args.baseline, args.metric)
+        board.n_comparisons = holm([c for per in board.comparisons.values() for c in per.values()])
     board.references = references(run, board, args.metric)
     return board
 
@@ -224,31 +218,8 @@ def build_board(run: RunData, args: ReportArgs) -> Board:
 
 
 def compare(base: Stat, other: Stat) -> Comparison:
-    """``other`` against ``base`` over seeds: paired t-test when the seeds match, else Welch."""
-    if base.n < 3 or other.n < 3:
-        return Comparison("n too small")
-    diff = other.mean - base.mean
-    paired = sorted(map(str, base.seeds)) == sorted(map(str, other.seeds)) and len(set(base.seeds)) == base.n
-    if paired:
-        by_seed = dict(zip(base.seeds, base.values, strict=True))
-        a = [by_seed[s] for s in other.seeds]
-        b = other.values
-        d = [y - x for x, y in zip(a, b, strict=True)]
-        if max(d) - min(d) < 1e-12:  # no variance: the t statistic is undefined
-            return Comparison("paired t-test", 1.0 if abs(d[0]) < 1e-12 else 0.0, diff)
-        return Comparison("paired t-test", float(_scipy_stats().ttest_rel(b, a).pvalue), diff)
-    if base.spread("std") < 1e-12 and other.spread("std") < 1e-12:
-        return Comparison("Welch's t-test", 1.0 if abs(diff) < 1e-12 else 0.0, diff)
-    p = _scipy_stats().ttest_ind(other.values, base.values, equal_var=False).pvalue
-    return Comparison("Welch's t-test", float(p), diff)
-
-
-def _scipy_stats():
-    try:
-        from scipy import stats
-    except ImportError:
-        raise KdbenchError("--baseline needs scipy: pip install 'kdbench[stats]'") from None
-    return stats
+    """``other`` against ``base`` over seeds (:func:`kdbench.reports.stats.compare_values`)."""
+    return compare_values(base.values, base.seeds, other.values, other.seeds)
 
 
 def compare_all(board: Board, baseline: str, metric: str) -> dict[str, dict[str, Comparison]]:
@@ -275,6 +246,29 @@ def _norm(key: str) -> str:
     return "".join(key.replace("->", "→").split())
 
 
+#: keys of a method's ``reference:`` entry that apply to all its pairs, not a pair
+_REFERENCE_DEFAULTS = ("source", "select")
+
+
+def _reference_entry(
+    where: str, v: Any, defaults: dict[str, Any]
+) -> tuple[float, str | None, str, str | None]:
+    """(value, source, metric, select) of one published number: a bare number or a mapping
+    ``{value, source, metric, select}``; ``select`` is the paper's rule (one of ``--select``'s)."""
+    value, source, metric, select = v, defaults.get("source"), "top1", defaults.get("select")
+    if isinstance(v, dict):
+        value, source = v.get("value"), v.get("source", source)
+        metric, select = v.get("metric", "top1"), v.get("select", select)
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise KdbenchError(f"{where}: expected a number, got {value!r}")
+    if select is not None and select not in SELECTS:
+        raise KdbenchError(
+            f"{where}: select {select!r} is not a selection rule; use one of {', '.join(SELECTS)} "
+            "(best_test for a paper's best epoch on the test set)"
+        )
+    return float(value), source, metric, select
+
+
 def references(run: RunData, board: Board, metric: str) -> dict[str, dict[str, Reference]]:
     """Published numbers of the grid's ``reference:`` map that match a (row, column) of ``metric``."""
     raw = run.grid.get("reference") or {}
@@ -286,28 +280,21 @@ def references(run: RunData, board: Board, metric: str) -> dict[str, dict[str, R
     for method, entries in raw.items():
         if not isinstance(entries, dict):
             raise KdbenchError(f"{where}: reference.{method}: expected a mapping of pair -> number")
-        default_source = entries.get("source")
+        defaults = {k: entries.get(k) for k in _REFERENCE_DEFAULTS}
         for key, v in entries.items():
-            if key == "source":
+            if key in _REFERENCE_DEFAULTS:
                 continue
-            value, source, ref_metric = v, default_source, "top1"
-            if isinstance(v, dict):
-                value, source, ref_metric = (
-                    v.get("value"),
-                    v.get("source", default_source),
-                    v.get("metric", "top1"),
-                )
-            if not isinstance(value, int | float) or isinstance(value, bool):
-                raise KdbenchError(f"{where}: reference.{method}.{key}: expected a number, got {value!r}")
+            value, source, ref_metric, select = _reference_entry(
+                f"{where}: reference.{method}.{key}", v, defaults
+            )
             if ref_metric != metric or method not in board.rows:
                 continue
             for col in board.columns:
-                pair = col.split(": ", 1)[-1]
-                if _norm(key) in (_norm(col), _norm(pair)):
+                if _norm(key) in (_norm(col), _norm(col.split(": ", 1)[-1])):
                     if source not in notes:
                         notes.append(source)
                     note = notes.index(source) + 1 if source else 0
-                    out.setdefault(method, {})[col] = Reference(float(value), source, note)
+                    out.setdefault(method, {})[col] = Reference(value, source, note, select)
     return out
 
 
@@ -395,6 +382,8 @@ def _cells(board: Board, args: ReportArgs, bold: str, esc=lambda s: s, approx: s
             cmp = board.comparisons.get(r, {}).get(c)
             if cmp is not None and cmp.significant is False:
                 text += " " + approx
+            elif cmp is not None and cmp.undefined:
+                text += " " + esc(UNDEFINED)
             line.append(text)
             if c in with_paper:
                 ref = board.references.get(r, {}).get(c)
@@ -404,6 +393,8 @@ def _cells(board: Board, args: ReportArgs, bold: str, esc=lambda s: s, approx: s
                     txt = f"{ref.value:.2f}" + (f" [{ref.note}]" if ref.note else "")
                     if s.n:
                         txt += f" ({_signed(s.mean - ref.value)})"
+                    if ref.select is not None and ref.select != args.select:
+                        txt += " " + OTHER_RULE
                     line.append(esc(txt))
         body.append(line)
     return head, body
@@ -420,23 +411,7 @@ def _notes(board: Board, args: ReportArgs, run: RunData, bold_word: str) -> list
             "the teacher is not ranked)"
         )
     if args.baseline:
-        cmps = [c for per in board.comparisons.values() for c in per.values()]
-        tests = sorted({c.test for c in cmps if c.p is not None})
-        small = [c for c in cmps if c.p is None]
-        if cmps and not tests:
-            lines.append(f"significance vs {args.baseline}: n too small (fewer than 3 seeds); nothing marked")
-        elif tests:
-            lines.append(
-                f"{NOT_SIGNIFICANT}: difference from {args.baseline} not significant "
-                f"(p ≥ {ALPHA}, {' / '.join(tests)} over seeds"
-                + ("; paired by seed" if "paired t-test" in tests else "")
-                + ")"
-                + (
-                    f"; {len(small)} comparison(s) not tested: n too small (fewer than 3 seeds)"
-                    if small
-                    else ""
-                )
-            )
+        lines += _significance_notes(board, args.baseline)
     sources: dict[int, str] = {}
     for refs in board.references.values():
         for ref in refs.values():
@@ -447,10 +422,45 @@ def _notes(board: Board, args: ReportArgs, run: RunData, bold_word: str) -> list
             "paper: published number (Δ = ours − paper)"
             + ("; " + "; ".join(f"[{k}] {v}" for k, v in sorted(sources.items())) if sources else "")
         )
+    rules = sorted(
+        {ref.select for refs in board.references.values() for ref in refs.values()} - {None, args.select}
+    )
+    if rules:
+        lines.append(
+            f"{OTHER_RULE}: the paper selected its number by {' / '.join(rules)}, "
+            f"this table by {args.select}: Δ compares different selection rules"
+        )
     if board.failed:
         lines.append(f"{board.failed} cell(s) failed")
     if board.pending:
         lines.append(f"{board.pending} cell(s) not run yet")
+    return lines
+
+
+def _significance_notes(board: Board, baseline: str) -> list[str]:
+    """What the ≈ and † marks mean: the tests, the Holm–Bonferroni correction and its size."""
+    cmps = [c for per in board.comparisons.values() for c in per.values()]
+    tests = sorted({c.test for c in cmps if c.p is not None})
+    small = [c for c in cmps if c.p is None and not c.undefined]
+    undefined = [c for c in cmps if c.undefined]
+    if cmps and len(small) == len(cmps):
+        return [f"significance vs {baseline}: n too small (fewer than 3 seeds); nothing marked"]
+    lines = []
+    if tests:
+        lines.append(
+            f"{NOT_SIGNIFICANT}: difference from {baseline} not significant "
+            f"(p ≥ {ALPHA} after Holm–Bonferroni over the {board.n_comparisons} comparison(s) of this table; "
+            f"{' / '.join(tests)} over seeds"
+            + ("; paired on the seeds both share" if PAIRED in tests else "")
+            + ")"
+        )
+    if small:
+        lines.append(f"{len(small)} comparison(s) not tested: n too small (fewer than 3 seeds)")
+    if undefined:
+        lines.append(
+            f"{UNDEFINED}: the same non-zero difference from {baseline} on every seed (zero variance): "
+            f"the t-test is undefined; {len(undefined)} comparison(s) not tested, not marked significant"
+        )
     return lines
 
 
@@ -464,6 +474,8 @@ def _latex_escape(s: str) -> str:
         ("→", r"$\rightarrow$"),
         ("±", r"$\pm$"),
         ("≈", r"$\approx$"),
+        ("†", r"$\dagger$"),
+        ("≠", r"$\neq$"),
         ("↑", r"$\uparrow$"),
         ("↓", r"$\downarrow$"),
         ("≥", r"$\geq$"),
@@ -571,9 +583,19 @@ def _record(
     if cmp is not None:
         significance = {"test": cmp.test, "p": cmp.p, "diff": cmp.diff, "significant": cmp.significant}
         significance["alpha"] = ALPHA
+        if cmp.test != "n too small":
+            significance.update(
+                p_adjusted=cmp.p_adjusted,
+                correction="holm-bonferroni",
+                comparisons=board.n_comparisons,
+                n=cmp.n,
+                undefined=cmp.undefined,
+            )
     paper = None
     if ref is not None:
         paper = {"value": ref.value, "source": ref.source, "diff": (s.mean - ref.value) if s.n else None}
+        if ref.select is not None:
+            paper.update(select=ref.select, same_select=ref.select == args.select)
     return {
         "method": r,
         "column": c,
@@ -621,6 +643,8 @@ CSV_FIELDS = [
     "cell",
     "seed",
     "error",
+    "p_adjusted",
+    "paper_select",
 ]
 
 
@@ -678,12 +702,14 @@ def to_csv(board: Board, run: RunData, args: ReportArgs) -> str:
                 if sig is not None:
                     row["not_significant"] = g(None if sig["significant"] is None else not sig["significant"])
                     row["p_value"] = g(sig["p"])
+                    row["p_adjusted"] = g(sig.get("p_adjusted"))
                     row["test"] = sig["test"]
                 if paper is not None:
                     row.update(
                         paper=g(paper["value"]),
                         paper_diff=g(paper["diff"]),
                         paper_source=paper["source"] or "",
+                        paper_select=paper.get("select") or "",
                     )
             w.writerow(row)
     return buf.getvalue()
