@@ -395,9 +395,10 @@ def validate_params(ref: PluginRef, path: tuple, problems: Problems, reserved: t
 # --------------------------------------------------------------------------- loading
 
 
-#: most nodes a grid may expand to once aliases are followed (a real grid has a few hundred);
-#: bounds "billion laughs" alias bombs before anything walks the expanded data
-MAX_YAML_NODES = 100_000
+#: most nodes the aliases of a grid may produce once followed (a real grid repeats a recipe
+#: a few times: tens of nodes); bounds "billion laughs" alias bombs before anything walks the
+#: expanded data. The file's own nodes are not counted: a big file is only as big as its text.
+MAX_ALIAS_NODES = 100_000
 
 
 def _read_grid_text(path: Path) -> str:
@@ -429,46 +430,83 @@ def _read_grid_text(path: Path) -> str:
     return text
 
 
-def _expanded_size(root: yaml.Node, limit: int) -> int:
-    """How many nodes the tree holds with every alias expanded (stops counting past ``limit``)."""
+class _AliasBomb(Exception):
+    """Raised by :func:`_check_aliases` with the key path and line where the bound was passed."""
+
+    def __init__(self, path: tuple[Any, ...], line: int | None):
+        super().__init__(path, line)
+        self.path, self.line = path, line
+
+
+def _expanded_sizes(root: yaml.Node, limit: int) -> dict[int, int]:
+    """Each node's size with every alias below it expanded (capped just past ``limit``)."""
     sizes: dict[int, int] = {}
+    entered: set[int] = set()
+    order: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while order:  # post-order without recursion
+        node, done = order.pop()
+        if id(node) in sizes or (not done and id(node) in entered):
+            continue  # sized, or an alias inside its own anchor (a cycle: sized as unbounded below)
+        children = _children(node)
+        if not done:
+            entered.add(id(node))
+            order.append((node, True))
+            order.extend((c, False) for c in children if id(c) not in sizes)
+            continue
+        # a child not sized by now is an ancestor of this node: the expansion never ends
+        sizes[id(node)] = min(limit + 1, 1 + sum(sizes.get(id(c), limit + 1) for c in children))
+    return sizes
 
-    def size(node: yaml.Node) -> int:
-        if id(node) in sizes:  # an alias to a node seen before: count its expansion again
-            return sizes[id(node)]
-        n = 1
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [n for kv in node.value for n in kv]
+    return []
+
+
+def _check_aliases(root: yaml.Node, limit: int) -> None:
+    """Raise :class:`_AliasBomb` where the nodes produced by following aliases pass ``limit``.
+
+    PyYAML's composer returns the anchored node itself for an alias, so an alias is a node met a
+    second time while walking the tree; what it produces is that node's expanded size.
+    """
+    sizes = _expanded_sizes(root, limit)
+    seen: set[int] = set()
+    produced = 0
+    stack: list[tuple[yaml.Node, tuple[Any, ...], int | None]] = [(root, (), None)]
+    while stack:
+        node, path, line = stack.pop()
+        if id(node) in seen:
+            produced += sizes[id(node)]
+            if produced > limit:
+                raise _AliasBomb(path, line)
+            continue
+        seen.add(id(node))
         if isinstance(node, yaml.SequenceNode):
-            for child in node.value:
-                n += size(child)
-                if n > limit:
-                    break
+            stack.extend((c, path + (i,), line) for i, c in reversed(list(enumerate(node.value))))
         elif isinstance(node, yaml.MappingNode):
-            for k, v in node.value:
-                n += size(k) + size(v)
-                if n > limit:
-                    break
-        sizes[id(node)] = n
-        return n
-
-    return size(root)
+            for k, v in reversed(node.value):
+                here = path + (k.value if isinstance(k, yaml.ScalarNode) else "?",)
+                stack.append((v, here, k.start_mark.line + 1))
+                stack.append((k, here, k.start_mark.line + 1))
 
 
 def load_yaml(path: Path) -> tuple[Any, yaml.Node | None]:
     """Parse a YAML file, returning (data, node tree); every problem names the file and line.
 
     The file is parsed once (the data is constructed from the node tree). Anchors and aliases
-    work, but a file whose aliases expand past ``MAX_YAML_NODES`` nodes is refused.
+    work, but a file whose aliases produce more than ``MAX_ALIAS_NODES`` nodes once followed is
+    refused, naming the key where that happens; the size of the file itself is not limited.
     """
     path = Path(path)
     text = _read_grid_text(path)
     loader = _Located(text)
     try:
         root = loader.get_single_node()
-        if root is not None and _expanded_size(root, MAX_YAML_NODES) > MAX_YAML_NODES:
-            raise ConfigError(
-                f"{path}: its anchors and aliases expand to more than {MAX_YAML_NODES:,} nodes "
-                "(an alias bomb?); a grid repeats a recipe a few times, not exponentially"
-            )
+        if root is not None:
+            _check_aliases(root, MAX_ALIAS_NODES)
         data = loader.construct_document(root) if root is not None else None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
@@ -477,6 +515,13 @@ def load_yaml(path: Path) -> tuple[Any, yaml.Node | None]:
             raise ConfigError(f"{path}:{line}: {e.reason} (character {e.character!r})") from None
         where = f"{path}:{mark.line + 1}" if mark else str(path)
         raise ConfigError(f"{where}: malformed YAML: {getattr(e, 'problem', e)}") from None
+    except _AliasBomb as e:
+        raise ConfigError(
+            f"{path}: its anchors and aliases expand to more than {MAX_ALIAS_NODES:,} nodes "
+            f"(an alias bomb?), passing the bound at {_fmt_path(e.path)}"
+            + (f" (line {e.line})" if e.line else "")
+            + "; a grid repeats a recipe a few times, not exponentially"
+        ) from None
     except RecursionError:
         raise ConfigError(f"{path}: nested too deeply to be a grid") from None
     finally:

@@ -466,3 +466,70 @@ methods: [kd]
     assert f"{f}:4: pairs[0].teacher_dataset: mnist5k has (classes, channels, image size) (10, 1, 28)" in str(
         e.value
     )
+
+
+# --------------------------------------------------------------------------- big files, alias bombs
+
+
+def test_a_big_grid_without_aliases_gets_its_real_error(tmp_path: Path):
+    # more nodes than the alias bound (config.MAX_ALIAS_NODES, 100,000), written out in full:
+    # only what aliases produce is bounded, so the file reaches validation and gets its own
+    # error (an unknown key at line 6) instead of "an alias bomb?"
+    lines = ["name: big", "datasets: [digits]", "pairs: [{teacher: smallcnn, student: smallcnn}]"]
+    lines += ["methods: [kd]", "seeds: [0]", "colour: blue"]
+    lines += ["train: {epochs: 1}", "notes: [" + ",".join(["0"] * 101_000) + "]"]
+    f = tmp_path / "big.yaml"
+    f.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ConfigError) as e:
+        load_grid(f)
+    text = "\n".join(e.value.problems)
+    assert f"{f}:6: colour: unknown key" in text and "alias bomb" not in str(e.value)
+
+
+def test_alias_bomb_message_names_the_key_where_the_expansion_happens(tmp_path: Path):
+    from kdbench.config import load_yaml
+
+    lines = ["name: x", "a0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 12)]
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ConfigError) as e:
+        load_yaml(bomb)
+    # a1..a4 expand to 9·10 + 9·91 + 9·820 + 9·7381 = 74,880 nodes; a5's first alias passes 100,000
+    assert "alias bomb" in str(e.value) and "at a5[0] (line 7)" in str(e.value)
+    # an alias inside its own anchor expands forever: refused the same way, not a RecursionError
+    loop = tmp_path / "loop.yaml"
+    loop.write_text("name: x\nrecipe: &r {epochs: 1, again: *r}\n")
+    with pytest.raises(ConfigError, match=r"alias bomb\?\), passing the bound at recipe.again \(line 2\)"):
+        load_yaml(loop)
+
+
+# --------------------------------------------------------------------------- method views
+
+
+def test_a_method_whose_view_the_grid_lacks_is_a_config_error_before_training(tmp_path: Path):
+    """consistency trains its student on train.views.strong and MLKD reads it as its second view:
+    a grid without it used to train them on something else, with a log warning at most."""
+    out = tmp_path / "runs"
+    body = f"""\
+name: views
+output: {out}
+datasets: [{{digits: {{limit: 100}}}}]
+pairs:
+  - {{teacher: {{smallcnn: {{width: 4}}}}, student: {{smallcnn: {{width: 4}}}}}}
+methods:
+  - kd
+  - consistency
+  - mlkd
+train: {{epochs: 1, augment: flip_crop, views: {{}}}}
+"""
+    f = write_grid(tmp_path / "g.yaml", body)
+    with pytest.raises(ConfigError) as e:
+        plan(load_grid(f))
+    text = "\n".join(e.value.problems)
+    assert f"{f}:8: methods[1]: consistency trains on the student view 'strong', which train.views" in text
+    assert f"{f}:9: methods[2]: mlkd trains on the view 'strong', which train.views" in text
+    assert "kd " not in text.replace("mlkd", "") and not out.exists()
+    # with the view (the default train.views has it), the same grid plans
+    ok = write_grid(tmp_path / "ok.yaml", body.replace("views: {}", "views: {strong: randaugment}"))
+    assert len(plan(load_grid(ok)).cells) == 3
