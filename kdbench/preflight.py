@@ -55,6 +55,33 @@ def _shape(ds: Any) -> tuple[int, int, int] | None:
 Misfits = dict[tuple[int, int, int], tuple[tuple[Any, ...], str]]
 
 
+def view_problems(grid: Grid) -> list[tuple[tuple[Any, ...], str]]:
+    """Methods that declare a view the grid does not provide, as ``[(grid key path, message)]``.
+
+    A method's ``student_view`` (consistency: ``"strong"``) and its extra ``views`` (MLKD's
+    ``("strong",)``) must name a view of ``train.views`` (a ``student_view`` may also name an
+    augmenter). Without it the method would train on something else than it declares.
+    """
+    problems: list[tuple[tuple[Any, ...], str]] = []
+    augmenters = set(registry.names("augmenters"))
+    for m_i, m in enumerate(grid.methods):
+        cls = registry.load("losses", m.name)
+        wanted = [("student view", getattr(cls, "student_view", None))]
+        wanted += [("view", v) for v in getattr(cls, "views", ())]
+        for what, name in wanted:
+            if name is None or name in grid.views or (what == "student view" and name in augmenters):
+                continue
+            have = ", ".join(sorted(grid.views)) or "none"
+            problems.append(
+                (
+                    ("methods", m_i),
+                    f"{m.name} trains on the {what} {name!r}, which train.views does not define (it has: "
+                    f"{have}); add it, e.g. `train: {{views: {{{name}: randaugment}}}}`, or drop {m.name}",
+                )
+            )
+    return problems
+
+
 def method_fit_problems(grid: Grid, datasets: list[Any] | None = None) -> list[tuple[tuple[Any, ...], str]]:
     """Every pair problem and method misfit as ``[(grid key path, message)]`` (see ``method_fit``)."""
     problems, misfits = method_fit(grid, datasets)
@@ -64,9 +91,9 @@ def method_fit_problems(grid: Grid, datasets: list[Any] | None = None) -> list[t
 def method_fit(
     grid: Grid, datasets: list[Any] | None = None
 ) -> tuple[list[tuple[tuple[Any, ...], str]], Misfits]:
-    """Pair problems ``[(grid key path, message)]`` (models that cannot be built or run a probe
-    batch) and misfits ``{(dataset index, pair index, method index): (grid key path, message)}``
-    (a method that cannot be built for that dataset and pair).
+    """Grid problems ``[(grid key path, message)]`` (a method's view the grid lacks, models that
+    cannot be built or run a probe batch) and misfits ``{(dataset index, pair index, method
+    index): (grid key path, message)}`` (a method that cannot be built for that dataset and pair).
 
     ``datasets`` are the instantiated dataset plugins in grid order (the runner's plan has them);
     None builds them here. A dataset that does not state its image shape is skipped.
@@ -74,7 +101,7 @@ def method_fit(
     from kdbench.engine.build import build_model
     from kdbench.grid import model_label, uses_teacher
 
-    problems: list[tuple[tuple[Any, ...], str]] = []
+    problems = view_problems(grid)
     misfits: Misfits = {}
     for d_i, ref in enumerate(grid.datasets):
         ds = datasets[d_i] if datasets is not None else _instantiate(ref)
