@@ -102,3 +102,10 @@ def test_relative_mce_skips_corruptions_the_baseline_does_not_feel(tmp_path):
     assert kd_row["mCE"] == pytest.approx(100 * (0.5 + 0.5 + 25 / 20.5) / 3)  # errors 5+20 vs 10+10.5
     out = report.render(run, ReportArgs(kind="corruptions"))
     assert "rel. mCE over 2 of 3 corruptions; jpeg cost 'ce' under 1 point" in out
+
+
+def test_latex_output_compiles_as_is_titles_and_notes_are_comments(run):
+    latex = report.render(run, ReportArgs(kind="corruptions", fmt="latex"))
+    prose = [ln for ln in latex.splitlines() if ln and not ln.startswith(("\\", " ", "%"))]
+    assert prose == []  # before: the title and every note were bare text, "&" in a note included
+    assert "% - mCE / rel. mCE (Hendrycks & Dietterich 2019)" in latex

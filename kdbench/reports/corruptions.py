@@ -16,19 +16,16 @@ one line per method, one panel per (dataset, pair).
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 import re
 from pathlib import Path
 from typing import Any
 
-from tabulate import tabulate
-
 from kdbench.errors import KdbenchError
 from kdbench.reports import ReportArgs, RunData, footer
 from kdbench.reports.leaderboard import TEACHER_ROW, Board, build_board
+from kdbench.reports.render import Table, csv_num, fmt_num, is_missing, nan_none, render_tables, write_csv
 
 _SET = re.compile(r"^c/(?P<name>[^/]+)/(?P<sev>\d+)/top1$")
 #: short column names
@@ -177,14 +174,6 @@ def _mce(row: dict, base: dict, names: list[str], sevs: list[int]) -> tuple[floa
     return (100.0 * _nanmean(ces) if ces else math.nan, 100.0 * _nanmean(rels) if rels else math.nan)
 
 
-def _f(v: float, digits: int = 1) -> str:
-    return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
-
-
-def _none(v: float) -> float | None:
-    return None if v is None or (isinstance(v, float) and math.isnan(v)) else v
-
-
 def render(run: RunData, args: ReportArgs) -> str:
     board = build_board(run, args)
     baseline = args.baseline or "ce"
@@ -203,24 +192,6 @@ def render(run: RunData, args: ReportArgs) -> str:
         return json.dumps([_json(t) for t in recs], indent=2)
     if args.fmt == "csv":
         return _csv(recs)
-    tablefmt = "latex_booktabs" if args.fmt == "latex" else "github"
-    parts = []
-    for t in recs:
-        head = ["method"] + [SHORT.get(c, c) for c in t["corruptions"]]
-        head += ["clean", "corruption acc", "rel. drop", f"mCE ({baseline}=100)", "rel. mCE"]
-        body = []
-        for x in t["rows"]:
-            mean = _f(x["corruption_acc"], 2)
-            if not math.isnan(x["corruption_acc_spread"]):
-                mean += f" ± {x['corruption_acc_spread']:.2f}"
-            body.append(
-                [x["method"]]
-                + [_f(x["per_corruption"][c]) for c in t["corruptions"]]
-                + [_f(x["clean"], 2), mean, _f(x["rel_drop"]), _f(x["mCE"]), _f(x["rel_mCE"])]
-            )
-        sev = ", ".join(map(str, t["severities"]))
-        title = f"{t['column']} — top-1 (%) under corruption, mean over severities {sev}"
-        parts.append(title + "\n\n" + tabulate(body, headers=head, tablefmt=tablefmt, disable_numparse=True))
     notes = footer(run.protocol(args)) + [
         "corruption acc: mean top-1 over every corruption × severity set (RobustBench), "
         "mean ± sample std over seeds; rel. drop: 100·(clean − corruption acc)/clean",
@@ -237,7 +208,24 @@ def render(run: RunData, args: ReportArgs) -> str:
             )
     if args.plot:
         notes.append(f"plot: {args.plot}")
-    return "\n\n".join(parts) + "\n\n" + "\n".join(f"- {n}" for n in notes)
+    return render_tables([_table(t, baseline) for t in recs], notes, args.fmt)
+
+
+def _table(t: dict[str, Any], baseline: str) -> Table:
+    head = ["method"] + [SHORT.get(c, c) for c in t["corruptions"]]
+    head += ["clean", "corruption acc", "rel. drop", f"mCE ({baseline}=100)", "rel. mCE"]
+    body = []
+    for x in t["rows"]:
+        mean = fmt_num(x["corruption_acc"], 2)
+        if not is_missing(x["corruption_acc_spread"]):
+            mean += f" ± {x['corruption_acc_spread']:.2f}"
+        body.append(
+            [x["method"]]
+            + [fmt_num(x["per_corruption"][c]) for c in t["corruptions"]]
+            + [fmt_num(x["clean"], 2), mean, fmt_num(x["rel_drop"]), fmt_num(x["mCE"]), fmt_num(x["rel_mCE"])]
+        )
+    sev = ", ".join(map(str, t["severities"]))
+    return Table(f"{t['column']} — top-1 (%) under corruption, mean over severities {sev}", head, body)
 
 
 def _json(t: dict[str, Any]) -> dict[str, Any]:
@@ -250,14 +238,14 @@ def _json(t: dict[str, Any]) -> dict[str, Any]:
         "rows": [
             {
                 "method": x["method"],
-                "clean": _none(x["clean"]),
-                "corruption_acc": _none(x["corruption_acc"]),
-                "corruption_rel_drop": _none(x["rel_drop"]),
-                "mCE": _none(x["mCE"]),
-                "rel_mCE": _none(x["rel_mCE"]),
-                "per_corruption": {c: _none(v) for c, v in x["per_corruption"].items()},
-                "by_severity": {str(s): _none(v) for s, v in x["by_severity"].items()},
-                "acc": {f"{c}/{s}": _none(v) for (c, s), v in x["acc"].items()},
+                "clean": nan_none(x["clean"]),
+                "corruption_acc": nan_none(x["corruption_acc"]),
+                "corruption_rel_drop": nan_none(x["rel_drop"]),
+                "mCE": nan_none(x["mCE"]),
+                "rel_mCE": nan_none(x["rel_mCE"]),
+                "per_corruption": {c: nan_none(v) for c, v in x["per_corruption"].items()},
+                "by_severity": {str(s): nan_none(v) for s, v in x["by_severity"].items()},
+                "acc": {f"{c}/{s}": nan_none(v) for (c, s), v in x["acc"].items()},
             }
             for x in t["rows"]
         ],
@@ -265,17 +253,13 @@ def _json(t: dict[str, Any]) -> dict[str, Any]:
 
 
 def _csv(recs: list[dict[str, Any]]) -> str:
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["column", "method", "corruption", "severity", "top1"])
+    rows = []
     for t in recs:
         for x in t["rows"]:
-            for (c, s), v in x["acc"].items():
-                w.writerow([t["column"], x["method"], c, s, "" if math.isnan(v) else f"{v:.6g}"])
-            for key in ("clean", "corruption_acc", "rel_drop", "mCE", "rel_mCE"):
-                v = x[key]
-                w.writerow([t["column"], x["method"], key, "", "" if math.isnan(v) else f"{v:.6g}"])
-    return buf.getvalue()
+            rows += [[t["column"], x["method"], c, sev, csv_num(v)] for (c, sev), v in x["acc"].items()]
+            keys = ("clean", "corruption_acc", "rel_drop", "mCE", "rel_mCE")
+            rows += [[t["column"], x["method"], key, "", csv_num(x[key])] for key in keys]
+    return write_csv(["column", "method", "corruption", "severity", "top1"], rows)
 
 
 def plot(recs: list[dict[str, Any]], path: Path) -> Path:

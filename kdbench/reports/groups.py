@@ -9,19 +9,16 @@ average accuracy; each cell is ``mean ± spread`` over seeds. The evaluated set 
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import re
 from pathlib import Path
 from typing import Any
 
-from tabulate import tabulate
-
 from kdbench.errors import KdbenchError
 from kdbench.metric_defs import split_metric
 from kdbench.reports import ReportArgs, RunData, footer
 from kdbench.reports.leaderboard import Board, Stat, build_board
+from kdbench.reports.render import Table, csv_num, nan_none, render_tables, write_csv
 
 SUMMARY = ("worst_group", "mean_group", "avg_acc", "adj_avg_acc")
 _GROUP = re.compile(r"^group/(?P<name>[^/]+)/acc$")
@@ -100,6 +97,7 @@ def tables(board: Board, args: ReportArgs) -> list[dict[str, Any]]:
 
 
 def render(run: RunData, args: ReportArgs) -> str:
+    """The ``groups`` report kind."""
     board = build_board(run, args)
     recs = tables(board, args)
     if not recs:
@@ -110,79 +108,49 @@ def render(run: RunData, args: ReportArgs) -> str:
     if args.plot:
         plot(recs, Path(args.plot), args.spread)
     if args.fmt == "json":
-        return json.dumps(
-            [
-                {
-                    "column": t["column"],
-                    "set": t["set"],
-                    "sizes": t["sizes"],
-                    "rows": [
-                        {
-                            "method": r,
-                            "metrics": {
-                                k: {"mean": s.mean, "spread": _none(s.spread(args.spread)), "n": s.n}
-                                for k, s in st.items()
-                                if s.n
-                            },
-                        }
-                        for r, st in t["rows"]
-                    ],
-                }
-                for t in recs
-            ],
-            indent=2,
-        )
+        return json.dumps([_json(t, args.spread) for t in recs], indent=2)
     if args.fmt == "csv":
-        buf = io.StringIO()
-        w = csv.writer(buf)
-        w.writerow(["column", "set", "method", "group", "n_group", "mean", args.spread, "n"])
-        for t in recs:
-            for r, st in t["rows"]:
-                for k, s in st.items():
-                    if s.n:
-                        sp = s.spread(args.spread)
-                        w.writerow(
-                            [
-                                t["column"],
-                                t["set"],
-                                r,
-                                k,
-                                t["sizes"].get(k, ""),
-                                f"{s.mean:.6g}",
-                                "" if sp != sp else f"{sp:.6g}",
-                                s.n,
-                            ]
-                        )
-        return buf.getvalue()
-    tablefmt = "latex_booktabs" if args.fmt == "latex" else "github"
-    parts = []
-    for t in recs:
-        head = ["method"] + [f"{g} (n={t['sizes'].get(g, '?')})" for g in t["groups"]]
-        head += ["worst", "mean", "avg", "adj avg"]
-        body = [[r] + [_fmt(st[k], args.spread) for k in t["groups"] + list(SUMMARY)] for r, st in t["rows"]]
-        title = f"{t['column']} — per-group accuracy (%) on {t['set']}"
-        parts.append(title + "\n\n" + tabulate(body, headers=head, tablefmt=tablefmt, disable_numparse=True))
+        return _csv(recs, args.spread)
     notes = footer(run.protocol(args)) + [
         "worst/mean: over non-empty groups (WILDS); adj avg: groups weighted by their share of the training "
         "split (group_DRO's adj_acc_avg)"
     ]
     if args.plot:
         notes.append(f"plot: {args.plot}")
-    text = "\n\n".join(parts) + "\n\n" + "\n".join(f"- {n}" for n in notes)
-    return latex_comments(text) if args.fmt == "latex" else text
+    return render_tables([_table(t, args.spread) for t in recs], notes, args.fmt)
 
 
-def latex_comments(text: str) -> str:
-    """Titles and notes around LaTeX tables as ``%`` comments, so the output compiles as is."""
-    keep = ("\\", "&")
-    return "\n".join(
-        ln if not ln or ln.startswith("\\") or any(k in ln for k in keep) else f"% {ln}"
-        for ln in text.splitlines()
-    )
+def _table(t: dict[str, Any], spread: str) -> Table:
+    head = ["method"] + [f"{g} (n={t['sizes'].get(g, '?')})" for g in t["groups"]]
+    head += ["worst", "mean", "avg", "adj avg"]
+    body = [[r] + [_fmt(st[k], spread) for k in t["groups"] + list(SUMMARY)] for r, st in t["rows"]]
+    return Table(f"{t['column']} — per-group accuracy (%) on {t['set']}", head, body)
 
 
-def _none(v: float) -> float | None:
-    return None if v != v else v
+def _json(t: dict[str, Any], spread: str) -> dict[str, Any]:
+    rows = [
+        {
+            "method": r,
+            "metrics": {
+                k: {"mean": s.mean, "spread": nan_none(s.spread(spread)), "n": s.n}
+                for k, s in st.items()
+                if s.n
+            },
+        }
+        for r, st in t["rows"]
+    ]
+    return {"column": t["column"], "set": t["set"], "sizes": t["sizes"], "rows": rows}
+
+
+def _csv(recs: list[dict[str, Any]], spread: str) -> str:
+    rows = [
+        [t["column"], t["set"], r, k, t["sizes"].get(k, ""), csv_num(s.mean), csv_num(s.spread(spread)), s.n]
+        for t in recs
+        for r, st in t["rows"]
+        for k, s in st.items()
+        if s.n
+    ]
+    return write_csv(["column", "set", "method", "group", "n_group", "mean", spread, "n"], rows)
 
 
 def plot(recs: list[dict[str, Any]], path: Path, spread: str = "std") -> Path:

@@ -23,12 +23,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from tabulate import tabulate
-
 from kdbench.errors import KdbenchError
 from kdbench.reports import ReportArgs, RunData, footer
-from kdbench.reports.groups import group_names, group_sizes, latex_comments
+from kdbench.reports.groups import group_names, group_sizes
 from kdbench.reports.leaderboard import TEACHER_ROW, VARIANTS, Board, build_board
+from kdbench.reports.render import Table, csv_num, fmt_num, render_tables, write_csv
 
 TOP_DIMS = 5
 
@@ -36,10 +35,6 @@ TOP_DIMS = 5
 def _mean(board: Board, row: str, col: str, metric: str) -> float | None:
     s = board.stat(row, col, metric)
     return s.mean if s.n else None
-
-
-def _f(v: float | None, digits: int = 1) -> str:
-    return "—" if v is None else f"{v:.{digits}f}"
 
 
 def _avg(vs: list[float | None]) -> float | None:
@@ -116,7 +111,8 @@ def analyse(board: Board, args: ReportArgs) -> list[dict[str, Any]]:
 def _summary(rows: list[dict[str, Any]]) -> list[Any]:
     worst = min(rows, key=lambda r: r["acc"])
     keys = ("err", "teacher_err", "inherited", "own", "disagreement", "gap")
-    return [worst["group"]] + [_f(worst[k]) for k in keys] + [_f(_avg([r[k] for r in rows])) for k in keys]
+    means = [fmt_num(_avg([r[k] for r in rows])) for k in keys]
+    return [worst["group"]] + [fmt_num(worst[k]) for k in keys] + means
 
 
 #: per-group columns of the csv and the per-group table: (record key, text header)
@@ -147,55 +143,52 @@ def render(run: RunData, args: ReportArgs) -> str:
         return json.dumps([{k: r[k] for k in ("column", "sizes", "groups", "scan")} for r in recs], indent=2)
     if args.fmt == "csv":
         return _csv(recs)
-    tablefmt = "latex_booktabs" if args.fmt == "latex" else "github"
-    parts = []
-    for r in recs:
-        parts += _tables(r, tablefmt)
     notes = footer(run.protocol(args)) + [
         "err = inherited (teacher also wrong) + own (teacher right); teacher err and disagreement are on the "
         "student's test set; train−test = accuracy on the training split minus test accuracy"
     ]
-    text = "\n\n".join(parts) + "\n\n" + "\n".join(f"- {n}" for n in notes)
-    return latex_comments(text) if args.fmt == "latex" else text
+    return render_tables([t for r in recs for t in _tables(r)], notes, args.fmt)
 
 
 def _csv(recs: list[dict]) -> str:
     keys = ("acc", "err", "teacher_err", "inherited", "own", "disagreement", "train_acc", "gap")
-    lines = ["column,method,group,n," + ",".join(keys)]
-    for r in recs:
-        for method, rows in r["groups"].items():
-            for g in rows:
-                head = [f'"{r["column"]}"', f'"{method}"', g["group"], str(r["sizes"].get(g["group"], ""))]
-                lines.append(",".join(head + ["" if g[k] is None else f"{g[k]:.6g}" for k in keys]))
-    return "\n".join(lines) + "\n"
+    rows = [
+        [r["column"], method, g["group"], r["sizes"].get(g["group"], "")] + [csv_num(g[k]) for k in keys]
+        for r in recs
+        for method, rows in r["groups"].items()
+        for g in rows
+    ]
+    return write_csv(["column", "method", "group", "n", *keys], rows)
 
 
-def _tables(r: dict, tablefmt: str) -> list[str]:
+def _tables(r: dict) -> list[Table]:
     """One column's tables: the summary, the per-group detail and the feature scan."""
     col = r["column"]
-
-    def table(rows: list, headers: list[str]) -> str:
-        return tabulate(rows, headers=headers, tablefmt=tablefmt, disable_numparse=True)
-
     body = [[m] + _summary(rows) for m, rows in r["groups"].items()]
     detail = [
-        [m, g["group"], r["sizes"].get(g["group"], "?")] + [_f(g[k]) for k, _ in GROUP_COLUMNS]
+        [m, g["group"], r["sizes"].get(g["group"], "?")] + [fmt_num(g[k]) for k, _ in GROUP_COLUMNS]
         for m, rows in r["groups"].items()
         for g in rows
     ]
     out = [
-        f"{col} — error decomposition on test (%): worst group of each method, and mean over groups\n\n"
-        + table(body, SUMMARY_HEAD),
-        f"{col} — per group (%)\n\n" + table(detail, DETAIL_HEAD),
+        Table(
+            f"{col} — error decomposition on test (%): worst group of each method, and mean over groups",
+            SUMMARY_HEAD,
+            body,
+        ),
+        Table(f"{col} — per group (%)", DETAIL_HEAD, detail),
     ]
     if r["scan"]:
         scan = [
-            [m, _f(s["max"], 2), _f(s["mean"], 3), ", ".join(f"{d}:{v:.2f}" for d, v in s["top"])]
+            [m, fmt_num(s["max"], 2), fmt_num(s["mean"], 3), ", ".join(f"{d}:{v:.2f}" for d, v in s["top"])]
             for m, s in r["scan"].items()
         ]
         out.append(
-            f"{col} — spurious-feature scan of pooled features (Cohen's d between attribute values "
-            "within a class; higher = the attribute is more linearly visible)\n\n"
-            + table(scan, ["model", "max d", "mean d", f"top {TOP_DIMS} dims (first seed)"])
+            Table(
+                f"{col} — spurious-feature scan of pooled features (Cohen's d between attribute values "
+                "within a class; higher = the attribute is more linearly visible)",
+                ["model", "max d", "mean d", f"top {TOP_DIMS} dims (first seed)"],
+                scan,
+            )
         )
     return out
