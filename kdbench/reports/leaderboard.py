@@ -10,10 +10,7 @@ protocol: the Markdown footer, the LaTeX caption, fields in CSV and JSON.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
-import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +20,7 @@ from tabulate import tabulate
 from kdbench.errors import KdbenchError
 from kdbench.metric_defs import MetricInfo, declared, metric_info, split_metric
 from kdbench.reports import OPTIMISTIC, SELECTS, SPREAD_LABEL, ReportArgs, RunData, footer, spread
+from kdbench.reports.render import latex_escape, nan_none, write_csv_dicts
 from kdbench.reports.stats import ALPHA, PAIRED, Comparison, compare_values, holm
 
 TEACHER_ROW = "teacher"
@@ -464,29 +462,6 @@ def _significance_notes(board: Board, baseline: str) -> list[str]:
     return lines
 
 
-def _latex_escape(s: str) -> str:
-    for a, b in (
-        ("\\", r"\textbackslash{}"),
-        ("_", r"\_"),
-        ("%", r"\%"),
-        ("&", r"\&"),
-        ("#", r"\#"),
-        ("→", r"$\rightarrow$"),
-        ("±", r"$\pm$"),
-        ("≈", r"$\approx$"),
-        ("†", r"$\dagger$"),
-        ("≠", r"$\neq$"),
-        ("↑", r"$\uparrow$"),
-        ("↓", r"$\downarrow$"),
-        ("≥", r"$\geq$"),
-        ("−", r"$-$"),
-        ("Δ", r"$\Delta$"),
-        ("–", "--"),
-    ):
-        s = s.replace(a, b)
-    return s
-
-
 def render_board(board: Board, run: RunData, args: ReportArgs) -> str:
     """The board in ``args.fmt``."""
     if args.fmt == "json":
@@ -495,14 +470,14 @@ def render_board(board: Board, run: RunData, args: ReportArgs) -> str:
         return to_csv(board, run, args)
     info = metric_info(args.metric)
     if args.fmt == "latex":
-        head, body = _cells(board, args, r"\textbf{{{}}}", _latex_escape, r"$\approx$")
+        head, body = _cells(board, args, r"\textbf{{{}}}", latex_escape, r"$\approx$")
         ncols = len(head)
         lines = [
             r"\begin{table}",
             r"\centering",
             r"\begin{tabular}{l" + "c" * ncols + "}",
             r"\toprule",
-            " & ".join([_latex_escape("Method (" + _header_metric(args.metric, info, args) + ")")] + head)
+            " & ".join([latex_escape("Method (" + _header_metric(args.metric, info, args) + ")")] + head)
             + r" \\",
             r"\midrule",
         ]
@@ -511,7 +486,7 @@ def render_board(board: Board, run: RunData, args: ReportArgs) -> str:
             lines.append(" & ".join(r) + r" \\")
             if board.rows[i] in refs and i + 1 < len(body) and board.rows[i + 1] not in refs:
                 lines.append(r"\midrule")
-        caption = ". ".join(_latex_escape(x) for x in _notes(board, args, run, "bold")) + "."
+        caption = ". ".join(latex_escape(x) for x in _notes(board, args, run, "bold")) + "."
         lines += [r"\bottomrule", r"\end{tabular}", r"\caption{" + caption + "}", r"\end{table}"]
         return "\n".join(lines)
     head, body = _cells(board, args, "**{}**")
@@ -571,8 +546,8 @@ def _record(
         info = metric_info(m)
         metrics[m] = {
             "mean": v.mean,
-            "std": _nan_none(v.spread("std")),
-            "spread": _nan_none(v.spread(args.spread)),
+            "std": nan_none(v.spread("std")),
+            "spread": nan_none(v.spread(args.spread)),
             "n": v.n,
             "values": v.values,
             "seeds": v.seeds,
@@ -608,10 +583,6 @@ def _record(
         "paper": paper,
         "metrics": metrics,
     }
-
-
-def _nan_none(v: float) -> float | None:
-    return None if math.isnan(v) else v
 
 
 #: the first seven as before the protocol fields existed, so scripts reading by position still work
@@ -650,9 +621,7 @@ CSV_FIELDS = [
 
 def to_csv(board: Board, run: RunData, args: ReportArgs) -> str:
     """One line per (method, column, metric), one per failed or pending cell; protocol in every line."""
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, lineterminator="\n")
-    w.writeheader()
+    out: list[dict[str, Any]] = []
 
     def g(v: Any) -> str:
         if v is None:
@@ -683,7 +652,7 @@ def to_csv(board: Board, run: RunData, args: ReportArgs) -> str:
             "error": rec.get("error") or "",
         }
         if rec["status"] != "done":
-            w.writerow({**common, "metric": rec["metric"]})
+            out.append({**common, "metric": rec["metric"]})
             continue
         for m, s in rec["metrics"].items():
             row = {
@@ -711,8 +680,8 @@ def to_csv(board: Board, run: RunData, args: ReportArgs) -> str:
                         paper_source=paper["source"] or "",
                         paper_select=paper.get("select") or "",
                     )
-            w.writerow(row)
-    return buf.getvalue()
+            out.append(row)
+    return write_csv_dicts(CSV_FIELDS, out)
 
 
 def render_details(board: Board, args: ReportArgs) -> str:
