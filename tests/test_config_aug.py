@@ -95,11 +95,14 @@ def test_hook_generates_rounds_saves_artefacts_and_reloads_them(tmp_path, monkey
     assert extra is not None and len(extra.y) == 5  # 25 % of 20
     saved = torch.load(ctx.cell_dir / "config" / "round_001.pt", weights_only=True)
     src = saved["source"]
-    # the least confident samples, with their own labels and metadata
+    # the least confident samples (by default the lowest maximum softmax probability, as in the
+    # paper), with their own labels and metadata
     with torch.no_grad():
         p = torch.softmax(student.eval()(ctx.train.data.tensors[0]), 1)
-    conf = p.gather(1, ctx.train.targets()[:, None]).squeeze(1)
-    assert set(src.tolist()) == set(conf.argsort()[:5].tolist())
+    assert set(src.tolist()) == set(p.amax(1).argsort()[:5].tolist())
+    assert set(src.tolist()) != set(
+        p.gather(1, ctx.train.targets()[:, None]).squeeze(1).argsort()[:5].tolist()
+    )
     assert torch.equal(extra.y, ctx.train.targets()[src])
     assert torch.equal(extra.meta["group"], ctx.train.meta["group"][src])
     assert (ctx.cell_dir / "config" / "round_001.png").stat().st_size > 0
@@ -116,6 +119,44 @@ def test_hook_generates_rounds_saves_artefacts_and_reloads_them(tmp_path, monkey
     resumed = ConfigAugmenter(every=2, fraction=0.25, model=TINY_MODEL, **FAST).on_epoch_start(2, ctx)
     assert torch.equal(resumed.x, extra.x) and torch.equal(resumed.y, extra.y)
     assert len((ctx.cell_dir / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+class _FixedStudent(nn.Module):
+    """Logits looked up by the sample: the first pixel holds the sample's index."""
+
+    def __init__(self, probs: torch.Tensor):
+        super().__init__()
+        self.logits = probs.log()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.logits[x[:, 0, 0, 0].long()]
+
+
+def test_select_ranks_by_max_prob_by_default_or_by_the_true_label():
+    probs = torch.tensor(
+        [
+            [0.90, 0.05, 0.05],  # sure of class 0, label 1: true_label ranks it first, max_prob last
+            [0.40, 0.35, 0.25],
+            [0.34, 0.33, 0.33],  # unsure of everything: max_prob ranks it first
+            [0.60, 0.20, 0.20],
+        ]
+    )
+    x = torch.arange(4.0).view(4, 1, 1, 1).expand(4, 1, 2, 2).contiguous()
+    y = torch.tensor([1, 0, 0, 0])
+    student = _FixedStudent(probs)
+
+    def chunks():
+        yield x[:2], y[:2]
+        yield x[2:], y[2:]
+
+    pick = config_aug.least_confident
+    assert pick(student, chunks, 0.5, "cpu").tolist() == [2, 1]  # the paper's: max softmax probability
+    assert pick(student, chunks, 0.5, "cpu", select="max_prob").tolist() == [2, 1]
+    assert pick(student, chunks, 0.5, "cpu", select="true_label").tolist() == [0, 2]
+    assert ConfigAugmenter().select == "max_prob"
+    assert ConfigAugmenter(select="true_label").select == "true_label"
+    with pytest.raises(ConfigError, match="select must be one of max_prob, true_label, got 'entropy'"):
+        ConfigAugmenter(select="entropy")
 
 
 def test_a_second_cell_regenerates_the_same_images(tmp_path):

@@ -2,8 +2,11 @@
 arXiv 2506.02294), as the dataset-level augmenter ``config``.
 
 Every ``every`` epochs the ``fraction`` of training samples on which the student is least
-confident in the true label are re-generated with a diffusion model so that a robust teacher
-agrees and the student does not: for each source image a latent ``z`` is optimised (Adam,
+confident are re-generated with a diffusion model so that a robust teacher agrees and the
+student does not. Least confident is ranked by ``select``: ``max_prob`` (default, the paper's
+procedure: the student's maximum softmax probability, whatever class it predicts) or
+``true_label`` (its softmax probability of the sample's label, which also ranks the samples it
+gets wrong with confidence first). For each source image a latent ``z`` is optimised (Adam,
 ``steps``, ``lr``), all selected samples in batches, to maximise
 
     t(x(z))^gamma + (1 - f(x(z)))^gamma
@@ -51,6 +54,9 @@ from kdbench.artifacts import load_checked, save_checked
 from kdbench.errors import ConfigError
 
 KEEP = ("replace", "accumulate")
+#: how the samples of a round are ranked: the student's maximum softmax probability (the
+#: paper's), or its probability of the true label
+SELECT = ("max_prob", "true_label")
 
 
 # --------------------------------------------------------------------------- pixel space
@@ -141,6 +147,11 @@ class Generated:
         return out
 
 
+#: the per-sample confidences a round records: teacher (t) and student (f) on the source image,
+#: on its reconstruction (the optimisation's start) and on the kept (best) iterate
+CONF_KEYS = ("t_source", "f_source", "t_start", "f_start", "t_after", "f_after")
+
+
 def confidence_guided(
     teacher: Any,
     student: Any,
@@ -172,9 +183,10 @@ def confidence_guided(
     device = torch.device(device) if device is not None else diffusion.device
     diffusion.to(device)
     space = space or PixelSpace(torch.ones(images.shape[1]) * 0.5, torch.ones(images.shape[1]) * 0.5)
-    path = DDIMPath(diffusion, ddim_steps, strength)
-    keys = ("t_source", "f_source", "t_start", "f_start", "t_after", "f_after")
-    conf: dict[str, list[Tensor]] = {k: [] for k in keys}
+    search = _LatentSearch(
+        teacher, student, DDIMPath(diffusion, ddim_steps, strength), space, steps, lr, gamma, grad_checkpoint
+    )
+    conf: dict[str, list[Tensor]] = {k: [] for k in CONF_KEYS}
     outs = []
     t0 = time.perf_counter()
     with _EvalMode(teacher, student):
@@ -182,39 +194,10 @@ def confidence_guided(
             x_src = images[lo : lo + batch_size].to(device)
             y = labels[lo : lo + batch_size].to(device)
             y_cond = y if diffusion.conditional else None
-            with torch.no_grad():
-                conf["t_source"].append(confidence(teacher, x_src, y).cpu())
-                conf["f_source"].append(confidence(student, x_src, y).cpu())
-                z = path.invert(space.to_model(x_src), y_cond)
-            z.requires_grad_(True)
-            opt = torch.optim.Adam([z], lr=lr)
-            best = torch.full((len(y),), -math.inf, device=device)
-            best_x = torch.empty_like(x_src)
-            best_t, best_f = torch.zeros_like(best), torch.zeros_like(best)
-            for step in range(steps + 1):
-                last = step == steps
-                with torch.set_grad_enabled(not last):
-                    x = space.from_model(path.sample(z, y_cond, grad_checkpoint).clamp(-1, 1))
-                    t, f = confidence(teacher, x, y), confidence(student, x, y)
-                    objective = t.pow(gamma) + (1 - f).pow(gamma)
-                with torch.no_grad():
-                    if step == 0:
-                        conf["t_start"].append(t.detach().cpu())
-                        conf["f_start"].append(f.detach().cpu())
-                    better = objective.detach() > best
-                    best = torch.where(better, objective.detach(), best)
-                    best_x[better] = x.detach()[better]
-                    best_t = torch.where(better, t.detach(), best_t)
-                    best_f = torch.where(better, f.detach(), best_f)
-                if last:
-                    break
-                (grad,) = torch.autograd.grad(-objective.sum(), z)
-                z.grad = grad
-                opt.step()
-                z.grad = None
-            conf["t_after"].append(best_t.cpu())
-            conf["f_after"].append(best_f.cpu())
-            outs.append(best_x.cpu())
+            best_x, got = search.run(x_src, y, y_cond)
+            for k, v in got.items():
+                conf[k].append(v)
+            outs.append(best_x)
     n = len(labels)
     return Generated(
         images=torch.cat(outs) if outs else images[:0].clone(),
@@ -225,14 +208,76 @@ def confidence_guided(
     )
 
 
+@dataclass
+class _LatentSearch:
+    """The optimisation of one batch's latents: Adam on z towards t^gamma + (1 - f)^gamma."""
+
+    teacher: Any
+    student: Any
+    path: Any  # a DDIMPath: z -> image, and the inversion image -> z
+    space: PixelSpace
+    steps: int
+    lr: float
+    gamma: float
+    grad_checkpoint: bool
+
+    def run(self, x_src: Tensor, y: Tensor, y_cond: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
+        """The best image per sample (on the CPU) and its confidences (``CONF_KEYS``)."""
+        out: dict[str, Tensor] = {}
+        with torch.no_grad():
+            out["t_source"] = confidence(self.teacher, x_src, y).cpu()
+            out["f_source"] = confidence(self.student, x_src, y).cpu()
+            z = self.path.invert(self.space.to_model(x_src), y_cond)
+        z.requires_grad_(True)
+        opt = torch.optim.Adam([z], lr=self.lr)
+        best = torch.full((len(y),), -math.inf, device=x_src.device)
+        best_x = torch.empty_like(x_src)
+        best_t, best_f = torch.zeros_like(best), torch.zeros_like(best)
+        for step in range(self.steps + 1):
+            last = step == self.steps
+            with torch.set_grad_enabled(not last):
+                x = self.space.from_model(self.path.sample(z, y_cond, self.grad_checkpoint).clamp(-1, 1))
+                t, f = confidence(self.teacher, x, y), confidence(self.student, x, y)
+                objective = t.pow(self.gamma) + (1 - f).pow(self.gamma)
+            with torch.no_grad():
+                if step == 0:
+                    out["t_start"], out["f_start"] = t.detach().cpu(), f.detach().cpu()
+                better = objective.detach() > best  # keep each sample's best iterate
+                best = torch.where(better, objective.detach(), best)
+                best_x[better] = x.detach()[better]
+                best_t = torch.where(better, t.detach(), best_t)
+                best_f = torch.where(better, f.detach(), best_f)
+            if last:
+                break
+            (grad,) = torch.autograd.grad(-objective.sum(), z)
+            z.grad = grad
+            opt.step()
+            z.grad = None
+        out["t_after"], out["f_after"] = best_t.cpu(), best_f.cpu()
+        return best_x.cpu(), out
+
+
+def selection_score(model: Any, x: Tensor, y: Tensor, select: str = "max_prob") -> Tensor:
+    """The confidence a round ranks samples by (``SELECT``): the maximum softmax probability
+    (``max_prob``) or the softmax probability of the label ``y`` (``true_label``)."""
+    if select == "true_label":
+        return confidence(model, x, y)
+    if select == "max_prob":
+        return F.softmax(_logits(model, x).float(), dim=1).amax(dim=1)
+    raise ConfigError(f"config: select must be one of {', '.join(SELECT)}, got {select!r}")
+
+
 @torch.no_grad()
-def least_confident(student: Any, chunks: Callable[[], Any], fraction: float, device: Any) -> Tensor:
-    """Indices of the ``fraction`` of samples with the lowest student confidence in their label
-    (ties: lower index first). ``chunks()`` yields ``(x, y)`` batches of the split, in order."""
+def least_confident(
+    student: Any, chunks: Callable[[], Any], fraction: float, device: Any, select: str = "max_prob"
+) -> Tensor:
+    """Indices of the ``fraction`` of samples with the lowest student confidence, ranked by
+    ``select`` (see :func:`selection_score`; ties: lower index first). ``chunks()`` yields
+    ``(x, y)`` batches of the split, in order."""
     scores = []
     with _EvalMode(student):
         for x, y in chunks():
-            scores.append(confidence(student, x.to(device), y.to(device)).cpu())
+            scores.append(selection_score(student, x.to(device), y.to(device), select).cpu())
     s = torch.cat(scores)
     k = max(1, round(fraction * len(s)))
     return torch.sort(s, stable=True).indices[:k]
@@ -301,9 +346,10 @@ class ConfigAugmenter:
     """ConfiG (dataset-level augmenter ``config``); see the module docstring for the method.
 
     Parameters: ``every`` (epochs between rounds; the first round starts epoch ``every``),
-    ``fraction`` (of the training split re-generated per round), ``steps``, ``lr`` (Adam on the
-    latents), ``gamma``, ``ddim_steps`` and ``strength`` (the DDIM path: ``round(ddim_steps *
-    strength)`` sampler steps), ``batch_size`` (samples optimised together), ``keep``
+    ``fraction`` (of the training split re-generated per round), ``select`` (how the least
+    confident samples are ranked: ``max_prob``, the paper's, or ``true_label``), ``steps``,
+    ``lr`` (Adam on the latents), ``gamma``, ``ddim_steps`` and ``strength`` (the DDIM path:
+    ``round(ddim_steps * strength)`` sampler steps), ``batch_size`` (samples optimised together), ``keep``
     (``replace`` the previous round's samples or ``accumulate`` them, at most ``cap``, oldest
     dropped first), ``model`` (``{path: DIR}`` for a local diffusers directory, else keys of
     :class:`kdbench.diffusion.Recipe` for the default UNet), ``grid_images`` (pairs in the PNG),
@@ -318,6 +364,7 @@ class ConfigAugmenter:
         self,
         every: int = 3,
         fraction: float = 0.3,
+        select: str = "max_prob",
         steps: int = 100,
         lr: float = 0.01,
         gamma: float = 2.0,
@@ -341,6 +388,8 @@ class ConfigAugmenter:
             problems.append(f"lr and gamma must be > 0, got {lr}, {gamma}")
         if ddim_steps < 1 or not 0 < strength <= 1:
             problems.append(f"ddim_steps must be >= 1 and strength in (0, 1], got {ddim_steps}, {strength}")
+        if select not in SELECT:
+            problems.append(f"select must be one of {', '.join(SELECT)}, got {select!r}")
         if keep not in KEEP:
             problems.append(f"keep must be one of {', '.join(KEEP)}, got {keep!r}")
         if cap is not None and cap < 1:
@@ -348,6 +397,7 @@ class ConfigAugmenter:
         if problems:
             raise ConfigError("config: " + "; ".join(problems), [f"config: {p}" for p in problems])
         self.every, self.fraction, self.steps, self.lr, self.gamma = every, fraction, steps, lr, gamma
+        self.select = select
         self.ddim_steps, self.strength, self.batch_size = ddim_steps, strength, batch_size
         self.keep, self.cap, self.grid_images = keep, cap, grid_images
         self.grad_checkpoint = grad_checkpoint
@@ -506,7 +556,7 @@ class ConfigAugmenter:
         first_x, _ = next(iter(self._chunks(ctx)()))
         num_classes = self._check_models(ctx, first_x, int(targets.max()) + 1)
         diffusion = self._diffusion_model(ctx, num_classes)
-        picked = least_confident(ctx.student, self._chunks(ctx), self.fraction, ctx.device)
+        picked = least_confident(ctx.student, self._chunks(ctx), self.fraction, ctx.device, self.select)
         positions = torch.sort(picked).values
         src_x = torch.cat([x for x, _ in self._chunks(ctx, positions)()])
         src_y = targets[positions]
