@@ -120,10 +120,15 @@ def test_unsupported_or_missing_directories_are_clear_errors(tmp_path):
             {"unet": ["diffusers", "UNet2DConditionModel"], "text_encoder": ["transformers", "CLIPTextModel"]}
         )
     )
-    with pytest.raises(ConfigError, match="component 'text_encoder'"):
+    # a Stable Diffusion pipeline is named for what it is, not only as an unknown component
+    not_yet = r"text-conditional pipelines \(Stable Diffusion\) are not supported yet"
+    with pytest.raises(ConfigError, match=r"component 'text_encoder' \(CLIPTextModel\): " + not_yet):
         inspect_local(text)
     (text / "model_index.json").write_text(json.dumps({"unet": ["diffusers", "UNet2DConditionModel"]}))
     (text / "unet" / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel"}))
+    with pytest.raises(ConfigError, match="its UNet is a 'UNet2DConditionModel': " + not_yet):
+        inspect_local(text)
+    (text / "unet" / "config.json").write_text(json.dumps({"_class_name": "UNet3DConditionModel"}))
     with pytest.raises(ConfigError, match="supports UNet2DModel"):
         inspect_local(text)
 

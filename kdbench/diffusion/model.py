@@ -177,6 +177,14 @@ def _read_json(path: Path) -> dict:
         raise ConfigError(f"diffusion model: cannot read {path}: {e}") from None
 
 
+#: the pipeline components that make a pipeline text-conditional (Stable Diffusion and kin)
+TEXT_COMPONENTS = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+_TEXT_NOT_YET = (
+    "text-conditional pipelines (Stable Diffusion) are not supported yet; kdbench takes unconditional "
+    "or class-conditional UNet2DModel pipelines, optionally with an AutoencoderKL `vae`"
+)
+
+
 def inspect_local(path: str | Path) -> dict[str, Any]:
     """What a local diffusers directory holds, from its JSON files only (no weights read).
 
@@ -184,26 +192,32 @@ def inspect_local(path: str | Path) -> dict[str, Any]:
     ``scheduler`` and optionally an ``AutoencoderKL`` ``vae``), the same folders without
     ``model_index.json``, or a bare ``UNet2DModel`` folder (``config.json``), optionally with
     ``scheduler_config.json`` (else DDPM's default linear schedule, 1000 steps).
-    Anything else raises :class:`ConfigError` naming what was found.
+    Anything else raises :class:`ConfigError` naming what was found; text-conditional pipelines
+    (Stable Diffusion: a text encoder, a ``UNet2DConditionModel``) are not supported yet.
     """
     root = Path(path).expanduser()
     if not root.is_dir():
         raise ConfigError(
             f"diffusion model: {str(root)!r} is not a directory; set `model.path` to a local diffusers folder"
         )
+    info = _layout(root)
+    info["unet"], info["vae"] = _component_configs(root, info)
+    sched = info["scheduler"] or {}
+    prediction = sched.get("prediction_type", "epsilon")
+    if prediction not in PREDICTION_TYPES:
+        raise ConfigError(
+            f"diffusion model {str(root)!r}: prediction_type {prediction!r} is not supported; "
+            f"one of {', '.join(PREDICTION_TYPES)}"
+        )
+    return info
+
+
+def _layout(root: Path) -> dict[str, Any]:
+    """Which of the accepted layouts ``root`` is: the UNet and VAE subfolders and the scheduler."""
     info: dict[str, Any] = {"path": str(root), "unet_sub": None, "scheduler": None, "vae_sub": None}
     index = root / "model_index.json"
     if index.exists() or (root / "unet" / "config.json").exists():
-        components = _read_json(index) if index.exists() else {}
-        for name, entry in components.items():
-            if name.startswith("_") or not isinstance(entry, list) or entry[1] is None:
-                continue
-            if name not in ("unet", "scheduler", "vae"):
-                raise ConfigError(
-                    f"diffusion model {str(root)!r}: component {name!r} ({entry[1]}) is not supported; "
-                    "kdbench takes unconditional or class-conditional UNet2DModel pipelines, "
-                    "optionally with an AutoencoderKL `vae`"
-                )
+        _check_components(root, _read_json(index) if index.exists() else {})
         info["unet_sub"] = "unet"
         if (root / "scheduler" / "scheduler_config.json").exists():
             info["scheduler"] = _read_json(root / "scheduler" / "scheduler_config.json")
@@ -217,17 +231,41 @@ def inspect_local(path: str | Path) -> dict[str, Any]:
             f"diffusion model: {str(root)!r} holds no diffusers model (no model_index.json, unet/config.json "
             "or config.json); save one with `pipeline.save_pretrained(dir)`"
         )
+    return info
+
+
+def _check_components(root: Path, components: dict[str, Any]) -> None:
+    """Refuse a pipeline (``model_index.json``) with components other than unet, scheduler, vae."""
+    for name, entry in components.items():
+        if name.startswith("_") or not isinstance(entry, list) or entry[1] is None:
+            continue
+        if name in TEXT_COMPONENTS:
+            raise ConfigError(
+                f"diffusion model {str(root)!r}: component {name!r} ({entry[1]}): {_TEXT_NOT_YET}"
+            )
+        if name not in ("unet", "scheduler", "vae"):
+            raise ConfigError(
+                f"diffusion model {str(root)!r}: component {name!r} ({entry[1]}) is not supported; "
+                "kdbench takes unconditional or class-conditional UNet2DModel pipelines, "
+                "optionally with an AutoencoderKL `vae`"
+            )
+
+
+def _component_configs(root: Path, info: dict[str, Any]) -> tuple[dict, dict | None]:
+    """The UNet's and (if any) the VAE's config, checked to be the supported classes."""
     unet_dir = root / info["unet_sub"] if info["unet_sub"] else root
     if not (unet_dir / "config.json").exists():
         raise ConfigError(f"diffusion model {str(root)!r}: {unet_dir / 'config.json'} is missing")
     unet_cfg = _read_json(unet_dir / "config.json")
-    if unet_cfg.get("_class_name") != "UNet2DModel":
+    kind = unet_cfg.get("_class_name")
+    if kind == "UNet2DConditionModel":
+        raise ConfigError(f"diffusion model {str(root)!r}: its UNet is a {kind!r}: {_TEXT_NOT_YET}")
+    if kind != "UNet2DModel":
         raise ConfigError(
-            f"diffusion model {str(root)!r}: its UNet is a {unet_cfg.get('_class_name')!r}; kdbench supports "
+            f"diffusion model {str(root)!r}: its UNet is a {kind!r}; kdbench supports "
             "UNet2DModel (unconditional or class-conditional), e.g. DDPM/DDIM pipelines"
         )
-    info["unet"] = unet_cfg
-    info["vae"] = None
+    vae_cfg = None
     if info["vae_sub"]:
         vae_cfg = _read_json(root / "vae" / "config.json")
         if vae_cfg.get("_class_name") != "AutoencoderKL":
@@ -235,15 +273,7 @@ def inspect_local(path: str | Path) -> dict[str, Any]:
                 f"diffusion model {str(root)!r}: its VAE is a {vae_cfg.get('_class_name')!r}; "
                 "kdbench supports AutoencoderKL latents"
             )
-        info["vae"] = vae_cfg
-    sched = info["scheduler"] or {}
-    prediction = sched.get("prediction_type", "epsilon")
-    if prediction not in PREDICTION_TYPES:
-        raise ConfigError(
-            f"diffusion model {str(root)!r}: prediction_type {prediction!r} is not supported; "
-            f"one of {', '.join(PREDICTION_TYPES)}"
-        )
-    return info
+    return unet_cfg, vae_cfg
 
 
 def alphas_cumprod_from(scheduler_config: dict | None) -> Tensor:
