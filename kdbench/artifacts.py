@@ -15,6 +15,7 @@ import errno
 import fcntl
 import hashlib
 import io
+import json
 import logging
 import os
 import tempfile
@@ -81,6 +82,18 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
         if isinstance(e, OSError):
             raise disk_error(path, e) from None
         raise
+
+
+def _json_default(obj: Any) -> Any:
+    """Records (``model_dump``) as their JSON dicts; anything else as its string."""
+    dump = getattr(obj, "model_dump", None)
+    return dump(mode="json") if callable(dump) else str(obj)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """``obj`` as indented, key-sorted JSON, written atomically (:func:`write_bytes_atomic`)."""
+    data = json.dumps(obj, indent=2, sort_keys=True, default=_json_default)
+    write_bytes_atomic(Path(path), data.encode())
 
 
 def disk_error(path: Path, e: OSError) -> KdbenchError | OSError:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 from pydantic import (
@@ -27,7 +28,7 @@ from pydantic import (
     model_validator,
 )
 
-from kdbench.errors import KdbenchError
+from kdbench.errors import ConfigError, KdbenchError
 
 #: the meaning of a cell dict; bump it (and say how to migrate) when a field changes meaning
 CELL_FORMAT = 1
@@ -59,17 +60,6 @@ class Record(BaseModel):
                 if name in data and getattr(self, name) == field.get_default(call_default_factory=True):
                     del data[name]
         return data
-
-    def __getitem__(self, key: str) -> Any:
-        """Transitional dict-style read (``cell["seed"]``); new code uses attributes."""
-        try:
-            return getattr(self, key)
-        except AttributeError:
-            raise KeyError(key) from None
-
-    def get(self, key: str, default: Any = None) -> Any:
-        """Transitional ``dict.get``; new code uses attributes."""
-        return getattr(self, key, default)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON-ready dict written to disk (``model_dump(mode="json")``)."""
@@ -129,6 +119,31 @@ class MethodRef(Record):
         args = [f"{k}={short(v)}{mark(k)}" for k, v in sorted(self.params.items())]
         args += [f"w.{k}={short(v)}{mark('w.' + k)}" for k, v in sorted(self.weights.items())]
         return ", ".join(args)
+
+
+#: the defaults of a ``swa:`` setting
+SWA_DEFAULTS: dict[str, Any] = {"start": 0.75, "lr": None, "anneal_epochs": 1}
+
+
+def check_swa(cfg: Any) -> dict[str, Any] | None:
+    """A ``swa:`` setting (None/False, True, or a mapping) as SWA's full keyword arguments."""
+    if cfg is None or cfg is False:
+        return None
+    if cfg is True:
+        return dict(SWA_DEFAULTS)
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"swa: expected true or a mapping {{start, lr, anneal_epochs}}, got {cfg!r}")
+    unknown = set(cfg) - {"start", "lr", "anneal_epochs"}
+    if unknown:
+        raise ConfigError(f"swa: unknown key(s) {', '.join(sorted(unknown))}; use start, lr, anneal_epochs")
+    start = cfg.get("start", 0.75)
+    if not 0 <= start < 1:
+        raise ConfigError(f"swa.start is a fraction of the epochs in [0, 1), got {start}")
+    if cfg.get("lr") is not None and cfg["lr"] <= 0:
+        raise ConfigError(f"swa.lr must be > 0, got {cfg['lr']}")
+    if int(cfg.get("anneal_epochs", 1)) < 0:
+        raise ConfigError("swa.anneal_epochs must be >= 0")
+    return {**SWA_DEFAULTS, **cfg}
 
 
 class TrainRecipe(Record):
@@ -192,8 +207,6 @@ class TrainRecipe(Record):
     @field_validator("swa", mode="before")
     @classmethod
     def _check_swa(cls, v: Any) -> Any:
-        from kdbench.robustness.swa import check_swa
-
         try:
             return check_swa(v)
         except KdbenchError as e:
@@ -339,16 +352,12 @@ class Cell(Record):
             raise CellFormatError(where, fmt, f"its content no longer hashes to its id {data['id']}")
         return cell
 
-    @classmethod
-    def coerce(cls, data: dict[str, Any] | Cell) -> Cell:
-        """``Cell`` as is, or a dict converted (``from_dict``)."""
-        return data if isinstance(data, Cell) else cls.from_dict(data)
-
 
 class CellResult(Record):
-    """What running a cell produced (``result.json``)."""
+    """What running a cell produced: the type every run path returns and the store records
+    (``result.json`` is its JSON dump)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    OMIT_IF_DEFAULT: ClassVar[frozenset[str]] = frozenset({"retryable", "retry_attempt"})
 
     cell: Cell
     status: Literal["done", "failed", "pending"]
@@ -358,9 +367,29 @@ class CellResult(Record):
     wall_s: float | None = None
     attempt: int = 1
     error: str | None = None
+    #: a failure that may pass on another attempt (its worker died, it hit the time limit);
+    #: a NaN loss or a config error is not retryable
+    retryable: bool = False
+    #: set by the retry policy on a failed attempt that runs again: the next attempt's number
+    retry_attempt: int | None = None
+
+    @property
+    def id(self) -> str:
+        return self.cell.id
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], where: str = "result") -> CellResult:
+    def failed(
+        cls, cell: Cell, attempt: int, error: str, retryable: bool = False, wall_s: float = 0.0
+    ) -> CellResult:
+        """The result of a cell that failed before or outside its own code could say so."""
+        return cls(
+            cell=cell, status="failed", error=error, attempt=attempt, retryable=retryable, wall_s=wall_s
+        )
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | CellResult, where: str = "result") -> CellResult:
+        if isinstance(data, CellResult):
+            return data
         if not isinstance(data, dict) or not isinstance(data.get("cell"), dict | Cell):
             raise KdbenchError(f"{where}: not a cell result (no 'cell' object)")
         cell = Cell.from_dict(data["cell"], where)
@@ -438,3 +467,32 @@ def changed_entries(planned: list[Cell], stored: list[dict[str, Any]]) -> dict[s
             _diff(d, cell.to_dict(), "", 3, what)
         out.setdefault(", ".join(sorted(what)) or "(nothing visible)", []).append(str(d.get("id")))
     return out
+
+
+@dataclass(frozen=True)
+class Job:
+    """What an executor runs at once: one cell, or a lockstep group of cells sharing a teacher
+    (``executor.share_teacher``), with the attempt number of each, the run directory, the
+    intra-op threads and the wall-time limit of an attempt (``executor.time_limit``)."""
+
+    cells: tuple[Cell, ...]
+    attempts: tuple[int, ...]
+    run_dir: str
+    threads: int = 1
+    time_limit: float | None = None
+
+    @property
+    def ids(self) -> list[str]:
+        return [c.id for c in self.cells]
+
+    @property
+    def first(self) -> Cell:
+        return self.cells[0]
+
+    def attempt_of(self, cell_id: str) -> int:
+        return self.attempts[self.ids.index(cell_id)]
+
+    def only(self, cell_ids: set[str], attempts: dict[str, int]) -> Job:
+        """The same job for some of its cells, at their ``attempts`` (a retry)."""
+        cells = tuple(c for c in self.cells if c.id in cell_ids)
+        return Job(cells, tuple(attempts[c.id] for c in cells), self.run_dir, self.threads, self.time_limit)

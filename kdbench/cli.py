@@ -202,7 +202,7 @@ def bench(
 @app.command("status")
 def status_cmd(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> None:
     """Every cell of a run: done, failed (why), running (where), submitted, pending; and the teachers."""
-    from kdbench.executors.driver import print_status
+    from kdbench.status import print_status
 
     print_status(run_dir, out)
 

@@ -9,32 +9,26 @@ cell killed mid-training resumes from its last epoch checkpoint.
 
 from __future__ import annotations
 
-import errno
-import fcntl
+import inspect
 import itertools
 import json
-import os
-import platform
-import sqlite3
-import time
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from kdbench import registry
-from kdbench.artifacts import disk_error
-from kdbench.cells import Cell, TeacherSpec, changed_entries
+from kdbench.cells import Cell, CellResult, Job, TeacherSpec, changed_entries
 from kdbench.config import Grid, PluginRef, Problems, executor_ref, load_yaml
-from kdbench.errors import KdbenchError
+from kdbench.errors import ConfigError, KdbenchError
+from kdbench.executors.base import Events, Executor, RetryPolicy
 from kdbench.grid import expand
-from kdbench.pool import cpu_budget, retry_if_allowed, run_pool
 from kdbench.preflight import method_fit, teacher_datasets
+from kdbench.procs import cpu_budget
+from kdbench.rundir import RunDir
 from kdbench.store import Store
 
 
@@ -121,6 +115,33 @@ def _warn_changed(p: Plan, done_configs: list[dict], console: Console) -> None:
         )
 
 
+def _incompatible(grid: Grid, cells: list[Cell], misfits: dict, root: Any) -> dict[str, str]:
+    """Cell id -> located message for the cells of (dataset, pair, method) misfits."""
+    if not misfits:
+        return {}
+    coords = itertools.product(
+        range(len(grid.datasets)), range(len(grid.pairs)), range(len(grid.methods)), grid.config.seeds
+    )
+    out = {}
+    for (d_i, p_i, m_i, _), c in zip(coords, cells, strict=True):
+        if (d_i, p_i, m_i) in misfits:
+            where, msg = misfits[d_i, p_i, m_i]
+            located = Problems(grid.file, root)
+            located.add(where, msg)
+            out[c.id] = located.items[0]
+    return out
+
+
+def _warn_changed(p: Plan, done_configs: list[dict], console: Console) -> None:
+    """Say why finished cells of this run directory run again: same grid entries, new ids."""
+    for what, old in changed_entries(p.cells, done_configs).items():
+        console.print(
+            f"[yellow]{len(old)} finished cell(s) of this run directory run again under new ids: "
+            f"their {escape(what)} changed[/yellow] (the old results stay in the store; "
+            "`kdbench report RUN --all` shows them)"
+        )
+
+
 def _fail_incompatible(
     p: Plan, store: Store, todo: list[Cell], attempts: dict, counts: dict, console: Console
 ) -> list[Cell]:
@@ -135,158 +156,36 @@ def _fail_incompatible(
     return [c for c in todo if c.id not in p.incompatible]
 
 
-def import_results(store: Store, run_dir: Path, cells: list[Cell]) -> None:
-    """Record every result file on disk that the store does not yet hold as done (and that is
-    not older than the attempt the store holds: a killed worker leaves no file of its own)."""
-    status = store.status()
-    tries = {r["id"]: r["attempts"] for r in store.cells()} if status else {}
-    for c in cells:
-        f = run_dir / "cells" / c.id / "result.json"
-        if f.exists() and status.get(c.id) != "done":
-            try:
-                result = json.loads(f.read_text())
-                if result.get("status") == "done" or int(result.get("attempt", 1)) >= tries.get(c.id, 0):
-                    store.record(result)
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-                pass  # never half-written, but a foreign file must not stop the sweep
-    for f in (run_dir / "teachers").glob("*/result.json"):
-        try:
-            r = json.loads(f.read_text())
-            store.record_teacher(r["teacher"], r["metrics"], r.get("env", {}), r.get("wall_s", 0.0))
-        except (json.JSONDecodeError, KeyError):
-            pass
+def _fail_incompatible(
+    p: Plan, rd: RunDir, store: Store, todo: list[Cell], attempts: dict, tally: Any
+) -> list[Cell]:
+    """Record the plan's incompatible cells as failed at once; the rest of ``todo`` runs."""
+    for c in todo:
+        if c.id in p.incompatible:
+            tally(CellResult.failed(c, attempts[c.id], f"ConfigError: {p.incompatible[c.id]}"))
+    return [c for c in todo if c.id not in p.incompatible]
 
 
-class RunDirBusy(KdbenchError):
-    """Another driver holds the run directory."""
+def build_executor(ref: PluginRef, workers: int | None, console: Console) -> Executor:
+    """The plan's executor plugin; ``--workers`` overrides its ``workers`` where it has one."""
+    cls = registry.load("executors", ref.name)
+    params = dict(ref.params)
+    if workers is not None:
+        if "workers" in inspect.signature(cls).parameters:
+            params["workers"] = workers
+        else:
+            console.print(
+                f"[yellow]warning:[/yellow] executor {ref.name!r} has no workers; --workers ignored"
+            )
+    return cls(**params)
 
 
-class RunLock:
-    """One driver per run directory: an ``fcntl`` lock on ``<run dir>/.kdbench.lock``.
-
-    The lock file holds the host and PID of the driver that holds it. The OS releases the
-    lock when that process dies, however it dies, so a stale file needs no cleanup. Workers
-    (local, Slurm, Ray) never take it: they only write their own cell directory.
-    """
-
-    NAME = ".kdbench.lock"
-
-    def __init__(self, run_dir: Path):
-        self.path = Path(run_dir) / self.NAME
-        self.fd: int | None = None
-
-    def __enter__(self) -> RunLock:
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:
-            raise not_writable(self.path.parent, e) from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 200, 0).decode(errors="replace").split()
-            os.close(fd)
-            who = f"host {holder[0]}, PID {holder[1]}" if len(holder) >= 2 else "another process"
-            raise RunDirBusy(
-                f"run directory {self.path.parent} is in use by another `kdbench run` ({who}); "
-                "wait for it to finish or stop it: two drivers would train every cell twice"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{platform.node()} {os.getpid()} {time.strftime('%Y-%m-%dT%H:%M:%S')}\n".encode(), 0)
-        self.fd = fd
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.fd is not None:
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
-            os.close(self.fd)
-            self.fd = None
-
-
-def not_writable(directory: Path, e: OSError) -> KdbenchError:
-    """The error for an output directory kdbench cannot write (naming the one that refuses)."""
-    why = e.strerror or str(e)
-    existing = Path(directory)
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    extra = f" (so {directory} cannot be created)" if existing != Path(directory) else ""
-    return KdbenchError(
-        f"output directory {existing} is not writable ({why}){extra}; "
-        "fix its permissions or choose another with --out"
-    )
-
-
-def _check_writable(run_dir: Path) -> None:
-    """Fail (exit 2) before anything is written when ``run_dir`` cannot take new files.
-
-    ``O_TMPFILE`` makes a nameless file, so the probe leaves nothing behind even when it works;
-    it also catches read-only mounts, which root's permission bypass does not.
-    """
-    flag = getattr(os, "O_TMPFILE", 0)
-    try:
-        if flag:
-            os.close(os.open(run_dir, flag | os.O_WRONLY, 0o600))
-        elif not os.access(run_dir, os.W_OK):
-            raise PermissionError(13, "Permission denied")
-    except OSError as e:
-        if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-            raise not_writable(run_dir, e) from None
-        # EOPNOTSUPP/EISDIR/EINVAL: the filesystem has no O_TMPFILE; later writes will tell
-
-
-def _done_in_store(run_dir: Path) -> set[str]:
-    """Ids of cells the store already records as done (read without writing)."""
-    db = run_dir / "results.sqlite"
-    if not db.exists():
-        return set()
-    store = Store.read_only(db)
-    try:
-        return {i for i, s in store.status().items() if s == "done"}
-    finally:
-        store.close()
-
-
-def _done_on_disk(run_dir: Path, cells: list[Cell]) -> set[str]:
-    """Ids of cells already done, read from the store and result files without writing."""
-    done = _done_in_store(run_dir)
-    for c in cells:
-        f = run_dir / "cells" / c.id / "result.json"
-        if c.id not in done and f.exists():
-            try:
-                if json.loads(f.read_text()).get("status") == "done":
-                    done.add(c.id)
-            except (OSError, ValueError, AttributeError):
-                pass
-    return done
-
-
-def _write_if_changed(path: Path, data: bytes) -> None:
-    """Write ``path`` atomically unless it already holds ``data`` (a finished rerun writes nothing)."""
-    try:
-        if path.read_bytes() == data:
-            return
-    except OSError:
-        pass
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise disk_error(path, e) from None
-
-
-def resolve_threads(p: Plan, workers: int | None, console: Console) -> tuple[int, int]:
-    """(workers, intra-op threads per cell) that fit the CPUs this process may use.
-
-    The thread count is the grid's ``executor.threads`` whatever the schedule (inline or N
-    workers), so a cell's numbers do not depend on it. Workers are reduced when
-    ``workers x threads`` would oversubscribe the CPUs (oversubscribed OpenMP is ~25x slower).
-    """
+def fit_threads(p: Plan, ex: Executor, console: Console) -> int:
+    """Intra-op threads per cell (the grid's ``executor.threads``, whatever the schedule, so a
+    cell's numbers do not depend on it), and the executor's parallelism fitted to the CPUs this
+    process may use (oversubscribed OpenMP is ~25x slower)."""
     budget = cpu_budget()
     threads = p.grid.config.executor.threads
-    local = p.executor is None or p.executor.name == "local"
-    n_workers = max(1, workers or (p.executor.params.get("workers", 1) if p.executor else 1)) if local else 1
     if threads > budget:
         console.print(
             f"[yellow]warning:[/yellow] executor.threads is {threads} but this process may use "
@@ -294,14 +193,10 @@ def resolve_threads(p: Plan, workers: int | None, console: Console) -> tuple[int
             f"with {threads})"
         )
         threads = budget
-    if n_workers * threads > budget:
-        fit = max(1, budget // threads)
-        console.print(
-            f"[yellow]warning:[/yellow] {n_workers} workers x {threads} thread(s) would oversubscribe "
-            f"the {budget} CPU(s) this process may use; running {fit} worker(s)"
-        )
-        n_workers = fit
-    return n_workers, threads
+    said = ex.fit(budget, threads)
+    if said:
+        console.print(f"[yellow]warning:[/yellow] {said}")
+    return threads
 
 
 def _warn_thread_change(store: Store, threads: int, cells: list[Cell], console: Console) -> None:
@@ -325,6 +220,21 @@ def _warn_thread_change(store: Store, threads: int, cells: list[Cell], console: 
     store.set_meta("threads", str(threads))
 
 
+def make_jobs(p: Plan, todo: list[Cell], attempts: dict[str, int], threads: int) -> list[Job]:
+    """One job per cell, or with ``executor.share_teacher`` one per lockstep group."""
+    ex = p.grid.config.executor
+    if ex.share_teacher:
+        from kdbench.engine.lockstep import plan_groups
+
+        groups = plan_groups(todo)
+    else:
+        groups = [[c] for c in todo]
+    return [
+        Job(tuple(g), tuple(attempts[c.id] for c in g), str(p.run_dir), threads, ex.time_limit)
+        for g in groups
+    ]
+
+
 def execute(
     p: Plan, workers: int | None = None, console: Console | None = None, detach: bool = False
 ) -> dict[str, Any]:
@@ -334,214 +244,135 @@ def execute(
     directory is locked for this driver (a second driver stops at once) and checked writable.
     """
     console = console or Console(stderr=True)
+    rd = RunDir(p.run_dir)
     grid_text = Path(p.grid.file).read_bytes()
     ids_text = (json.dumps([c.id for c in p.cells], indent=2) + "\n").encode()
-    done = _done_on_disk(p.run_dir, p.cells) if p.run_dir.exists() else set()
-    n = len(p.cells)
+    n, ids = len(p.cells), {c.id for c in p.cells}
     # all done and all in the store: nothing to write (results finished by detached jobs are
     # on disk only, and the locked path below imports them)
-    if (
-        n
-        and len(done & {c.id for c in p.cells}) == n
-        and {c.id for c in p.cells} <= _done_in_store(p.run_dir)
-    ):
+    if n and p.run_dir.exists() and ids <= rd.done_on_disk(p.cells) and ids <= rd.done_in_store():
         console.print(f"[dim]{n} of {n} cells already done; nothing to run[/dim]")
         try:  # keep "the grid last run here" right when another grid reached the same cells
-            _write_if_changed(p.run_dir / "grid.yaml", grid_text)
-            _write_if_changed(p.run_dir / "cells.json", ids_text)
+            rd.write_if_changed("grid.yaml", grid_text)
+            rd.write_if_changed("cells.json", ids_text)
         except KdbenchError:
             pass  # a read-only archive: nothing to write is not an error
         return {"total": n, "skipped": n, "done": 0, "failed": 0}
-    n_workers, threads = resolve_threads(p, workers, console)
-    with RunLock(p.run_dir):
-        _check_writable(p.run_dir)
+    ex = build_executor(p.executor, workers, console)
+    if detach and not ex.detachable:
+        raise ConfigError(
+            f"executor {p.executor.name!r} cannot detach; "
+            "use `executor: {kind: submitit}` or run without --detach"
+        )
+    threads = fit_threads(p, ex, console)
+    with rd.lock():
+        rd.check_writable()
         # the grid last run here, next to the ids of its cells (what `kdbench report` shows)
-        _write_if_changed(p.run_dir / "grid.yaml", grid_text)
-        _write_if_changed(p.run_dir / "cells.json", ids_text)
-        store = _open_store(p.run_dir)
+        rd.write_if_changed("grid.yaml", grid_text)
+        rd.write_if_changed("cells.json", ids_text)
+        store = rd.open_store()
         try:
-            return _execute_locked(p, store, n_workers, threads, console, detach)
+            store.record_grid(grid_text.decode(errors="replace"), [c.id for c in p.cells])
+            return _Sweep(p, rd, store, ex, console).run(threads, detach)
         finally:
             store.close()
 
 
-def _open_store(run_dir: Path) -> Store:
-    try:
-        return Store(run_dir / "results.sqlite")
-    except sqlite3.OperationalError as e:
-        raise KdbenchError(f"cannot open {run_dir / 'results.sqlite'}: {e}") from None
+class _Sweep:
+    """One locked pass of the driver over a plan: import, skip, plan jobs, execute, import."""
 
+    def __init__(self, p: Plan, rd: RunDir, store: Store, ex: Executor, console: Console):
+        self.p, self.rd, self.store, self.ex, self.console = p, rd, store, ex, console
+        self.counts: dict[str, int] = {"total": len(p.cells), "skipped": 0, "done": 0, "failed": 0}
 
-def _execute_locked(
-    p: Plan, store: Store, n_workers: int, threads: int, console: Console, detach: bool = False
-) -> dict[str, Any]:
-    store.add_pending(p.cells)
-    import_results(store, p.run_dir, p.cells)
-    _warn_thread_change(store, threads, p.cells, console)
-    before = {c["id"]: c for c in store.cells()}
-    _warn_changed(p, [r["config"] for r in before.values() if r["status"] == "done"], console)
-    todo = [c for c in p.cells if before[c.id]["status"] != "done"]
-    counts = {"total": len(p.cells), "skipped": len(p.cells) - len(todo), "done": 0, "failed": 0}
-    if counts["skipped"]:
-        console.print(f"[dim]{counts['skipped']} of {len(p.cells)} cells already done; skipping them[/dim]")
-    attempts = {c.id: before[c.id]["attempts"] + 1 for c in todo}
-    todo = _fail_incompatible(p, store, todo, attempts, counts, console)
-    if p.executor is not None and (p.executor.name != "local" or detach):
-        from kdbench.executors.driver import run_external
+    def run(self, threads: int, detach: bool) -> dict[str, Any]:
+        p, store = self.p, self.store
+        store.add_pending(p.cells)
+        self.rd.import_results(store, p.cells)
+        _warn_thread_change(store, threads, p.cells, self.console)
+        before = {c["id"]: c for c in store.cells()}
+        _warn_changed(p, [r["config"] for r in before.values() if r["status"] == "done"], self.console)
+        todo = [c for c in p.cells if before[c.id]["status"] != "done"]
+        self.counts["skipped"] = len(p.cells) - len(todo)
+        if self.counts["skipped"]:
+            self.console.print(
+                f"[dim]{self.counts['skipped']} of {len(p.cells)} cells already done; skipping them[/dim]"
+            )
+        attempts = {c.id: before[c.id]["attempts"] + 1 for c in todo}
+        todo = self._not_running(_fail_incompatible(p, self.rd, store, todo, attempts, self.tally))
+        jobs = make_jobs(p, todo, attempts, threads)
+        if detach:
+            self._submit(jobs, attempts)
+        elif jobs:
+            self._execute(jobs)
+        self.rd.import_results(store, p.cells)
+        return self.counts
 
-        run_external(p, store, todo, attempts, threads, counts, console, detach)
-        import_results(store, p.run_dir, p.cells)
-        return counts
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        transient=False,
-        disable=not console.is_terminal,
-    ) as bar:
-        overall = bar.add_task("cells", total=len(todo))
-        faults = _Faults(p, attempts)
-        share = p.grid.config.executor.share_teacher  # lockstep groups (kdbench/engine/lockstep.py)
-        if n_workers == 1 or len(todo) <= 1:
-            torch.set_num_threads(threads)
-            if share:
-                _run_groups(todo, p.run_dir, store, bar, overall, faults, counts)
-            else:
-                _run_inline(todo, p.run_dir, store, bar, overall, faults, counts)
-        else:  # with share_teacher, a group is one job of one worker
-            jobs: list[Any] = list(todo)
-            if share:
-                from kdbench.engine.lockstep import plan_groups
+    def _not_running(self, todo: list[Cell]) -> list[Cell]:
+        """``todo`` less the cells submitted earlier (``--detach``) that are still queued or running."""
+        submitted = self.rd.read_jobs()
+        mine = {
+            c.id: submitted[c.id]["job"]
+            for c in todo
+            if submitted.get(c.id, {}).get("executor") == self.p.executor.name
+        }
+        running = {cid for cid, up in self.ex.alive(mine).items() if up} if mine else set()
+        if running:
+            self.console.print(
+                f"[dim]{len(running)} cell(s) still queued or running under {self.p.executor.name}; "
+                "not resubmitted[/dim]"
+            )
+            self.counts["running"] = len(running)
+        return [c for c in todo if c.id not in running]
 
-                jobs = [g if len(g) > 1 else g[0] for g in plan_groups(todo)]
-            gpus = p.executor.params.get("gpus") if p.executor is not None else None
-            _run_pool(jobs, p.run_dir, store, bar, overall, faults, counts, n_workers, threads, gpus)
-    import_results(store, p.run_dir, p.cells)
-    return counts
-
-
-def _describe(cell: Cell | dict) -> str:
-    if isinstance(cell, Cell):
-        return cell.describe
-    return (
-        f"{cell['method']['label']} {cell['teacher']['label']}→{cell['student']['label']} "
-        f"{cell['dataset']['name']} seed {cell['seed']}"
-    )
-
-
-class _Faults:
-    """The local executor's fault policy: ``executor.time_limit`` per attempt and ``retries``
-    (the ``local`` plugin's parameter) for cells whose worker died or that hit the limit."""
-
-    def __init__(self, p: Plan, attempts: dict[str, int]):
-        self.attempts = attempts
-        self.first = dict(attempts)
-        self.time_limit = p.grid.config.executor.time_limit
-        self.retries = int(p.executor.params.get("retries", 0)) if p.executor is not None else 0
-
-    def retry(self, result: dict) -> bool:
-        """True (and the next attempt counted) when ``result``'s cell should run again."""
-        return retry_if_allowed(result, self.attempts, self.first, self.retries)
-
-
-def _tally(result: dict, store: Store, counts: dict, console: Console) -> None:
-    store.record(result)
-    if result.get("retry_attempt"):  # a failed attempt the executor runs again
-        console.print(
-            f"[yellow]attempt {result['attempt']} failed[/yellow] {escape(_describe(result['cell']))}: "
-            f"{escape(str(result.get('error')))}; retrying (attempt {result['retry_attempt']})"
-        )
-        return
-    counts[result["status"]] += 1
-    if result["status"] == "failed":
-        console.print(
-            f"[red]failed[/red] {escape(_describe(result['cell']))}: {escape(str(result.get('error')))}"
-        )
-    else:
-        m = result["metrics"]
-        console.print(
-            f"[green]done[/green] {escape(_describe(result['cell']))}: top-1 {m['top1']:.2f}"
-            f" ({result['wall_s']:.1f} s)"
+    def _submit(self, jobs: list[Job], attempts: dict[str, int]) -> None:
+        ids = self.ex.submit(jobs) if jobs else {}
+        self.rd.record_submitted(self.p.executor.name, ids, attempts)
+        self.counts["submitted"] = sum(len(j.cells) for j in jobs)
+        self.console.print(
+            f"submitted {self.counts['submitted']} cell(s) to {self.p.executor.name}; "
+            f"`kdbench status {self.p.run_dir}` shows them and `kdbench run` again collects the results"
         )
 
+    def _execute(self, jobs: list[Job]) -> None:
+        n = sum(len(j.cells) for j in jobs)
+        if n > len(jobs):
+            self.console.print(f"[dim]running {n} cell(s) as {len(jobs)} job(s) sharing teachers[/dim]")
+        policy = RetryPolicy(self.ex.retries, self.p.grid.config.executor.time_limit)
+        with Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            console=self.console, transient=False, disable=not self.console.is_terminal,
+        ) as bar:  # fmt: skip
+            self.bar, self.overall = bar, bar.add_task("cells", total=n)
+            self.ex.run(jobs, Events(self.tally, self._epoch_line), policy)
+            self.bar = None
 
-def _run_inline(todo, run_dir, store, bar, overall, faults: _Faults, counts) -> None:
-    from kdbench.engine.cell import run_cell
+    def tally(self, result: CellResult) -> None:
+        """Record ``result`` and say what happened to its cell."""
+        self.rd.record(self.store, result)
+        desc, err = escape(result.cell.describe), escape(str(result.error))
+        bar = getattr(self, "bar", None)
+        console = bar.console if bar is not None else self.console
+        if result.retry_attempt:  # a failed attempt the executor runs again
+            console.print(
+                f"[yellow]attempt {result.attempt} failed[/yellow] {desc}: {err}; "
+                f"retrying (attempt {result.retry_attempt})"
+            )
+            return
+        self.counts[result.status] += 1
+        if bar is not None:
+            bar.advance(self.overall)
+        if result.status == "failed":
+            console.print(f"[red]failed[/red] {desc}: {err}")
+        else:
+            console.print(
+                f"[green]done[/green] {desc}: top-1 {result.metrics['top1']:.2f} ({result.wall_s:.1f} s)"
+            )
 
-    queue = deque(todo)
-    while queue:
-        c = queue.popleft()
-        desc = _describe(c)
-        bar.update(overall, description=desc)
-
-        def on_epoch(row: dict, desc: str = desc) -> None:
-            _epoch_line(bar, overall, desc, row)
-
-        result = run_cell(c, run_dir, on_epoch, faults.attempts[c.id], faults.time_limit)
-        if faults.retry(result):
-            queue.append(c)
-        _tally(result, store, counts, bar.console)
-        if not result.get("retry_attempt"):
-            bar.advance(overall)
-
-
-def _run_groups(todo, run_dir, store, bar, overall, faults: _Faults, counts) -> None:
-    """Cells that share a teacher's inputs run side by side, the teacher's forward computed once.
-    The time limit applies to the group's wall time; cells to retry run again as a group."""
-    from kdbench.engine.lockstep import plan_groups, run_group
-    from kdbench.engine.train import time_limit
-
-    def progress(c: Cell):
-        return lambda row, desc=_describe(c): _epoch_line(bar, overall, desc, row)
-
-    queue = deque(plan_groups(todo))
-    while queue:
-        group = queue.popleft()
-        again: list[Cell] = []
-
-        def on_result(result: dict, group: list[Cell] = group, again: list[Cell] = again) -> None:
-            if faults.retry(result):
-                again.extend(c for c in group if c.id == result["cell"]["id"])
-            _tally(result, store, counts, bar.console)
-            if not result.get("retry_attempt"):
-                bar.advance(overall)
-
-        bar.update(overall, description=f"{len(group)} cells sharing a teacher: {_describe(group[0])}")
-        with time_limit(faults.time_limit):
-            run_group(group, run_dir, progress, faults.attempts, on_result)
-        if again:
-            queue.append(again)
-
-
-def _epoch_line(bar: Progress, overall: Any, desc: str, row: dict) -> None:
-    acc = row.get("test_top1", row.get("test/top1"))
-    extra = f" acc {acc:.2f}" if acc is not None else ""
-    line = f"{desc} [{row['stage']} {row['epoch']}/{row['epochs']}{extra}]"
-    if bar.disable:  # not a terminal (CI logs, pipes): one line per epoch
-        bar.console.print(f"  {escape(line)}", highlight=False)
-    bar.update(overall, description=line)
-
-
-def _run_pool(todo, run_dir, store, bar, overall, faults, counts, n_workers, threads, gpus=None) -> None:
-    def on_result(result: dict) -> None:
-        _tally(result, store, counts, bar.console)
-        if not result.get("retry_attempt"):
-            bar.advance(overall)
-
-    def on_progress(cell: Cell, row: dict) -> None:
-        _epoch_line(bar, overall, _describe(cell), row)
-
-    run_pool(
-        todo,
-        run_dir,
-        n_workers,
-        threads,
-        faults.attempts,
-        on_result,
-        on_progress,
-        gpus,
-        faults.time_limit,
-        faults.retries,
-    )
+    def _epoch_line(self, cell: Cell, row: dict) -> None:
+        acc = row.get("test_top1", row.get("test/top1"))
+        extra = f" acc {acc:.2f}" if acc is not None else ""
+        line = f"{cell.describe} [{row['stage']} {row['epoch']}/{row['epochs']}{extra}]"
+        if self.bar.disable:  # not a terminal (CI logs, pipes): one line per epoch
+            self.bar.console.print(f"  {escape(line)}", highlight=False)
+        self.bar.update(self.overall, description=line)

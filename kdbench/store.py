@@ -201,7 +201,7 @@ class Store:
         with self.transaction() as db:
             db.executemany(
                 "INSERT OR IGNORE INTO cells (id, status, config) VALUES (?, 'pending', ?)",
-                [(c["id"], json.dumps(_plain(c), sort_keys=True)) for c in cells],
+                [(d["id"], json.dumps(d, sort_keys=True)) for d in map(_plain, cells)],
             )
 
     def record(self, result: dict, epochs: list[dict] | None = None) -> None:

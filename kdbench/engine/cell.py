@@ -19,7 +19,7 @@ import subprocess
 import time
 import traceback
 from collections import OrderedDict
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Generator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,18 +30,25 @@ import torch
 from torch import Tensor, nn
 
 from kdbench import __version__, registry
-from kdbench.artifacts import DiskError, file_lock, load_checked, save_atomic, save_checked
-from kdbench.cells import Cell, PluginKey, TeacherSpec
-from kdbench.engine import distributed as _dist
+from kdbench.artifacts import (
+    DiskError,
+    file_lock,
+    load_checked,
+    save_atomic,
+    save_checked,
+    sidecar,
+    write_json_atomic,
+)
+from kdbench.cells import Cell, CellResult, PluginKey, TeacherSpec
 from kdbench.engine import evaluation as ev
+from kdbench.engine import ranks, views
 from kdbench.engine.build import build_augmenter, build_dataset, build_model, resolve_device
 from kdbench.engine.data import Batches, holdout
-from kdbench.engine.train import Progress, StepPos, TrainSetup, drain, train, train_steps
+from kdbench.engine.train import Progress, StepPos, TrainSetup, clean, drain, train, train_steps
 from kdbench.engine.train import time_limit as _time_limit
 from kdbench.errors import ConfigError, KdbenchError
 from kdbench.features import FeatureReader, Features, TapSpec
 from kdbench.methods.base import Distiller, MethodContext
-from kdbench.store import write_json_atomic
 
 PROBE_SIZE = 256
 #: datasets kept loaded per process (a worker running many cells loads each once)
@@ -83,7 +90,7 @@ def environment() -> dict[str, Any]:
         "cuda": torch.cuda.is_available(),
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         **numerics(),
-        **_dist.describe(),  # {"ddp": {world, backend, device}} inside a DDP cell
+        **ranks.describe(),  # {"ddp": {world, backend, device}} inside a DDP cell
     }
 
 
@@ -235,11 +242,14 @@ class CellData:
         return sets
 
     def context(self, ece_bins: int) -> ev.EvalContext:
+        """What metrics know of the training split: its own samples only, never the samples a
+        dataset-level augmenter (ConfiG) adds to it later (a copy, taken now)."""
+        n = self.train.n_base
         return ev.EvalContext(
             ece_bins=ece_bins,
             group_info=self.ds.group_info(),
-            train_meta=self.train.meta,
-            train_targets=self.train.targets(),
+            train_meta={k: v[:n] for k, v in self.train.meta.items()},
+            train_targets=self.train.targets()[:n],
         )
 
 
@@ -287,7 +297,8 @@ def obtain_teacher(
     weights = tdir / f"{spec.id}.pt"
     data = cell_data(spec.dataset, spec.train.batch_size, eval_batch_size, spec.val_fraction)
     with file_lock(tdir / f"{spec.id}.lock"):
-        if not weights.exists():
+        # weights without their checksum: a crash between the two writes; train it again
+        if not (weights.exists() and sidecar(weights).exists()):
             _make_teacher(spec, tdir, device, data, ece_bins, progress)
     model, taps = build_model(_plain(spec.model), data.num_classes, data.in_channels)
     # verified against the SHA-256 recorded when it was saved: a changed file fails its cells
@@ -306,10 +317,9 @@ def obtain_teacher(
     return model, taps
 
 
-def prepare_teacher(cell: Cell | dict, run_dir: Path) -> None:
+def prepare_teacher(cell: Cell, run_dir: Path) -> None:
     """Obtain and cache the teacher ``cell`` needs, as ``run_cell`` would (a separate teacher job
     for executors that run a sweep's teachers before the cells depending on them)."""
-    cell = Cell.coerce(cell)
     if not cell.uses_teacher:
         return
     device = resolve_device(cell.train.device)
@@ -358,7 +368,7 @@ def _make_teacher(
         setup = TrainSetup(
             student=m,
             student_reader=reader,
-            train_cfg=dict(spec.train),
+            recipe=spec.train,
             train_data=data.train,
             device=device,
             seed=spec.seed,
@@ -394,150 +404,133 @@ def _make_teacher(
 
 
 def run_cell(
-    cell: Cell | dict,
+    cell: Cell,
     run_dir: Path,
     progress: Progress | None = None,
     attempt: int = 1,
     time_limit: float | None = None,
-) -> dict:
-    """Run one cell to completion and write its ``result.json``; returns the result dict.
+) -> CellResult:
+    """Run one cell in this process (or as this process's DDP rank) and write its ``result.json``.
 
-    Failures are recorded (status "failed" with the traceback) rather than raised, so one
-    broken cell never stops a sweep. A cell with ``gpus_per_cell``/``nodes`` > 1 runs on several
-    processes (kdbench/engine/distributed.py); only rank 0 writes. ``time_limit`` (seconds of
-    wall time): past it the cell checkpoints at its next step and fails, ``retryable``.
+    Failures are recorded (status "failed" with the traceback in ``log.txt``) rather than
+    raised, so one broken cell never stops a sweep. ``time_limit`` (seconds of wall time): past
+    it the cell checkpoints at its next step and fails, ``retryable``.
     """
     with _time_limit(time_limit):
         return drain(run_cell_steps(cell, run_dir, progress, attempt))
 
 
 def run_cell_steps(
-    cell: Cell | dict,
+    cell: Cell,
     run_dir: Path,
     progress: Progress | None = None,
     attempt: int = 1,
     teachers: Any = None,
-) -> Generator[StepPos, None, dict]:
+) -> Generator[StepPos, None, CellResult]:
     """:func:`run_cell` as a generator yielding ``(stage, epoch, step)`` before each training
     step; ``teachers`` (a ``kdbench.engine.lockstep.SharedTeachers``) lends the teacher."""
-    cell = Cell.coerce(cell)
-    if _dist.should_launch(cell):  # DDP: N rank processes run it (no steps to yield here)
-        return _dist.launch_cell(cell, Path(run_dir), progress, attempt)
-    cdir = run_dir / "cells" / cell.id
+    cdir = Path(run_dir) / "cells" / cell.id
     cdir.mkdir(parents=True, exist_ok=True)
-    record = cell.to_dict()
-    writer = _dist.is_writer()  # DDP: only rank 0 writes the cell's files
+    writer = ranks.is_writer()  # DDP: only rank 0 writes the cell's files
     if writer:
-        write_json_atomic(cdir / "config.json", record)
+        write_json_atomic(cdir / "config.json", cell.to_dict())
         (cdir / "result.json").unlink(missing_ok=True)  # an earlier attempt's outcome is stale now
+    env = environment()
     with cell_logger(cdir / "log.txt" if writer else Path(os.devnull)) as log:
         log.info("cell %s attempt %d: %s", cell.id, attempt, cell.describe)
         t0 = time.perf_counter()
-        result: dict[str, Any] = {"cell": record, "attempt": attempt, "env": environment()}
         try:
-            out = yield from _run(cell, run_dir, cdir, progress, log, teachers)
-            result["metrics"], result["summary"] = out
-            result["status"] = "done"
+            env["views"] = views.describe(cell)
+            metrics, summary = yield from _run(cell, Path(run_dir), cdir, progress, log, teachers)
+            wall = time.perf_counter() - t0
+            result = CellResult(
+                cell=cell, status="done", metrics={**metrics, "wall_s": wall}, summary=summary,
+                env=env, wall_s=wall, attempt=attempt,
+            )  # fmt: skip
         except (KeyboardInterrupt, DiskError):
             raise  # a full disk stops the sweep with one line instead of failing every cell
         except Exception as e:
             log.error("failed:\n%s", traceback.format_exc())
-            result.update(status="failed", error=f"{type(e).__name__}: {e}")
-            if getattr(e, "retryable", False):  # a time limit: `executor.retries` may run it again
-                result["retryable"] = True
-        result["wall_s"] = time.perf_counter() - t0
-        if result["status"] == "done":
-            result["metrics"]["wall_s"] = result["wall_s"]
+            result = CellResult.failed(
+                cell, attempt, f"{type(e).__name__}: {e}", bool(getattr(e, "retryable", False)),
+                time.perf_counter() - t0,
+            ).model_copy(update={"env": env})  # fmt: skip
         if writer:
             write_json_atomic(cdir / "result.json", result)
-        log.info("%s in %.1f s", result["status"], result["wall_s"])
+        log.info("%s in %.1f s", result.status, result.wall_s)
     return result
 
 
-def _view(ref: Any, data: CellData) -> Callable[[Tensor, torch.Generator], Tensor] | None:
-    """The teacher's view: None (the student's batch), identity ("clean") or an augmenter."""
-    if ref is None or ref == "student":
-        return None
-    if ref == "clean":
-        return lambda x, g: x
-    return build_augmenter(_plain({"name": ref} if isinstance(ref, str) else ref), data.train.data).__call__
+@dataclass
+class _Parts:
+    """A cell set up to train: data, models, readers, method and the trainer's setup."""
 
+    device: torch.device
+    data: CellData
+    student: nn.Module
+    sspec: TapSpec
+    distiller: Distiller
+    student_reader: FeatureReader
+    teacher_reader: Any
+    sets: dict[str, ev.EvalSet]
+    ctx: ev.EvalContext
+    setup: TrainSetup | None = None
 
-def _teacher_view(cell: Cell, method_cls: type[Distiller]) -> Any:
-    """The grid's ``train.teacher_view`` when it is not the default, else the method's choice."""
-    grid = cell.train.teacher_view
-    if grid not in (None, "student"):
-        return grid
-    return method_cls.teacher_view or "student"
+    def student_logits(self, x: Tensor) -> Tensor:
+        return self.distiller.predict(self.student_reader.read(x))
 
+    def epoch_eval(self) -> dict[str, float]:
+        with _eval_mode(self.student, self.distiller):
+            per = ev.evaluate(self.student_logits, _per_epoch(self.sets), self.device, self.ctx, cheap=True)
+        return ev.epoch_metrics(per)
 
-def _student_view(cell: Cell, method_cls: type[Distiller], log: logging.Logger | None = None) -> Any:
-    """The grid's ``train.augment``, or the method's ``student_view`` when the grid left it "none".
-
-    A ``student_view`` naming neither a view of the cell (``train.views``) nor an augmenter is
-    ignored, with a warning in the cell's log (a grid that empties ``train.views`` opts out).
-    """
-    wanted = method_cls.student_view
-    if wanted is None or cell.augment.name != "none":
-        return cell.augment
-    if wanted in cell.views:
-        return cell.views[wanted]
-    if wanted in registry.names("augmenters"):
-        return {"name": wanted, "params": {}}
-    if log is not None:
-        log.warning(
-            "method %s asks for the student view %r, which train.views lacks; the student sees the "
-            "grid's train.augment (%s)",
-            cell.method.name,
-            wanted,
-            cell.augment.name,
-        )
-    return cell.augment
-
-
-def _dataset_augmenters(cell: Cell, student_aug: Any, data: CellData) -> list[Any]:
-    """Dataset-level augmenters: the student's augmenter if it is one, plus ``dataset_augment``."""
-    refs = cell.get("dataset_augment") or []
-    refs = [refs] if isinstance(refs, dict | str | PluginKey) else list(refs)
-    augs = [build_augmenter(_plain({"name": r} if isinstance(r, str) else r), data.train.data) for r in refs]
-    if getattr(student_aug, "dataset_level", False):
-        augs.insert(0, student_aug)
-    for a in augs:
-        if not getattr(a, "dataset_level", False) or not callable(getattr(a, "on_epoch_start", None)):
-            raise ConfigError(f"augmenter {type(a).__name__} is not dataset-level (no on_epoch_start)")
-    return augs
+    def close(self) -> None:
+        self.student_reader.close()
+        if self.teacher_reader is not None:
+            self.teacher_reader.close()
 
 
 def _run(
-    cell: Cell,
-    run_dir: Path,
-    cdir: Path,
-    progress: Progress | None,
-    log: logging.Logger,
-    teachers: Any = None,
+    cell: Cell, run_dir: Path, cdir: Path, progress: Progress | None, log: logging.Logger, teachers: Any
 ) -> Generator[StepPos, None, tuple[dict, dict]]:
+    parts = _build(cell, run_dir, teachers, progress)
+    parts.setup = _setup(cell, parts, cdir, progress, log)
+    t_train = time.perf_counter()
+    yield from train_steps(parts.setup)
+    train_s = time.perf_counter() - t_train
+    if not ranks.is_writer():
+        return {}, {}  # DDP: rank 0 evaluates and saves the student
+    t_eval = time.perf_counter()
+    metrics = _evaluate(cell, parts, run_dir)
+    metrics["train_s"] = train_s
+    metrics["eval_s"] = time.perf_counter() - t_eval
+    save_atomic(parts.student.state_dict(), cdir / "student.pt")
+    log.info("metrics %s", json.dumps(metrics))
+    parts.close()
+    return metrics, parts.distiller.summary()
+
+
+def _build(cell: Cell, run_dir: Path, teachers: Any, progress: Progress | None) -> _Parts:
+    """Data, teacher (lent by ``teachers`` in a lockstep group), student and method of ``cell``."""
     tr, evc = cell.train, cell.eval
     device = resolve_device(tr.device)
     data = cell_data(cell.dataset, tr.batch_size, evc.batch_size, evc.val_fraction)
     method_cls: type[Distiller] = registry.load("losses", cell.method.name)
     params = dict(cell.method.params)
-
     teacher = tspec = None
     if cell.uses_teacher:
         get = teachers.obtain if teachers is not None else obtain_teacher
         teacher, tspec = get(cell.teacher, run_dir, device, evc.batch_size, evc.ece_bins, progress)
-
     seed_everything(cell.seed)
     student, sspec = build_model(_plain(cell.student), data.num_classes, data.in_channels)
-    student.to(device)
-
+    # DDP with sync_bn: BatchNorm layers replaced before any hook is registered on them
+    student = ranks.prepare(student.to(device), tr.sync_bn)
     # probe both models once, reading every tap they expose: feature shapes for the method,
     # probe features for methods fitted before training (CKA grouping)
     probe_x = torch.cat([x for x, _, _ in _take(data.train, PROBE_SIZE)])[:PROBE_SIZE].to(device)
     probe = teachers.probe if teachers is not None else _probe  # a lockstep group probes once
     s_probe = probe(student, sspec, probe_x)
     t_probe = probe(teacher, tspec, probe_x) if teacher is not None else None
-    classifier = teacher.get_submodule(tspec.classifier) if teacher is not None and tspec.classifier else None
     ctx = MethodContext(
         num_classes=data.num_classes,
         num_train=len(data.train),
@@ -547,79 +540,106 @@ def _run(
         teacher_shapes=t_probe.shapes() if t_probe else {},
         student_probe=s_probe,
         teacher_probe=t_probe,
-        teacher_classifier=classifier,
+        teacher_classifier=_classifier(teacher, tspec),
         train_targets=data.train.targets().to(device),
         device=device,
-    )
+    )  # fmt: skip
     distiller = method_cls(ctx, **params).to(device)
     taps = method_cls.taps_for(**params)
-    student_reader = FeatureReader(student, sspec, taps.student or ("logits",))
     teacher_reader = None
     if teacher is not None:
         new_reader = teachers.reader if teachers is not None else FeatureReader
         teacher_reader = new_reader(teacher, tspec, taps.teacher or ("logits",))
+    return _Parts(
+        device, data, student, sspec, distiller, FeatureReader(student, sspec, taps.student or ("logits",)),
+        teacher_reader, data.eval_sets(cell, run_dir / "cache"), data.context(evc.ece_bins),
+    )  # fmt: skip
 
-    views = {name: build_augmenter(_plain(ref), data.train.data).__call__ for name, ref in cell.views.items()}
-    student_aug = build_augmenter(_plain(_student_view(cell, method_cls, log)), data.train.data)
-    dataset_augs = _dataset_augmenters(cell, student_aug, data)
-    sets = data.eval_sets(cell, run_dir / "cache")
-    base_ctx = data.context(evc.ece_bins)
 
-    def student_logits(x: Tensor) -> Tensor:
-        return distiller.predict(student_reader.read(x))
+def _classifier(teacher: nn.Module | None, tspec: TapSpec | None) -> nn.Module | None:
+    return teacher.get_submodule(tspec.classifier) if teacher is not None and tspec.classifier else None
 
-    def epoch_eval() -> dict[str, float]:
-        with _eval_mode(student, distiller):
-            per = ev.evaluate(student_logits, _per_epoch(sets), device, base_ctx, cheap=True)
-        return ev.epoch_metrics(per)
 
-    setup = TrainSetup(
-        student=student,
-        student_reader=student_reader,
-        train_cfg=dict(tr),
+def _augmenter(ref: Any, data: CellData) -> Any:
+    return build_augmenter(_plain({"name": ref} if isinstance(ref, str) else ref), data.train.data)
+
+
+def _setup(
+    cell: Cell, parts: _Parts, cdir: Path, progress: Progress | None, log: logging.Logger
+) -> TrainSetup:
+    """The trainer's setup: views (kdbench/engine/views.py), loss weights, hooks' inputs."""
+    method_cls = type(parts.distiller)
+    data, params = parts.data, dict(cell.method.params)
+    base = _augmenter(cell.augment, data)
+    extra = views.student_view(cell, method_cls)
+    student_aug = base if extra is None else _augmenter(extra, data)
+    stacked = extra is not None and cell.augment.name != "none"
+    dataset_augs = _dataset_augmenters(base if stacked else student_aug)
+    tv = views.teacher_view(cell, method_cls)
+    return TrainSetup(
+        student=parts.student,
+        student_reader=parts.student_reader,
+        recipe=cell.train,
         train_data=data.train,
-        device=device,
+        device=parts.device,
         seed=cell.seed,
         augment=(lambda x, g: x) if student_aug in dataset_augs else student_aug.__call__,
-        distiller=distiller,
-        teacher_reader=teacher_reader,
-        teacher_augment=_view(_teacher_view(cell, method_cls), data),
-        views=views,
+        base_augment=base.__call__ if stacked and base not in dataset_augs else None,
+        distiller=parts.distiller,
+        teacher_reader=parts.teacher_reader,
+        teacher_augment=None
+        if tv == "student"
+        else clean
+        if tv == "clean"
+        else _augmenter(tv, data).__call__,
+        views={name: _augmenter(ref, data).__call__ for name, ref in cell.views.items()},
         weights={"ce": 1.0, **method_cls.weights_for(**params), **cell.method.weights},
         workdir=cdir,
         progress=progress,
-        epoch_eval=epoch_eval,
-        eval_every=evc.every,
+        epoch_eval=parts.epoch_eval,
+        eval_every=cell.eval.every,
         dataset_augmenters=dataset_augs,
         log=log,
     )
-    t_train = time.perf_counter()
-    yield from train_steps(setup)
-    train_s = time.perf_counter() - t_train
-    if not _dist.is_writer():
-        return {}, {}  # DDP: rank 0 evaluates and saves the student
 
-    t_eval = time.perf_counter()
+
+def _teacher_augment(tv: Any, data: CellData) -> Any:
+    """None (the student's batch), :func:`clean` or the teacher's own augmenter."""
+    return None if tv == "student" else clean if tv == "clean" else _augmenter(tv, data).__call__
+
+
+def _dataset_augmenters(student_aug: Any) -> list[Any]:
+    """The dataset-level augmenter among the student's (ConfiG as ``train.augment``), if any."""
+    if not getattr(student_aug, "dataset_level", False):
+        return []
+    if not callable(getattr(student_aug, "on_epoch_start", None)):
+        raise ConfigError(f"augmenter {type(student_aug).__name__} is not dataset-level (no on_epoch_start)")
+    return [student_aug]
+
+
+def _evaluate(cell: Cell, parts: _Parts, run_dir: Path) -> dict[str, float]:
+    """Every metric of the trained student on the cell's evaluation sets (one pass per set)."""
+    # samples a dataset-level augmenter added train the student only: metrics on the training
+    # split (group shares, train/... groups, DFR) see the split's own samples
+    parts.data.train.clear_samples()
     teacher_logits = None
-    if teacher_reader is not None:
+    if parts.teacher_reader is not None:
         tdir = run_dir / "teachers" / cell.teacher.id / "eval"
-        teacher_logits = ev.TeacherLogits(lambda x: teacher_reader.read(x).logits, device, tdir)
-    with _eval_mode(student, distiller):
-        per_set = ev.evaluate(student_logits, sets, device, base_ctx, teacher=teacher_logits)
+        reader = parts.teacher_reader
+        teacher_logits = ev.TeacherLogits(lambda x: reader.read(x).logits, parts.device, tdir)
+    with _eval_mode(parts.student, parts.distiller):
+        per_set = ev.evaluate(
+            parts.student_logits, parts.sets, parts.device, parts.ctx, teacher=teacher_logits
+        )
         metrics = ev.final_metrics(per_set)
-        hook_view = dict(sets=sets, train=data.train, val=data.val, device=device, ctx=base_ctx)
-        student_view = ev.TrainedModel("student", student, sspec, student_logits, **hook_view)
-        student_view.options, student_view.seed = dict(evc), cell.seed
+        d = parts.data
+        hook_view = dict(sets=parts.sets, train=d.train, val=d.val, device=parts.device, ctx=parts.ctx)
+        student_view = ev.TrainedModel(
+            "student", parts.student, parts.sspec, parts.student_logits, **hook_view
+        )
+        student_view.options, student_view.seed = cell.eval.model_dump(), cell.seed
         metrics.update(ev.model_hooks(student_view))
-    metrics["train_s"] = train_s
-    metrics["eval_s"] = time.perf_counter() - t_eval
-    save_atomic(student.state_dict(), cdir / "student.pt")
-    summary = distiller.summary()
-    log.info("metrics %s", json.dumps(metrics))
-    student_reader.close()
-    if teacher_reader:
-        teacher_reader.close()
-    return metrics, summary
+    return metrics
 
 
 def _per_epoch(sets: dict[str, ev.EvalSet]) -> dict[str, ev.EvalSet]:

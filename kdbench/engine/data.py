@@ -133,7 +133,7 @@ class Batches:
         #: pinned host batches (DataLoader path) so copies to a GPU overlap (engine/precision.py)
         self.pin_memory = False
         #: (rank, world) of a DDP cell: shuffled epochs yield this rank's share of every global
-        #: batch (kdbench/engine/distributed.py:shard_order); None: the whole split
+        #: batch (:func:`shard_order`); None: the whole split
         self.shard: tuple[int, int] | None = None
 
     def __len__(self) -> int:
@@ -214,8 +214,6 @@ class Batches:
         order = self.order(generator, sampler)
         bs = self.batch_size
         if self.shard is not None and generator is not None:
-            from kdbench.engine.distributed import shard_order
-
             order, bs = shard_order(order, bs, *self.shard)
         if skip_batches:
             order = order[skip_batches * bs :]
@@ -259,3 +257,22 @@ class Batches:
             x[is_base], y[is_base] = bx.float(), torch.as_tensor(by).long()
         x[~is_base], y[~is_base] = self.extra_x[ex], self.extra_y[ex]
         return x, y
+
+
+def shard_order(order: Tensor, batch_size: int, rank: int, world: int) -> tuple[Tensor, int]:
+    """Rank ``rank``'s positions of an epoch ``order`` and its per-rank batch size.
+
+    Global batch k is ``order[k B : (k+1) B]``; the rank takes every ``world``-th sample of it
+    from ``rank`` on. A last global batch with fewer than ``2 world`` samples is dropped.
+    """
+    if batch_size % world:
+        raise ConfigError(
+            f"train.batch_size {batch_size} is the global batch and must be divisible by "
+            f"gpus_per_cell x nodes = {world}; choose a multiple of {world}"
+        )
+    full = (len(order) // batch_size) * batch_size
+    parts = [order[:full].reshape(-1, world)[:, rank]]
+    tail = order[full:]
+    if len(tail) >= 2 * world:
+        parts.append(tail[rank::world])
+    return torch.cat(parts), batch_size // world

@@ -43,10 +43,10 @@ import contextlib
 import os
 import signal
 import socket
+import sys
 import time
 import traceback
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -55,6 +55,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from kdbench.cells import Cell, CellResult
+from kdbench.engine import ranks
+from kdbench.engine.ranks import RankInfo
 from kdbench.errors import ConfigError
 
 #: exit code of a rank that stopped on request (its checkpoint saved by rank 0)
@@ -65,66 +68,14 @@ GRACE_S = 20.0
 RANK_SEED = 1_000_033
 
 
-@dataclass(frozen=True)
-class RankInfo:
-    rank: int
-    world: int
-    local_rank: int
-    device: torch.device
-
-
-_CURRENT: RankInfo | None = None
 _SYNC: DistributedSync | None = None
 
 
 def describe() -> dict[str, Any]:
-    """``{"ddp": {world, backend, device}}`` for a result's env inside a DDP cell, else {}."""
-    if _CURRENT is None:
-        return {}
+    """``{"ddp": {world, backend, device}}`` of this rank (the runtime side of :mod:`ranks`)."""
+    info = ranks.current()
     backend = dist.get_backend() if dist.is_initialized() else None
-    return {"ddp": {"world": _CURRENT.world, "backend": backend, "device": _CURRENT.device.type}}
-
-
-def current() -> RankInfo | None:
-    """This process's rank within a DDP cell, or None outside one."""
-    return _CURRENT
-
-
-def is_writer() -> bool:
-    """True outside DDP and on rank 0: the only process that writes the cell's files."""
-    return _CURRENT is None or _CURRENT.rank == 0
-
-
-def world_size(cell: Any) -> int:
-    tr = cell.train
-    return int(getattr(tr, "gpus_per_cell", 1) or 1) * int(getattr(tr, "nodes", 1) or 1)
-
-
-def should_launch(cell: Any) -> bool:
-    """Whether ``run_cell`` must hand ``cell`` to :func:`launch_cell` (DDP, not yet a rank)."""
-    return world_size(cell) > 1 and _CURRENT is None
-
-
-# -------------------------------------------------------------------------------- sharding
-
-
-def shard_order(order: Tensor, batch_size: int, rank: int, world: int) -> tuple[Tensor, int]:
-    """Rank ``rank``'s positions of an epoch ``order`` and its per-rank batch size.
-
-    Global batch k is ``order[k B : (k+1) B]``; the rank takes every ``world``-th sample of it
-    from ``rank`` on. A last global batch with fewer than ``2 world`` samples is dropped.
-    """
-    if batch_size % world:
-        raise ConfigError(
-            f"train.batch_size {batch_size} is the global batch and must be divisible by "
-            f"gpus_per_cell x nodes = {world}; choose a multiple of {world}"
-        )
-    full = (len(order) // batch_size) * batch_size
-    parts = [order[:full].reshape(-1, world)[:, rank]]
-    tail = order[full:]
-    if len(tail) >= 2 * world:
-        parts.append(tail[rank::world])
-    return torch.cat(parts), batch_size // world
+    return {"ddp": {"world": info.world, "backend": backend, "device": info.device.type}}
 
 
 # ------------------------------------------------------------------------------- rank side
@@ -133,7 +84,6 @@ def shard_order(order: Tensor, batch_size: int, rank: int, world: int) -> tuple[
 @contextlib.contextmanager
 def rank_context(rank: int, world: int, local_rank: int, device_pref: str) -> Iterator[RankInfo]:
     """Join the process group (env:// rendezvous) as ``rank``; the engine acts as that rank inside."""
-    global _CURRENT
     from kdbench.engine.build import resolve_device
 
     device = resolve_device(device_pref)
@@ -151,11 +101,12 @@ def rank_context(rank: int, world: int, local_rank: int, device_pref: str) -> It
         device = torch.device("cuda", index)
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(minutes=30))
-    _CURRENT = RankInfo(rank, world, local_rank, device)
+    info = RankInfo(rank, world, local_rank, device, runtime=sys.modules[__name__])
+    ranks.enter(info)
     try:
-        yield _CURRENT
+        yield info
     finally:
-        _CURRENT = None
+        ranks.enter(None)
         with contextlib.suppress(Exception):
             dist.destroy_process_group()
 
@@ -171,8 +122,6 @@ def env_rank() -> tuple[int, int, int] | None:
 def adapt_hooks(setup: Any, hooks: list) -> list:
     """The trainer's hooks as this rank runs them: unchanged outside DDP; else the sync hook
     first and, off rank 0, no hook that writes or evaluates."""
-    if _CURRENT is None:
-        return hooks
     from kdbench.engine import train as T
 
     if any(isinstance(h, T.DatasetAugment) for h in hooks):
@@ -180,7 +129,7 @@ def adapt_hooks(setup: Any, hooks: list) -> list:
             "dataset-level augmenters (e.g. config) are not supported with gpus_per_cell > 1: "
             "run the cell on one process (gpus_per_cell: 1)"
         )
-    if _CURRENT.rank != 0:
+    if ranks.current().rank != 0:
         writers = (T.MetricsLog, T.Checkpoint, T.EpochEval, T.ProgressReport)
         hooks = [h for h in hooks if not isinstance(h, writers)]
     return [DistributedSync(setup), *hooks]
@@ -190,7 +139,7 @@ def stop_requested_all() -> bool:
     """The stop flag every rank agrees on (outside DDP: this process's flag)."""
     from kdbench.engine.train import stop_requested
 
-    if _CURRENT is None or _SYNC is None:
+    if _SYNC is None:
         return stop_requested()
     if _SYNC.stop_agreed:
         _SYNC.gather_rng()  # every rank is here, before rank 0 saves the mid-epoch checkpoint
@@ -209,6 +158,20 @@ def refuse_per_sample_state(distiller: nn.Module | None, n_train: int) -> None:
                 f"method {method} keeps per-sample state ({name}: one row per training sample) "
                 "that DDP would split over ranks; run it with gpus_per_cell: 1"
             )
+
+
+def refuse_batch_relational(distiller: nn.Module | None) -> None:
+    """Methods whose loss relates the samples of a batch (RKD, SP, CC, PKT, DIST, MLKD, SemCKD,
+    CKA-KD) would relate only a rank's B/N samples: a different loss from the single-process
+    cell. Refused rather than silently changed."""
+    if distiller is None or not getattr(type(distiller), "batch_relational", False):
+        return
+    method = getattr(distiller, "name", None) or type(distiller).__name__
+    raise ConfigError(
+        f"method {method} relates the samples of a batch, and under DDP each rank sees only its "
+        "shard of the global batch (a different loss from the one-process cell); run it with "
+        "gpus_per_cell: 1"
+    )
 
 
 class _AllReduceSum(torch.autograd.Function):
@@ -290,9 +253,8 @@ class DistributedSync:
     name = "ddp"
 
     def __init__(self, setup: Any):
-        assert _CURRENT is not None
         self.setup = setup
-        self.info = _CURRENT
+        self.info = ranks.current()
         self.stop_agreed = False
         self.rng: list[dict[str, Any]] | None = None
         self.trainer: Any = None
@@ -301,11 +263,10 @@ class DistributedSync:
         global _SYNC
         s, info = self.setup, self.info
         refuse_per_sample_state(s.distiller, len(s.train_data))
-        if trainer.stage.cfg.get("sync_bn") and not getattr(s, "_sync_bn_done", False):
-            convert_sync_bn(s.student, info.device)
-            if s.distiller is not None:
-                convert_sync_bn(s.distiller, info.device)
-            s._sync_bn_done = True
+        refuse_batch_relational(s.distiller)
+        # the student was converted before its feature hooks were registered (ranks.prepare)
+        if trainer.stage.recipe.sync_bn and s.distiller is not None:
+            convert_sync_bn(s.distiller, info.device)
         s.train_data.shard = (info.rank, info.world)
         trainer.grad_sync = self.sync_grads
         if info.rank:  # rank 0 keeps the single-process streams
@@ -403,12 +364,20 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def launch_cell(cell: Any, run_dir: Path, progress: Callable | None = None, attempt: int = 1) -> dict:
-    """Run a DDP cell: as this environment's rank (torchrun/Slurm tasks), else N local ranks."""
+def launch_cell(
+    cell: Cell, run_dir: Path, progress: Callable | None = None, attempt: int = 1
+) -> CellResult | None:
+    """Run a DDP cell: as this environment's rank (torchrun/Slurm tasks), else N local ranks.
+    Rank 0's result (None on the other ranks of an outside launcher)."""
+    out = _launch(cell, run_dir, progress, attempt)
+    return out if out is None or isinstance(out, CellResult) else CellResult.from_dict(out)
+
+
+def _launch(cell: Cell, run_dir: Path, progress: Callable | None, attempt: int) -> Any:
     from kdbench.engine.cell import run_cell
 
     run_dir = Path(run_dir)
-    world = world_size(cell)
+    world = ranks.world_size(cell.train)
     env = env_rank()
     if env is not None:
         rank, env_world, local = env
@@ -425,7 +394,7 @@ def launch_cell(cell: Any, run_dir: Path, progress: Callable | None = None, atte
         prepare_teacher(cell, run_dir)  # before joining: a teacher trains on one process
         with rank_context(rank, world, local, cell.train.device):
             result = run_cell(cell, run_dir, progress if rank == 0 else None, attempt)
-        return result if rank == 0 else {"cell": cell.to_dict(), "status": "rank", "rank": rank}
+        return result if rank == 0 else None
     if int(getattr(cell.train, "nodes", 1)) > 1:
         return _failed(
             cell,
@@ -438,7 +407,7 @@ def launch_cell(cell: Any, run_dir: Path, progress: Callable | None = None, atte
 
 
 def _failed(cell: Any, run_dir: Path, attempt: int, error: str) -> dict:
-    from kdbench.store import write_json_atomic
+    from kdbench.artifacts import write_json_atomic
 
     cdir = run_dir / "cells" / cell.id
     cdir.mkdir(parents=True, exist_ok=True)
@@ -591,13 +560,13 @@ class _Ranks:
             )
         else:
             return result
-        from kdbench.store import write_json_atomic
+        from kdbench.artifacts import write_json_atomic
 
         write_json_atomic(self.run_dir / "cells" / cell.id / "result.json", result)
         return result
 
     def _other_ranks_errors(self) -> dict[int, str]:
-        from kdbench.pool import death_reason
+        from kdbench.procs import death_reason
 
         failed = {r: res for r, res in self.results.items() if r and res.get("status") == "failed"}
         others = {r: res.get("error") for r, res in failed.items()}
@@ -608,7 +577,7 @@ class _Ranks:
         return others
 
     def _no_result(self, others: dict[int, str], t0: float) -> dict:
-        from kdbench.pool import death_reason
+        from kdbench.procs import death_reason
 
         reasons = [f"rank {r}: {e}" for r, e in sorted({**self.errors, **others}.items()) if e]
         codes = ", ".join(f"rank {r} exit {p.exitcode}" for r, p in enumerate(self.procs))
@@ -636,7 +605,7 @@ def _rank_main(
     conn: Any,
 ) -> None:
     """A spawned rank: join the group, run the cell as this rank, report to the launcher."""
-    from kdbench.pool import die_with_parent
+    from kdbench.procs import die_with_parent
 
     die_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the launcher decides what Ctrl-C means
@@ -646,7 +615,6 @@ def _rank_main(
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(max(1, threads))
-    from kdbench.cells import Cell
     from kdbench.engine.cell import run_cell
 
     cell = Cell.from_dict(cell_dict)

@@ -55,7 +55,6 @@ _STAGE_RANK = {"init": 0, "train": 1}
 
 def group_key(cell: Cell) -> str | None:
     """Cells with the same key feed their teacher the same inputs; None: no teacher to share."""
-    cell = Cell.coerce(cell)
     if not cell.uses_teacher or cell.train.gpus_per_cell * cell.train.nodes > 1:
         return None  # no teacher to share, or a DDP cell (its own processes)
     method_cls = registry.load("losses", cell.method.name)
@@ -73,17 +72,27 @@ def group_key(cell: Cell) -> str | None:
         "teacher_view": tv,
         "device": tr.device,
         "val_fraction": cell.eval.val_fraction,
-        "dataset_augment": cell.get("dataset_augment"),
+        # what changes the teacher's arithmetic: its forward runs under the autocast, memory
+        # format and compilation of the cell that computes it, and is reused by the others
+        "precision": tr.precision,
+        "channels_last": tr.channels_last,
+        "compile": tr.compile,
+        "student_view": _student_view_key(cell, method_cls),
     }
     return json.dumps(key, sort_keys=True, default=str)
 
 
-def plan_groups(cells: Iterable[Cell | dict]) -> list[list[Cell]]:
+def _student_view_key(cell: Cell, method_cls: Any) -> Any:
+    """The method's student view (a composed view changes what a "clean" teacher sees)."""
+    wanted = getattr(method_cls, "student_view", None)
+    return None if wanted is None else cell.views.get(wanted, wanted)
+
+
+def plan_groups(cells: Iterable[Cell]) -> list[list[Cell]]:
     """``cells`` partitioned into lockstep groups (first-seen order; cells without a teacher alone)."""
     groups: dict[str, list[Cell]] = {}
     out: list[list[Cell]] = []
     for c in cells:
-        c = Cell.coerce(c)
         k = group_key(c)
         if k is None:
             out.append([c])
@@ -102,6 +111,17 @@ def plan_groups(cells: Iterable[Cell | dict]) -> list[list[Cell]]:
 class _Entry:
     x: Tensor
     feats: Features
+    #: the version counters of ``feats``' tensors when computed: a method that edits the
+    #: shared features in place bumps them, and the entry is no longer lent to anyone
+    versions: list[int]
+
+
+def _tensors(f: Features) -> list[Tensor]:
+    return [t for t in (f.logits, *f.stages, *f.preact, f.pooled) if t is not None]
+
+
+def _versions(f: Features) -> list[int]:
+    return [t._version for t in _tensors(f)]
 
 
 def _same_input(a: Tensor, b: Tensor) -> bool:
@@ -147,7 +167,7 @@ class _Union:
         self.wanted: set[str] = {"logits"}
         self.reader: FeatureReader | None = None
         self.entries: list[_Entry] = []
-        self.hits = self.misses = 0
+        self.hits = self.misses = self.edited = 0
         self.seconds = 0.0  # in the forwards computed (misses)
 
     def want(self, taps: Iterable[str]) -> None:
@@ -162,6 +182,10 @@ class _Union:
     def read(self, x: Tensor) -> Features:
         for e in self.entries:
             if _same_input(e.x, x):
+                if _versions(e.feats) != e.versions:  # edited in place by the cell it was lent to
+                    self.entries.remove(e)
+                    self.edited += 1
+                    break
                 self.hits += 1
                 return e.feats
         assert self.reader is not None
@@ -169,7 +193,7 @@ class _Union:
         t0 = time.perf_counter()
         feats = self.reader.read(x)
         self.seconds += time.perf_counter() - t0
-        self.entries.append(_Entry(x.detach().clone(), feats))
+        self.entries.append(_Entry(x.detach().clone(), feats, _versions(feats)))
         del self.entries[:-CACHE_ENTRIES]
         return feats
 
@@ -354,7 +378,7 @@ def _advance(slot: _Slot) -> None:
 
 
 def run_group(
-    cells: Iterable[Cell | dict],
+    cells: Iterable[Cell],
     run_dir: Path,
     progress: Callable[[Cell], Progress | None] | None = None,
     attempts: dict[str, int] | None = None,
@@ -375,7 +399,7 @@ def run_group(
     """
     from kdbench.engine.cell import run_cell_steps
 
-    cells = [Cell.coerce(c) for c in cells]
+    cells = list(cells)
     teachers = teachers if teachers is not None else SharedTeachers()
     start = _rng_state()
     slots = [

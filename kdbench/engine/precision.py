@@ -34,13 +34,13 @@ COMPILE_BACKEND = "inductor"
 class Amp:
     """A stage's arithmetic: ``autocast()`` around the loss, ``step(loss, opt)`` for the update."""
 
-    def __init__(self, cfg: dict[str, Any], device: torch.device):
-        self.precision = cfg.get("precision") or "fp32"
+    def __init__(self, recipe: Any, device: torch.device):
+        self.precision = getattr(recipe, "precision", None) or "fp32"
         if self.precision not in DTYPES:
             raise ValueError(f"precision must be one of {', '.join(DTYPES)}, got {self.precision!r}")
         self.dtype = DTYPES[self.precision]
         self.device_type = torch.device(device).type
-        self.channels_last = bool(cfg.get("channels_last"))
+        self.channels_last = bool(getattr(recipe, "channels_last", False))
         self.scaler = torch.amp.GradScaler(self.device_type) if self.dtype is torch.float16 else None
 
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -76,13 +76,13 @@ class Amp:
             self.scaler.load_state_dict(state["scaler"])
 
 
-def prepare_model(model: nn.Module | None, cfg: dict[str, Any]) -> None:
+def prepare_model(model: nn.Module | None, recipe: Any) -> None:
     """channels_last and compile, in place (idempotent: a shared teacher may be prepared twice)."""
     if model is None:
         return
-    if cfg.get("channels_last"):
+    if recipe.channels_last:
         model.to(memory_format=torch.channels_last)
-    if cfg.get("compile") and not getattr(model, "_kdbench_compiled", False):
+    if recipe.compile and not getattr(model, "_kdbench_compiled", False):
         model.compile(backend=COMPILE_BACKEND)
         model._kdbench_compiled = True  # type: ignore[assignment]
 

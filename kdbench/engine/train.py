@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdbench.artifacts import load_checked, load_checkpoint, save_atomic, save_checked
-from kdbench.engine import distributed as _dist
+from kdbench.cells import TrainRecipe
+from kdbench.engine import ranks
 from kdbench.engine.data import Batches, DatasetAugmentContext, ExtraSamples
 from kdbench.engine.precision import Amp, keep_on_device, prepare_model
 from kdbench.features import FeatureReader, Features
@@ -90,7 +91,7 @@ def time_limit(seconds: float | None) -> Iterator[None]:
 
 def _past_deadline() -> float | None:
     """The limit in seconds when it has been reached (outside DDP), else None."""
-    if _DEADLINE is None or _dist.current() is not None or time.monotonic() < _DEADLINE[0]:
+    if _DEADLINE is None or ranks.current() is not None or time.monotonic() < _DEADLINE[0]:
         return None
     return _DEADLINE[1]
 
@@ -116,7 +117,7 @@ class TrainSetup:
 
     student: nn.Module
     student_reader: FeatureReader
-    train_cfg: dict[str, Any]
+    recipe: TrainRecipe
     train_data: Batches
     device: torch.device
     seed: int
@@ -124,6 +125,9 @@ class TrainSetup:
     distiller: Distiller | None = None
     teacher_reader: FeatureReader | None = None
     teacher_augment: View | None = None
+    #: applied to the raw batch before ``augment`` (the grid's base augmentation under a method
+    #: view, kdbench/engine/views.py); the ``clean`` teacher view sees its output
+    base_augment: View | None = None
     views: dict[str, View] = field(default_factory=dict)
     weights: dict[str, float] = field(default_factory=lambda: {"ce": 1.0})
     workdir: Path | None = None  # checkpoint.pt, metrics.jsonl and extra/ live here
@@ -134,22 +138,22 @@ class TrainSetup:
     log: logging.Logger | None = None
 
 
-def make_optimizer(params: list[nn.Parameter], cfg: dict[str, Any]) -> torch.optim.Optimizer:
-    if cfg["optimizer"] == "adamw":
-        return torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    return torch.optim.SGD(params, lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=cfg["weight_decay"])
+def make_optimizer(params: list[nn.Parameter], r: TrainRecipe) -> torch.optim.Optimizer:
+    if r.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=r.lr, weight_decay=r.weight_decay)
+    return torch.optim.SGD(params, lr=r.lr, momentum=r.momentum, weight_decay=r.weight_decay)
 
 
-def lr_factor(cfg: dict[str, Any], epoch: int) -> float:
+def lr_factor(r: TrainRecipe, epoch: int) -> float:
     """Multiplier of the base lr at ``epoch`` (0-based); milestones < 1 are fractions of epochs."""
-    epochs = max(cfg["epochs"], 1)
-    if cfg.get("warmup_epochs", 0) and epoch < cfg["warmup_epochs"]:
-        return (epoch + 1) / cfg["warmup_epochs"]
-    if cfg["schedule"] == "cosine":
+    epochs = max(r.epochs, 1)
+    if r.warmup_epochs and epoch < r.warmup_epochs:
+        return (epoch + 1) / r.warmup_epochs
+    if r.schedule == "cosine":
         return 0.5 * (1 + math.cos(math.pi * epoch / epochs))
-    if cfg["schedule"] == "step":
-        marks = [m * epochs if m < 1 else m for m in cfg["milestones"]]
-        return cfg["gamma"] ** sum(epoch >= m for m in marks)
+    if r.schedule == "step":
+        marks = [m * epochs if m < 1 else m for m in r.milestones]
+        return r.gamma ** sum(epoch >= m for m in marks)
     return 1.0
 
 
@@ -181,7 +185,7 @@ class Stage:
     epochs: int
     params: list[nn.Parameter]
     loss: LossFn
-    cfg: dict[str, Any]
+    recipe: TrainRecipe  # the cell's, with this stage's epochs and lr
     data_seed: int
 
 
@@ -212,11 +216,11 @@ class Trainer:
         self.setup = setup
         self.stage = stage
         self.hooks = hooks
-        self.opt = make_optimizer(stage.params, stage.cfg)
+        self.opt = make_optimizer(stage.params, stage.recipe)
         self.data_gen = torch.Generator().manual_seed(stage.data_seed)
         self.aug_gen = torch.Generator(device="cpu").manual_seed(setup.seed * 7919 + 17)
-        self.sampler = stage.cfg.get("sampler") or "shuffle"
-        self.amp = Amp(stage.cfg, setup.device)  # precision, GradScaler, channels_last inputs
+        self.sampler = stage.recipe.sampler
+        self.amp = Amp(stage.recipe, setup.device)  # precision, GradScaler, channels_last inputs
         #: a mid-epoch checkpoint's position: batches of the epoch already done and their loss sums
         self.resume_step = 0
         self.partial: dict[str, Any] = {}
@@ -282,7 +286,7 @@ class Trainer:
         lr = self.opt.param_groups[0]["lr"]
         batches = s.train_data.iterate(self.data_gen, sampler=self.sampler, skip_batches=skip)
         for step, (x, y, idx) in enumerate(batches, start=skip):
-            if _dist.stop_requested_all():  # DDP: the flag every rank agreed on
+            if ranks.stop_agreed(stop_requested()):  # DDP: the flag every rank agreed on
                 if self.checkpointer is not None:
                     self.checkpointer.save_mid_epoch(self, epoch, step, epoch_order, totals, n)
                 raise StopRequested(f"stopped at {self.stage.name} epoch {epoch + 1} step {step}")
@@ -346,8 +350,8 @@ class LRSchedule(Hook):
         self.sched: torch.optim.lr_scheduler.LambdaLR | None = None
 
     def attach(self, trainer: Trainer) -> None:
-        cfg = trainer.stage.cfg
-        self.sched = torch.optim.lr_scheduler.LambdaLR(trainer.opt, lambda e: lr_factor(cfg, e))
+        r = trainer.stage.recipe
+        self.sched = torch.optim.lr_scheduler.LambdaLR(trainer.opt, lambda e: lr_factor(r, e))
 
     def after_epoch(self, trainer: Trainer, epoch: int, row: dict[str, Any]) -> None:
         assert self.sched is not None
@@ -558,11 +562,20 @@ def _teacher_features(setup: TrainSetup, x: Tensor) -> Features:
     return setup.teacher_reader.read(x).detach()
 
 
+def clean(x: Tensor, generator: torch.Generator) -> Tensor:
+    """The teacher view ``clean``: the batch as the base augmentation left it."""
+    return x
+
+
 def _views(setup: TrainSetup, inp: StepInput) -> tuple[Tensor, Tensor]:
-    """(student view, teacher view) of a batch; by default the teacher sees the student's."""
-    xs = setup.augment(inp.x, inp.generator)
-    xt = xs if setup.teacher_augment is None else setup.teacher_augment(inp.x, inp.generator)
-    return xs, xt
+    """(student view, teacher view) of a batch (the rule: kdbench/engine/views.py)."""
+    x = inp.x if setup.base_augment is None else setup.base_augment(inp.x, inp.generator)
+    xs = setup.augment(x, inp.generator)
+    if setup.teacher_augment is None:
+        return xs, xs
+    if setup.teacher_augment is clean:
+        return xs, x
+    return xs, setup.teacher_augment(inp.x, inp.generator)
 
 
 def _batch(inp: StepInput, xs: Tensor, views: dict | None = None) -> Batch:
@@ -616,14 +629,12 @@ def init_loss(setup: TrainSetup) -> LossFn:
 
 def stages(setup: TrainSetup) -> list[Stage]:
     """The init stage (methods that have one), then the train stage."""
-    d, cfg = setup.distiller, setup.train_cfg
+    d, r = setup.distiller, setup.recipe
     out = []
     if d is not None and d.init_epochs > 0:
-        icfg = {**cfg, "epochs": d.init_epochs}
-        if cfg.get("init_lr"):
-            icfg["lr"] = cfg["init_lr"]
-        out.append(Stage("init", d.init_epochs, [], init_loss(setup), icfg, setup.seed * 1000003 + 1))
-    out.append(Stage("train", cfg["epochs"], [], distill_loss(setup), dict(cfg), setup.seed * 1000003))
+        init = r.model_copy(update={"epochs": d.init_epochs, "lr": r.init_lr or r.lr})
+        out.append(Stage("init", d.init_epochs, [], init_loss(setup), init, setup.seed * 1000003 + 1))
+    out.append(Stage("train", r.epochs, [], distill_loss(setup), r, setup.seed * 1000003))
     return out
 
 
@@ -637,10 +648,10 @@ def _params(setup: TrainSetup, stage: Stage) -> list[nn.Parameter]:
 
 def _hooks(setup: TrainSetup, stage: Stage, ckpt: Path | None) -> list[Hook]:
     hooks: list[Hook] = [LRSchedule(), Timing()]
-    if stage.name == "train" and stage.cfg.get("swa"):
+    if stage.name == "train" and stage.recipe.swa:
         from kdbench.robustness.swa import SWA  # stochastic weight averaging (teacher recipes)
 
-        hooks.insert(1, SWA(setup, **stage.cfg["swa"]))
+        hooks.insert(1, SWA(setup, **stage.recipe.swa))
     if stage.name == "train" and setup.dataset_augmenters:
         hooks.append(DatasetAugment(setup, setup.dataset_augmenters))
     if stage.name == "train" and setup.epoch_eval is not None and setup.eval_every:
@@ -648,10 +659,10 @@ def _hooks(setup: TrainSetup, stage: Stage, ckpt: Path | None) -> list[Hook]:
     if setup.workdir is not None:
         hooks.append(MetricsLog(setup.workdir / "metrics.jsonl"))
     if ckpt is not None:
-        hooks.append(Checkpoint(setup, ckpt, setup.train_cfg.get("checkpoint_every", 1)))
+        hooks.append(Checkpoint(setup, ckpt, setup.recipe.checkpoint_every))
     if setup.progress is not None:
         hooks.append(ProgressReport(setup.progress))
-    return _dist.adapt_hooks(setup, hooks)  # DDP ranks: gradient sync; writers on rank 0 only
+    return ranks.adapt_hooks(setup, hooks)  # DDP ranks: gradient sync; writers on rank 0 only
 
 
 def _upgrade(ckpt: dict[str, Any]) -> dict[str, Any]:
@@ -690,7 +701,7 @@ def train(setup: TrainSetup) -> dict[str, Any]:
 def train_steps(setup: TrainSetup) -> Generator[StepPos, None, dict[str, Any]]:
     """:func:`train` as a generator: yields ``(stage, epoch, step)`` before each optimiser step."""
     for m in (setup.student, setup.teacher_reader.model if setup.teacher_reader else None):
-        prepare_model(m, setup.train_cfg)  # channels_last, compile (engine/precision.py)
+        prepare_model(m, setup.recipe)  # channels_last, compile (engine/precision.py)
     if not setup.dataset_augmenters:
         keep_on_device(setup.train_data, setup.device)
     ckpt_path = setup.workdir / "checkpoint.pt" if setup.workdir else None
@@ -710,9 +721,9 @@ def train_steps(setup: TrainSetup) -> Generator[StepPos, None, dict[str, Any]]:
         torch.set_rng_state(resume["torch_rng"])
         if resume.get("cuda_rng") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(resume["cuda_rng"])
-        if setup.workdir is not None and _dist.is_writer():
+        if setup.workdir is not None and ranks.is_writer():
             _truncate_metrics(setup.workdir / "metrics.jsonl", resume["stage"], resume["epoch"])
-    elif setup.workdir is not None and _dist.is_writer():
+    elif setup.workdir is not None and ranks.is_writer():
         (setup.workdir / "metrics.jsonl").unlink(missing_ok=True)
     if setup.workdir is not None and setup.dataset_augmenters:
         done = 0
@@ -737,7 +748,7 @@ def train_steps(setup: TrainSetup) -> Generator[StepPos, None, dict[str, Any]]:
         yield from trainer.steps(start)
         row = last.row or row
         resume = None
-    if ckpt_path is not None and _dist.is_writer():
+    if ckpt_path is not None and ranks.is_writer():
         ckpt_path.unlink(missing_ok=True)
     return row
 
@@ -750,22 +761,3 @@ class _LastRow(Hook):
 
     def after_epoch(self, trainer: Trainer, epoch: int, row: dict[str, Any]) -> None:
         self.row = row
-
-
-@torch.no_grad()
-def predict_all(
-    reader: FeatureReader,
-    data: Batches,
-    device: torch.device,
-    head: Callable[[Features], Tensor] | None = None,
-) -> tuple[Tensor, Tensor]:
-    """Logits (through ``head`` if given) and labels of a whole split, in order."""
-    was = reader.model.training
-    reader.model.eval()
-    outs, ys = [], []
-    for x, y, _ in data.iterate(None, drop_singletons=False):
-        f = reader.read(x.to(device, non_blocking=True))
-        outs.append((head(f) if head else f.logits).float().cpu())
-        ys.append(y)
-    reader.model.train(was)
-    return torch.cat(outs), torch.cat(ys)

@@ -1,6 +1,6 @@
-"""Executors: where and how the cells of a sweep run (``kdbench.executors`` plugins).
+"""Executors: where and how the jobs of a sweep run (``kdbench.executors`` plugins).
 
-An executor only executes cells; the driver owns the run directory (the lock, the store,
+An executor only executes jobs; the driver owns the run directory (the lock, the store,
 ``grid.yaml``). Workers, wherever they run, only write their own ``cells/<id>/`` directory and
 the shared teacher cache (under its lock); the driver imports their ``result.json`` files.
 
@@ -9,6 +9,6 @@ submitit's local cluster), ``ray`` (Ray tasks on a local or remote cluster). A t
 one with a class exposing :class:`kdbench.executors.base.Executor`'s interface and an entry point.
 """
 
-from kdbench.executors.base import CellJob, Executor, OnResult
+from kdbench.executors.base import Events, Executor, RetryPolicy
 
-__all__ = ["CellJob", "Executor", "OnResult"]
+__all__ = ["Events", "Executor", "RetryPolicy"]

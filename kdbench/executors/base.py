@@ -1,162 +1,160 @@
-"""The executor interface and the function every worker runs."""
+"""The executor interface, the one retry / time-limit policy, and what an outside worker runs.
+
+An executor takes typed :class:`~kdbench.cells.Job` s (a cell, or a lockstep group of cells)
+and reports a typed :class:`~kdbench.cells.CellResult` per cell through :class:`Events`. The
+runner never asks which executor it has: ``local`` (inline for one worker, a process pool
+otherwise), ``submitit`` and ``ray`` are the same kind of plugin.
+"""
 
 from __future__ import annotations
 
+import json
 import os
+import platform
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-#: called by an executor (in the driver process) with each finished cell's result dict
-OnResult = Callable[[dict[str, Any]], None]
+from kdbench.artifacts import write_json_atomic
+from kdbench.cells import Cell, CellResult, Job
+
+#: called in the driver with every result (a failed attempt that runs again has ``retry_attempt``)
+OnResult = Callable[[CellResult], None]
+#: called in the driver with a cell's per-epoch progress row
+OnProgress = Callable[[Cell, dict[str, Any]], None]
 
 
-@dataclass(frozen=True)
-class CellJob:
-    """One cell to run: its resolved config (JSON-able dict), where, which attempt, how many threads."""
+@dataclass
+class Events:
+    """What the driver hears from an executor."""
 
-    cell: dict[str, Any]
-    run_dir: str
-    attempt: int = 1
-    threads: int = 1
-    #: seconds of wall time per attempt (``executor.time_limit``), None: none
-    time_limit: float | None = None
-    #: more cells that run in lockstep with ``cell``, sharing its teacher's forward
-    #: (``executor.share_teacher``), and their attempt numbers
-    group: tuple[dict[str, Any], ...] = ()
-    group_attempts: tuple[int, ...] = ()
+    result: OnResult
+    progress: OnProgress | None = None
 
-    @property
-    def id(self) -> str:
-        return self.cell["id"]
+    def progress_for(self, cell: Cell) -> Callable[[dict[str, Any]], None] | None:
+        if self.progress is None:
+            return None
+        on = self.progress
+        return lambda row: on(cell, row)
 
-    @property
-    def cells(self) -> list[dict[str, Any]]:
-        """Every cell this job runs: ``cell``, then the rest of its group."""
-        return [self.cell, *self.group]
 
-    @property
-    def ids(self) -> list[str]:
-        return [c["id"] for c in self.cells]
+class RetryPolicy:
+    """``executor.time_limit`` per attempt and how often a retryable failure runs again.
 
-    @property
-    def attempts(self) -> tuple[int, ...]:
-        """The attempt numbers of :attr:`cells`, in order."""
-        return (self.attempt, *self.group_attempts)
+    A failure is retryable when its worker died or it hit the time limit (``CellResult.retryable``);
+    a NaN loss or a config error is never retried: it would fail again. Every executor asks
+    :meth:`check` about every result; the attempt numbers live here.
+    """
+
+    def __init__(self, retries: int = 0, time_limit: float | None = None):
+        self.retries = max(0, int(retries))
+        self.time_limit = time_limit
+        self.attempts: dict[str, int] = {}
+        self.first: dict[str, int] = {}
+
+    def track(self, jobs: list[Job]) -> None:
+        """Count attempts from those the jobs were planned with."""
+        for j in jobs:
+            for cid, a in zip(j.ids, j.attempts, strict=True):
+                self.attempts.setdefault(cid, a)
+                self.first.setdefault(cid, a)
+
+    def check(self, result: CellResult) -> CellResult:
+        """``result``, marked with the next attempt's number when its cell runs again."""
+        cid = result.cell.id
+        if result.status != "failed" or not result.retryable:
+            return result
+        if self.attempts.get(cid, result.attempt) - self.first.get(cid, result.attempt) >= self.retries:
+            return result
+        self.attempts[cid] = self.attempts.get(cid, result.attempt) + 1
+        return result.model_copy(update={"retry_attempt": self.attempts[cid]})
+
+    def again(self, job: Job, retried: list[CellResult]) -> Job | None:
+        """The part of ``job`` to run again (the cells of ``retried``), or None."""
+        ids = {r.cell.id for r in retried if r.retry_attempt}
+        return job.only(ids, self.attempts) if ids else None
+
+    def kill_grace(self) -> float:
+        """Seconds past the limit after which a worker that did not stop at a step is killed."""
+        return 0.0 if self.time_limit is None else min(300.0, max(10.0, 0.1 * self.time_limit))
+
+
+def failed_results(job: Job, error: str, retryable: bool = False) -> list[CellResult]:
+    """Every cell of ``job`` failed with ``error`` (its worker or task died, its teacher failed)."""
+    return [CellResult.failed(c, a, error, retryable) for c, a in zip(job.cells, job.attempts, strict=True)]
 
 
 class Executor:
     """Base class of executor plugins.
 
-    ``run`` blocks until every job has a result and calls ``on_result`` in the driver for each
-    (in completion order). ``submit`` (optional) hands the jobs to an outside scheduler and
-    returns at once; ``kdbench run`` later collects what finished from the cell directories.
+    ``run`` blocks until every job has its results, reporting each through ``events`` (in
+    completion order) after asking ``policy``; ``submit`` (optional) hands the jobs to an outside
+    scheduler and returns at once, and ``kdbench run`` later collects what finished from the cell
+    directories.
     """
 
     #: True when ``submit`` is supported (``kdbench run --detach``)
     detachable: bool = False
+    #: how often a retryable failure runs again (a plugin parameter where it has one)
+    retries: int = 0
 
-    def run(self, jobs: list[CellJob], on_result: OnResult) -> None:
+    def run(self, jobs: list[Job], events: Events, policy: RetryPolicy) -> None:
         raise NotImplementedError
 
-    def submit(self, jobs: list[CellJob]) -> dict[str, str]:
+    def fit(self, cpus: int, threads: int) -> str | None:
+        """Fit this executor's parallelism to the ``cpus`` this process may use at ``threads``
+        per cell; a line saying what was reduced, or None. (Remote executors: nothing to fit.)"""
+        return None
+
+    def submit(self, jobs: list[Job]) -> dict[str, str]:
         """Submit and return {cell id: external job id}; only when ``detachable``."""
         raise NotImplementedError(f"{type(self).__name__} cannot detach; run without --detach")
 
     def alive(self, external_ids: dict[str, str]) -> dict[str, bool]:
         """Which previously submitted jobs are still queued or running (for --detach/status)."""
-        return {k: False for k in external_ids}
+        return dict.fromkeys(external_ids, False)
 
     def describe(self) -> dict[str, Any]:
         """What the store and ``report --details`` record about where cells ran."""
         return {"kind": type(self).__name__}
 
 
-def failed_result(job: CellJob, error: str) -> dict[str, Any]:
-    """The result of a cell whose worker died before it could write one."""
-    return {"cell": job.cell, "status": "failed", "error": error, "attempt": job.attempt}
+# ------------------------------------------------------------------- an outside worker
 
 
-def failed_results(job: CellJob, error: str) -> list[dict[str, Any]]:
-    """:func:`failed_result` for every cell of ``job`` (one cell or a lockstep group)."""
-    return [
-        {"cell": c, "status": "failed", "error": error, "attempt": a}
-        for c, a in zip(job.cells, job.attempts, strict=True)
-    ]
+def run_in_worker(job: Job) -> list[CellResult]:
+    """What a Slurm task or a Ray task runs: ``job`` in this process, each cell's start recorded
+    in ``cells/<id>/worker.json`` (host, pid, attempt: ``kdbench status`` says where it runs; a
+    requeued submission counts as the next attempt), a preemption signal turned into a
+    checkpoint at the next step."""
+    from kdbench.engine import ranks
+    from kdbench.engine.run import run_job
 
-
-def run_job(job: CellJob) -> list[dict[str, Any]]:
-    """Run ``job`` in this process: one cell (:func:`run_cell_job`) or a lockstep group; the
-    results of every cell it holds."""
-    if not job.group:
-        return [run_cell_job(job)]
-    import torch
-
-    from kdbench.cells import Cell
-    from kdbench.engine.lockstep import run_group
-    from kdbench.engine.train import time_limit
-
-    torch.set_num_threads(max(1, job.threads))
-    attempts = {}
+    attempts = []
     for c, a in zip(job.cells, job.attempts, strict=True):
-        cdir = Path(job.run_dir) / "cells" / c["id"]
+        cdir = Path(job.run_dir) / "cells" / c.id
         cdir.mkdir(parents=True, exist_ok=True)
-        attempts[c["id"]] = this_attempt(cdir, a)
-        _write_worker(cdir, attempts[c["id"]])
-    with _graceful_preemption(), time_limit(job.time_limit):
-        results = run_group([Cell.from_dict(c) for c in job.cells], Path(job.run_dir), None, attempts)
-    return [_jsonable(r) for r in results]
+        attempts.append(this_attempt(cdir, a))
+        if os.environ.get("RANK", "0") == "0" and ranks.current() is None:  # a DDP cell's rank 0 speaks
+            _write_worker(cdir, attempts[-1])
+    job = Job(job.cells, tuple(attempts), job.run_dir, job.threads, job.time_limit)
+    with _graceful_preemption():
+        return run_job(job)
 
 
 def _write_worker(cdir: Path, attempt: int) -> None:
-    import platform
-
-    from kdbench.store import write_json_atomic
-
     write_json_atomic(
         cdir / "worker.json",
         {"host": platform.node(), "pid": os.getpid(), "started": time.time(), "attempt": attempt},
     )
 
 
-def run_cell_job(job: CellJob) -> dict[str, Any]:
-    """Run one cell in this process (what every worker does) and return its result dict.
-
-    Sets the cell's intra-op thread count first, so a cell's numbers do not depend on where
-    it was scheduled. Writes ``cells/<id>/worker.json`` (host, pid, start time) so
-    ``kdbench status`` can say where a cell is running.
-    """
-
-    import torch
-
-    torch.set_num_threads(max(1, job.threads))
-    cdir = Path(job.run_dir) / "cells" / job.id
-    cdir.mkdir(parents=True, exist_ok=True)
-    attempt = this_attempt(cdir, job.attempt)
-    if os.environ.get("RANK", "0") == "0":  # a DDP cell's rank 0 speaks for it
-        _write_worker(cdir, attempt)
-    from kdbench.engine.cell import run_cell
-
-    cell: Any = job.cell
-    try:  # typed cells where the engine takes them
-        from kdbench.cells import Cell
-
-        cell = Cell.from_dict(job.cell)
-    except ImportError:
-        pass
-    with _graceful_preemption():
-        result = run_cell(cell, Path(job.run_dir), None, attempt, job.time_limit)
-    return _jsonable(result)
-
-
 def this_attempt(cdir: Path, submitted: int) -> int:
     """The attempt number of a cell starting now: ``submitted`` (what the driver counted), or one
     more than the start recorded in ``worker.json`` when the scheduler restarted this same
     submission (a Ray retry, a Slurm requeue after preemption or a time-out)."""
-    import json
-
     try:
         before = int(json.loads((cdir / "worker.json").read_text()).get("attempt", 0))
     except (OSError, ValueError, TypeError, AttributeError):
@@ -210,12 +208,3 @@ class _graceful_preemption:
                 prev(self.caught, None)  # submitit: checkpoint() + requeue + exit
             raise SystemExit(128 + self.caught)
         return False
-
-
-def _jsonable(result: Any) -> dict[str, Any]:
-    if hasattr(result, "model_dump"):
-        return result.model_dump(mode="json")
-    out = dict(result)
-    if hasattr(out.get("cell"), "model_dump"):
-        out["cell"] = out["cell"].model_dump(mode="json")
-    return out

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from kdbench.cells import CellResult, Job
 from kdbench.errors import ConfigError
-from kdbench.executors.base import CellJob, Executor, OnResult, failed_results, run_job
+from kdbench.executors.base import Events, Executor, RetryPolicy, failed_results, run_in_worker
 from kdbench.executors.submitit_exec import _first_line, run_teacher_job
 
 
@@ -25,8 +26,8 @@ def _ray():
     return ray
 
 
-def _cell_after_teacher(job: CellJob, teacher_id: str | None) -> list[dict[str, Any]]:
-    return run_job(job)
+def _cell_after_teacher(job: Job, teacher_id: str | None) -> list[CellResult]:
+    return run_in_worker(job)
 
 
 class RayExecutor(Executor):
@@ -67,34 +68,41 @@ class RayExecutor(Executor):
             ray.init(**kwargs)
         return ray
 
-    def run(self, jobs: list[CellJob], on_result: OnResult) -> None:
+    def run(self, jobs: list[Job], events: Events, policy: RetryPolicy) -> None:
         if not jobs:
             return
+        policy.track(jobs)
         ray = self._init()
         opts = {"num_cpus": self.cpus_per_cell, "num_gpus": self.gpus_per_cell}
-        teacher_task = ray.remote(max_retries=self.retries, **opts)(run_teacher_job)
-        cell_task = ray.remote(max_retries=self.retries, retry_exceptions=False, **opts)(_cell_after_teacher)
-        teachers: dict[str, Any] = {}
-        refs: dict[Any, CellJob] = {}
-        for j in jobs:
-            tid = (j.cell.get("teacher") or {}).get("id") if j.cell.get("uses_teacher") else None
-            dep = None
-            if tid is not None:
-                if tid not in teachers:
-                    teachers[tid] = teacher_task.remote(j.cell, j.run_dir, j.threads)
-                dep = teachers[tid]
-            refs[cell_task.remote(j, dep)] = j
-        pending = list(refs)
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1)
+        self._teacher_task = ray.remote(max_retries=self.retries, **opts)(run_teacher_job)
+        self._cell_task = ray.remote(max_retries=self.retries, retry_exceptions=False, **opts)(
+            _cell_after_teacher
+        )
+        self._teachers: dict[str, Any] = {}
+        refs = {self._submit(j): j for j in jobs}
+        while refs:
+            done, _ = ray.wait(list(refs), num_returns=1)
             for ref in done:
-                job = refs[ref]
+                job = refs.pop(ref)
                 try:
                     got = ray.get(ref)
                 except Exception as e:  # noqa: BLE001 - task or its teacher failed for good
                     got = failed_results(job, f"ray task: {_first_line(_cause(e))}")
-                for r in got:
-                    on_result(r)
+                told = [policy.check(r) for r in got]
+                for r in told:
+                    events.result(r)
+                again = policy.again(job, told)  # a time limit reached: from its checkpoint
+                if again is not None:
+                    refs[self._submit(again)] = again
+
+    def _submit(self, job: Job) -> Any:
+        """A cell task, after the task of its teacher (one per teacher)."""
+        c, dep = job.first, None
+        if c.uses_teacher:
+            if c.teacher.id not in self._teachers:
+                self._teachers[c.teacher.id] = self._teacher_task.remote(c, job.run_dir, job.threads)
+            dep = self._teachers[c.teacher.id]
+        return self._cell_task.remote(job, dep)
 
     def shutdown(self) -> None:
         ray = _ray()

@@ -124,6 +124,9 @@ class Distiller(nn.Module):
     teacher_view: ClassVar[str | None] = None
     #: the student's view when the grid sets no ``train.augment``: a view name or an augmenter name
     student_view: ClassVar[str | None] = None
+    #: True when the loss relates the samples of a batch to each other (pairwise distances,
+    #: batch correlations): refused under DDP, where a rank sees only its shard of the batch
+    batch_relational: ClassVar[bool] = False
     #: epochs of an initialisation stage run before distillation (AB, FT, FSP)
     init_epochs: int = 0
 

@@ -23,6 +23,8 @@ from kdbench.methods.base import Batch, Distiller, MethodContext, Taps
 class CC(Distiller):
     """Correlation congruence between linearly embedded pooled features."""
 
+    batch_relational = True
+
     taps: ClassVar[Taps] = Taps(student=("logits", "pooled"), teacher=("pooled",))
     default_weights: ClassVar[dict[str, float]] = {"ce": 1.0, "cc": 0.02}
 

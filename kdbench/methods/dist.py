@@ -34,6 +34,8 @@ def pearson_rows(a: Tensor, b: Tensor, eps: float = 1e-8) -> Tensor:
 class DIST(Distiller):
     """Inter- and intra-class Pearson-correlation relations of the class probabilities."""
 
+    batch_relational = True
+
     taps: ClassVar[Taps] = Taps(student=("logits",), teacher=("logits",))
     default_weights: ClassVar[dict[str, float]] = {"ce": 1.0, "dist": 1.0}
 

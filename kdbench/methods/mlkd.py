@@ -63,6 +63,8 @@ def median_mask_fraction(x: Tensor) -> Tensor:
 class MLKD(Distiller):
     """Instance-, batch- and class-level logit alignment over several temperatures and two views."""
 
+    batch_relational = True
+
     taps: ClassVar[Taps] = Taps(student=("logits",), teacher=("logits",))
     default_weights: ClassVar[dict[str, float]] = {
         "ce": 0.1,

@@ -32,6 +32,8 @@ def cosine_distribution(f: Tensor, eps: float) -> Tensor:
 class PKT(Distiller):
     """KL between teacher and student cosine-similarity distributions over the batch."""
 
+    batch_relational = True
+
     taps: ClassVar[Taps] = Taps(student=("logits", "pooled"), teacher=("pooled",))
     default_weights: ClassVar[dict[str, float]] = {"ce": 1.0, "pkt": 30000.0}
 

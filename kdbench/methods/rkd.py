@@ -39,6 +39,8 @@ def triplet_angles(e: Tensor) -> Tensor:
 class RKD(Distiller):
     """Distance- and angle-wise relations between samples of the batch."""
 
+    batch_relational = True
+
     taps: ClassVar[Taps] = Taps(student=("logits", "pooled"), teacher=("pooled",))
     default_weights: ClassVar[dict[str, float]] = {"ce": 1.0, "rkd": 1.0}
 

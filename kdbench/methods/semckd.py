@@ -52,6 +52,8 @@ def _proj(c_in: int, c_out: int) -> nn.Sequential:
 class SemCKD(Distiller):
     """Attention-weighted all-pairs stage regression, attention from batch Gram matrices."""
 
+    batch_relational = True
+
     taps: ClassVar[Taps] = Taps(student=("logits", "stages"), teacher=("logits", "stages"))
     default_weights: ClassVar[dict[str, float]] = {"ce": 1.0, "kd": 1.0, "semckd": 400.0}
 

@@ -30,6 +30,8 @@ def similarity(f: Tensor) -> Tensor:
 class SP(Distiller):
     """Match row-normalised batch similarity matrices of the last stage."""
 
+    batch_relational = True
+
     taps: ClassVar[Taps] = Taps(student=("logits", "stages"), teacher=("stages",))
     default_weights: ClassVar[dict[str, float]] = {"ce": 1.0, "sp": 3000.0}
 

@@ -23,36 +23,11 @@ from typing import Any
 import torch
 from torch.optim.swa_utils import SWALR, AveragedModel, update_bn
 
+from kdbench.cells import SWA_DEFAULTS, check_swa  # noqa: F401 - the setting is a record's
 from kdbench.engine.train import Hook, Trainer, TrainSetup
-from kdbench.errors import ConfigError
 
 #: seed of the augmentation draws of the final BatchNorm pass
 BN_SEED = 104729
-
-
-#: the defaults of a ``swa:`` setting
-SWA_DEFAULTS: dict[str, Any] = {"start": 0.75, "lr": None, "anneal_epochs": 1}
-
-
-def check_swa(cfg: Any) -> dict[str, Any] | None:
-    """A ``swa:`` setting (None/False, True, or a mapping) as SWA's full keyword arguments."""
-    if cfg is None or cfg is False:
-        return None
-    if cfg is True:
-        return dict(SWA_DEFAULTS)
-    if not isinstance(cfg, dict):
-        raise ConfigError(f"swa: expected true or a mapping {{start, lr, anneal_epochs}}, got {cfg!r}")
-    unknown = set(cfg) - {"start", "lr", "anneal_epochs"}
-    if unknown:
-        raise ConfigError(f"swa: unknown key(s) {', '.join(sorted(unknown))}; use start, lr, anneal_epochs")
-    start = cfg.get("start", 0.75)
-    if not 0 <= start < 1:
-        raise ConfigError(f"swa.start is a fraction of the epochs in [0, 1), got {start}")
-    if cfg.get("lr") is not None and cfg["lr"] <= 0:
-        raise ConfigError(f"swa.lr must be > 0, got {cfg['lr']}")
-    if int(cfg.get("anneal_epochs", 1)) < 0:
-        raise ConfigError("swa.anneal_epochs must be >= 0")
-    return {**SWA_DEFAULTS, **cfg}
 
 
 class SWA(Hook):
@@ -74,7 +49,7 @@ class SWA(Hook):
     def attach(self, trainer: Trainer) -> None:
         epochs = trainer.stage.epochs
         self.first = min(int(math.floor(self.start * epochs)), max(epochs - 1, 0))
-        base = trainer.stage.cfg["lr"]
+        base = trainer.stage.recipe.lr
         self.avg = AveragedModel(self.setup.student)
         lrs = [g["lr"] for g in trainer.opt.param_groups]
         self.sched = SWALR(
