@@ -144,7 +144,7 @@ train: {preset: repdistiller, epochs: 2}
     assert grid.config.train.milestones == [150, 180, 210] and grid.config.train.weight_decay == 5e-4
     assert grid.config.train.epochs == 2  # what the grid sets wins over the preset
     cells = expand(grid, [{}], [{}, {}])
-    lrs = {c["student"]["name"]: c["train"]["lr"] for c in cells}
+    lrs = {c.student.name: c.train.lr for c in cells}
     assert lrs == {"resnet8x4": 0.05, "shufflev2": 0.01}
 
 
