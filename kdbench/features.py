@@ -8,7 +8,9 @@ written in the grid by module path.
 
 Conventions follow RepDistiller's ``feat`` list so that method code reads like the
 references: ``stages[0]`` is the stem output, ``stages[1:]`` the outputs of the residual
-stages (shallow to deep), and ``pooled`` is RepDistiller's ``feat[-1]``.
+stages (shallow to deep), and ``pooled`` is RepDistiller's ``feat[-1]``. ``blocks`` are finer:
+the stem and every residual / conv block's output (``features: blocks``), for methods that
+relate every layer (ckakd); a model without block taps offers its stages as blocks.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from torch import Tensor, nn
 
 from kdbench.errors import ConfigError
 
-TAP_NAMES = ("logits", "stages", "preact", "pooled")
+TAP_NAMES = ("logits", "stages", "preact", "pooled", "blocks")
 
 
 @dataclass(frozen=True)
@@ -33,9 +35,12 @@ class TapSpec:
     preact: tuple[str, ...] = ()
     #: the final linear layer; its input is the pooled feature
     classifier: str = ""
+    #: every block's output, shallow to deep (stem first); empty = the stages serve as blocks
+    blocks: tuple[str, ...] = ()
 
     def to_dict(self) -> dict:
-        return {"stages": list(self.stages), "preact": list(self.preact), "classifier": self.classifier}
+        d = {"stages": list(self.stages), "preact": list(self.preact), "classifier": self.classifier}
+        return {**d, "blocks": list(self.blocks)} if self.blocks else d
 
 
 @dataclass
@@ -46,6 +51,7 @@ class Features:
     stages: list[Tensor] = field(default_factory=list)
     preact: list[Tensor] = field(default_factory=list)
     pooled: Tensor | None = None
+    blocks: list[Tensor] = field(default_factory=list)
     #: values a method derives from this forward pass and reuses (e.g. SimKD's projection)
     cache: dict[str, Tensor] = field(default_factory=dict, repr=False, compare=False)
 
@@ -55,16 +61,19 @@ class Features:
             stages=[f.detach() for f in self.stages],
             preact=[f.detach() for f in self.preact],
             pooled=None if self.pooled is None else self.pooled.detach(),
+            blocks=[f.detach() for f in self.blocks],
         )
 
     def shapes(self) -> dict:
-        """Per-sample shapes (batch dimension dropped) of every tap that was read."""
+        """Per-sample shapes (batch dimension dropped) of every tap that was read
+        (``blocks`` only when they were)."""
+        blocks = {"blocks": [tuple(f.shape[1:]) for f in self.blocks]} if self.blocks else {}
         return {
             "logits": None if self.logits is None else tuple(self.logits.shape[1:]),
             "stages": [tuple(f.shape[1:]) for f in self.stages],
             "preact": [tuple(f.shape[1:]) for f in self.preact],
             "pooled": None if self.pooled is None else tuple(self.pooled.shape[1:]),
-        }
+        } | blocks
 
 
 def _last_linear(model: nn.Module) -> str:
@@ -111,6 +120,7 @@ class FeatureReader:
         self._stages: dict[int, Tensor] = {}
         self._preact: dict[int, Tensor] = {}
         self._pooled: Tensor | None = None
+        self._blocks: dict[int, Tensor] = {}
         self._handles: list = []
         if "stages" in wanted:
             if not spec.stages:
@@ -126,6 +136,15 @@ class FeatureReader:
             for i, path in enumerate(spec.preact):
                 if path:
                     self._hook_input(path, i, self._preact)
+        if "blocks" in wanted:
+            paths = spec.blocks or spec.stages
+            if not paths:
+                raise ConfigError(
+                    f"{type(model).__name__} has no block or stage taps; name them in the grid "
+                    "(model params `taps: {stages: [module paths], classifier: path}`)"
+                )
+            for i, path in enumerate(paths):
+                self._hook_output(path, i, self._blocks)
         if "pooled" in wanted:
             if not spec.classifier:
                 raise ConfigError(
@@ -158,6 +177,7 @@ class FeatureReader:
     def read(self, x: Tensor) -> Features:
         self._stages.clear()
         self._preact.clear()
+        self._blocks.clear()
         self._pooled = None
         logits = self.model(x)
         if not isinstance(logits, Tensor):  # e.g. Hugging Face outputs
@@ -169,6 +189,8 @@ class FeatureReader:
             feats.preact = [self._preact[i] for i in sorted(self._preact)]
         if "pooled" in self.wanted:
             feats.pooled = self._pooled
+        if "blocks" in self.wanted:
+            feats.blocks = [self._blocks[i] for i in sorted(self._blocks)]
         return feats
 
     def close(self) -> None:

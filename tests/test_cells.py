@@ -49,7 +49,8 @@ PINNED = {
     "A": [
         "670918661ba44da8", "7ef3561904f59ed3", "cfa3486ec169decc", "3d815c6d3a151d33",
         "c4a945192c54d5a1", "e410d1ad0e9e0fb3", "fd80f4003a6e72ed", "a0177e99d2619451",
-        "522a753683505a8d", "41f35c58f008e61c",
+        # ckakd's two cells: new ids since it relates per-block taps by default (layers: blocks)
+        "890b69c32cf2b87c", "638ddf30a8dafa6e",
     ],
     "C": [
         "ceb1e9e3d3b11865", "d88f151545bdd8b6", "1db061461a6ba8fc", "236de0fec996d3e1",

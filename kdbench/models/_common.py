@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from torch import nn
@@ -47,6 +47,15 @@ def taps_from_params(model: nn.Module, taps: Mapping[str, Any] | None) -> TapSpe
             problems=[f"taps: no module {m!r}" for m in missing],
         )
     return TapSpec(stages=stages, preact=preact, classifier=classifier)
+
+
+def block_paths(model: nn.Module, stem: str, groups: Sequence[str]) -> tuple[str, ...]:
+    """The ``blocks`` taps of a model built from groups of blocks: the stem's path, then the
+    path of every child of each group (an ``nn.Sequential`` of residual / conv blocks), in order."""
+    paths = [stem] if stem else []
+    for g in groups:
+        paths += [f"{g}.{name}" for name, _ in model.get_submodule(g).named_children()]
+    return tuple(paths)
 
 
 def init_fan_out_normal(model: nn.Module, linear_std: float | None = None) -> None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from kdbench.features import TapSpec
-from kdbench.models._common import init_fan_out_normal
+from kdbench.models._common import block_paths, init_fan_out_normal
 
 #: (output channels c, blocks n, first stride s) per group, before the width multiplier;
 #: the first group does not expand, the others expand by ``expansion``
@@ -75,10 +75,12 @@ class MobileNetV2(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Sequential(nn.Linear(self.last_channel, num_classes))
         init_fan_out_normal(self, linear_std=0.01)
+        groups = tuple(f"blocks.{g}" for g in range(len(self.blocks)))
         self.kd_taps = TapSpec(
             stages=("conv1", "blocks.1", "blocks.2", "blocks.4", "blocks.6"),
             preact=("conv1.2", "blocks.2", "blocks.3", "blocks.5", "conv2"),
             classifier="classifier.0",
+            blocks=block_paths(self, "conv1", groups) + ("conv2",),
         )
 
     def forward(self, x: Tensor) -> Tensor:

@@ -15,6 +15,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from kdbench.features import TapSpec
+from kdbench.models._common import block_paths
 
 
 class Bottleneck(nn.Module):
@@ -77,6 +78,7 @@ class ResNet50Cifar(nn.Module):
             stages=("relu", "layer1", "layer2", "layer3", "layer4"),
             preact=("relu", *(f"layer{i + 1}.{n - 1}.act" for i, n in enumerate(blocks))),
             classifier="linear",
+            blocks=block_paths(self, "relu", ("layer1", "layer2", "layer3", "layer4")),
         )
 
     def forward(self, x: Tensor) -> Tensor:

@@ -16,6 +16,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from kdbench.features import TapSpec
+from kdbench.models._common import block_paths
 
 
 def _conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
@@ -75,6 +76,7 @@ class ResNetCifar(nn.Module):
             stages=("relu", "layer1", "layer2", "layer3"),
             preact=("relu", f"layer1.{last}.act", f"layer2.{last}.act", f"layer3.{last}.act"),
             classifier="fc",
+            blocks=block_paths(self, "relu", ("layer1", "layer2", "layer3")),
         )
 
     @staticmethod

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from kdbench.features import TapSpec
+from kdbench.models._common import block_paths
 
 
 def channel_shuffle(x: Tensor, groups: int) -> Tensor:
@@ -86,6 +87,7 @@ class ShuffleNetV1(nn.Module):
             stages=("relu", "layer1", "layer2", "layer3"),
             preact=("relu", *(f"layer{i + 1}.{n - 1}.act" for i, n in enumerate(blocks))),
             classifier="linear",
+            blocks=block_paths(self, "relu", ("layer1", "layer2", "layer3")),
         )
 
     def forward(self, x: Tensor) -> Tensor:

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from kdbench.features import TapSpec
+from kdbench.models._common import block_paths
 
 
 def channel_shuffle(x: Tensor, groups: int = 2) -> Tensor:
@@ -107,6 +108,7 @@ class ShuffleNetV2(nn.Module):
             stages=("relu1", "layer1", "layer2", "layer3"),
             preact=("relu1", *(f"layer{i + 1}.{n}.act" for i, n in enumerate(blocks))),
             classifier="linear",
+            blocks=block_paths(self, "relu1", ("layer1", "layer2", "layer3")) + ("relu2",),
         )
 
     def forward(self, x: Tensor) -> Tensor:

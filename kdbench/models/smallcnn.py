@@ -38,6 +38,7 @@ class SmallCNN(nn.Module):
             stages=("stem_act", "act1", "act2", "act3"),
             preact=("stem_act", "act1", "act2", "act3"),
             classifier="fc",
+            blocks=("stem_act", "act1", "act2", "act3"),  # one conv per stage: the blocks are the stages
         )
 
     def forward(self, x: Tensor) -> Tensor:

@@ -52,7 +52,12 @@ class VGG(nn.Module):
         self.classifier = nn.Linear(cfg[-1][-1], num_classes)
         init_fan_out_normal(self, linear_std=0.01)
         relus = tuple(f"relu{i}" for i in range(5))
-        self.kd_taps = TapSpec(stages=relus, preact=relus, classifier="classifier")
+        # blocks: every conv layer's ReLU (inside a block, then the block's own ReLU module)
+        blocks: list[str] = []
+        for i in range(5):
+            block = self.get_submodule(f"block{i}")
+            blocks += [f"block{i}.{j}" for j, m in enumerate(block) if isinstance(m, nn.ReLU)] + [relus[i]]
+        self.kd_taps = TapSpec(stages=relus, preact=relus, classifier="classifier", blocks=tuple(blocks))
 
     def forward(self, x: Tensor) -> Tensor:
         # the reference pools after block 3 only for 64×64 inputs (Tiny-ImageNet-sized)

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from kdbench.features import TapSpec
-from kdbench.models._common import init_fan_out_normal
+from kdbench.models._common import block_paths, init_fan_out_normal
 
 
 class BasicBlock(nn.Module):
@@ -91,6 +91,7 @@ class WideResNet(nn.Module):
             stages=("conv1", "block1", "block2", "block3"),
             preact=("block1.layer.0.bn1", "block2.layer.0.relu1", "block3.layer.0.relu1", "relu"),
             classifier="fc",
+            blocks=block_paths(self, "conv1", ("block1.layer", "block2.layer", "block3.layer")),
         )
 
     def forward(self, x: Tensor) -> Tensor:
