@@ -9,8 +9,18 @@ algorithms follow that script, rewritten on numpy, scipy.ndimage and Pillow
   reimplemented: a one-sided line kernel of ``2·ceil(radius) + 1`` taps along the angle,
   Gaussian weights ``exp(-i²/2σ²)`` (normalised), tap offsets rounded to whole pixels,
   border pixels repeated.
-- ``glass_blur``: the reference's sequential local pixel swaps (offsets drawn from
-  ``{-δ, ..., δ-1}`` as its ``randint`` does), vectorised over the batch.
+- ``glass_blur``: the reference's sequential local pixel "swaps" (offsets drawn from
+  ``{-δ, ..., δ-1}`` as its ``randint`` does), vectorised over the batch. The reference's
+  ``x[h, w], x[h', w'] = x[h', w'], x[h, w]`` on a numpy array is a one-way copy, not a
+  swap (the right-hand side holds views; the second assignment reads the pixel the first one
+  overwrote), so ``x[h', w']`` is copied onto ``x[h, w]`` and ``x[h', w']`` is kept, as there.
+- ``brightness`` and ``saturate``: the reference's float HSV round trip (scikit-image's
+  ``rgb2hsv`` / ``hsv2rgb`` arithmetic), truncated to uint8 exactly as ``np.uint8`` does.
+- ``pixelate``: the image as uint8 in Pillow, ``BOX`` down and up (rounding at each pass),
+  as the reference; float images are rounded to 8 bits for it, like ``jpeg_compression``.
+- ``spatter`` (extra): the reference's OpenCV steps (Canny, distance transform, histogram
+  equalisation, emboss filter) rewritten on numpy/scipy; the exact Euclidean distance replaces
+  OpenCV's 5×5 chamfer approximation.
 - ``frost``: the reference blends random crops of six frost photographs, which are not
   shipped. :func:`frost_textures` draws five procedural frost textures instead (fixed seeds,
   nothing downloaded, no image files): a plasma-fractal haze plus dendritic ice crystals
@@ -64,15 +74,28 @@ CORRUPTIONS: tuple[str, ...] = (
     "pixelate",
     "jpeg_compression",
 )
+#: the four further corruptions of the CIFAR-10-C release ("extra": not in the 15-corruption mean)
+EXTRA: tuple[str, ...] = ("speckle_noise", "gaussian_blur", "spatter", "saturate")
+#: all 19 files of the CIFAR-10-C release
+ALL: tuple[str, ...] = CORRUPTIONS + EXTRA
 #: corruptions that use no random numbers
 DETERMINISTIC: frozenset[str] = frozenset(
-    {"defocus_blur", "zoom_blur", "brightness", "contrast", "pixelate", "jpeg_compression"}
+    {
+        "defocus_blur",
+        "zoom_blur",
+        "brightness",
+        "contrast",
+        "pixelate",
+        "jpeg_compression",
+        "gaussian_blur",
+        "saturate",
+    }
 )
 SEVERITIES: tuple[int, ...] = (1, 2, 3, 4, 5)
 #: images per chunk (bounds memory; part of what determines the random draws)
 CHUNK = 1024
 #: bump when an algorithm or constant changes (invalidates cached corrupted sets)
-VERSION = 1
+VERSION = 2
 
 Op = Callable[[np.ndarray, int, np.random.Generator], np.ndarray]
 
@@ -281,9 +304,7 @@ def _glass_blur(x: np.ndarray, s: int, rng: np.random.Generator) -> np.ndarray:
         for i, hh in enumerate(hs):
             for j, ww in enumerate(ws):
                 hp, wp = hh + d[it, i, j, 1], ww + d[it, i, j, 0]
-                here = y[b, hh, ww]
-                y[b, hh, ww] = y[b, hp, wp]
-                y[b, hp, wp] = here
+                y[b, hh, ww] = y[b, hp, wp]  # a copy, as the reference's "swap" (module doc)
     return _gauss(y, sigma)
 
 
@@ -347,18 +368,73 @@ def _fog(x: np.ndarray, s: int, rng: np.random.Generator) -> np.ndarray:
     return (x + a * fog) * top / (top + a)
 
 
-def _brightness(x: np.ndarray, s: int, rng: np.random.Generator) -> np.ndarray:
-    """HSV value + c (clipped), hue and saturation kept.
+def _rgb_to_hsv(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Hue, saturation, value of RGB ``[..., 3]`` in [0, 1], in scikit-image's arithmetic
+    (the reference's ``rgb2hsv``: when several channels are the maximum, blue wins, then green)."""
+    r, g, b = x[..., 0], x[..., 1], x[..., 2]
+    v = x.max(axis=-1)
+    delta = v - x.min(axis=-1)
+    grey = delta == 0
+    safe = np.where(grey, 1.0, delta)
+    h = np.where(g == v, 2.0 + (b - r) / safe, (g - b) / safe)
+    h = np.where(b == v, 4.0 + (r - g) / safe, h)
+    h = np.where(grey, 0.0, (h / 6.0) % 1.0)
+    s = np.where(grey, 0.0, delta / np.where(v > 0, v, 1.0))
+    return h, s, v
 
-    Same result as the reference's rgb2hsv / hsv2rgb round trip, computed directly: for a
-    fixed hue and saturation RGB is proportional to V, so the pixel is scaled by V'/V (a
-    black pixel, saturation 0, becomes grey V'). For greyscale this is ``x + c``.
-    """
+
+def _hsv_to_rgb(h: np.ndarray, s: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """RGB ``[..., 3]`` from hue, saturation, value, in scikit-image's ``hsv2rgb`` arithmetic."""
+    sextant = np.floor(h * 6)
+    f = h * 6 - sextant
+    p, q, t = v * (1 - s), v * (1 - f * s), v * (1 - (1 - f) * s)
+    # (R, G, B) of each sextant of the hue circle
+    table = np.stack(
+        [np.stack(c, axis=-1) for c in ((v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q))]
+    )
+    pick = (sextant.astype(np.int64) % 6)[None, ..., None]
+    return np.take_along_axis(table, np.repeat(pick, 3, axis=-1), axis=0)[0]
+
+
+def _in_colour(x: np.ndarray, op: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """Apply a colour operation ``[N, H, W, 3] -> [N, H, W, 3]``; a grey image as its RGB copy,
+    the result back to grey (luma)."""
+    if x.shape[-1] == 3:
+        return op(x)
+    out = op(np.repeat(x, 3, axis=-1))
+    grey = (out[..., :1] == out[..., 1:2]) & (out[..., :1] == out[..., 2:])
+    return np.where(grey, out[..., :1], _grey(out))  # a grey result pixel keeps its exact value
+
+
+def _brightness(x: np.ndarray, s: int, rng: np.random.Generator) -> np.ndarray:
+    """HSV value + c (clipped), hue and saturation kept; for greyscale this is ``x + c``."""
     c = (0.05, 0.1, 0.15, 0.2, 0.3)[s - 1]
-    x = np.clip(x, 0, 1)
-    v = x.max(axis=-1, keepdims=True)
-    v_new = np.minimum(v + c, 1.0)
-    return np.where(v > 0, x * (v_new / np.where(v > 0, v, 1.0)), v_new)
+
+    def op(rgb: np.ndarray) -> np.ndarray:
+        h, sat, v = _rgb_to_hsv(np.clip(rgb, 0, 1))
+        return _hsv_to_rgb(h, sat, np.clip(v + c, 0, 1))
+
+    return _in_colour(x, op)
+
+
+def _saturate(x: np.ndarray, s: int, rng: np.random.Generator) -> np.ndarray:
+    """HSV saturation ``· a + b`` (clipped), hue and value kept (an extra CIFAR-10-C corruption)."""
+    a, b = ((0.3, 0), (0.1, 0), (1.5, 0), (2, 0.1), (2.5, 0.2))[s - 1]
+
+    def op(rgb: np.ndarray) -> np.ndarray:
+        h, sat, v = _rgb_to_hsv(np.clip(rgb, 0, 1))
+        return _hsv_to_rgb(h, np.clip(sat * a + b, 0, 1), v)
+
+    return _in_colour(x, op)
+
+
+def _speckle_noise(x: np.ndarray, s: int, rng: np.random.Generator) -> np.ndarray:
+    c = (0.06, 0.1, 0.12, 0.16, 0.2)[s - 1]
+    return x + x * rng.normal(scale=c, size=x.shape)
+
+
+def _gaussian_blur(x: np.ndarray, s: int, rng: np.random.Generator) -> np.ndarray:
+    return _gauss(x, (0.4, 0.6, 0.7, 0.8, 1.0)[s - 1])
 
 
 def _contrast(x: np.ndarray, s: int, rng: np.random.Generator) -> np.ndarray:
@@ -425,21 +501,28 @@ def _bilinear(x: np.ndarray, rows: np.ndarray, cols: np.ndarray, mode: str) -> n
     return top * (1 - fr) + bottom * fr
 
 
+def _to_u8(x: np.ndarray) -> np.ndarray:
+    """Float images in [0, 1] as uint8 (exact for images that came in as uint8)."""
+    return np.round(np.clip(x, 0, 1) * 255).astype(np.uint8)
+
+
 def _pixelate(x: np.ndarray, s: int, rng: np.random.Generator) -> np.ndarray:
+    """Pillow ``BOX`` resize of the uint8 image down by c and back up, as the reference."""
     c = (0.95, 0.9, 0.85, 0.75, 0.65)[s - 1]
     n, h, w, ch = x.shape
     small = (int(w * c), int(h * c))
-    out = np.empty_like(x)
+    u8 = _to_u8(x)
+    out = np.empty(x.shape)
     for i in range(n):
-        for k in range(ch):  # Pillow's BOX filter on float ('F') images: no rounding on the way
-            img = Image.fromarray(x[i, :, :, k].astype(np.float32))
-            out[i, :, :, k] = np.asarray(img.resize(small, Image.BOX).resize((w, h), Image.BOX))
-    return out
+        img = Image.fromarray(u8[i] if ch == 3 else u8[i, :, :, 0])
+        back = img.resize(small, Image.BOX).resize((w, h), Image.BOX)
+        out[i] = np.asarray(back, dtype=np.float64).reshape(x.shape[1:])
+    return out / 255
 
 
 def _jpeg_compression(x: np.ndarray, s: int, rng: np.random.Generator) -> np.ndarray:
     quality = (80, 65, 58, 50, 40)[s - 1]
-    u8 = np.round(np.clip(x, 0, 1) * 255).astype(np.uint8)
+    u8 = _to_u8(x)
     out = np.empty(x.shape)
     for i in range(len(x)):
         img = Image.fromarray(u8[i] if u8.shape[-1] == 3 else u8[i, :, :, 0])
@@ -449,6 +532,84 @@ def _jpeg_compression(x: np.ndarray, s: int, rng: np.random.Generator) -> np.nda
         dec = np.asarray(Image.open(buf), dtype=np.float64)
         out[i] = dec.reshape(x.shape[1:])
     return out / 255
+
+
+def _canny(img: np.ndarray, low: int = 50, high: int = 150) -> np.ndarray:
+    """Edges of a uint8 image ``[H, W]`` as OpenCV's ``Canny`` (3×3 Sobel, L1 magnitude,
+    non-maximum suppression in four directions, hysteresis over 8-connected pixels)."""
+    f = img.astype(np.int64)
+    dx = ndimage.sobel(f, axis=1, mode="nearest")
+    dy = ndimage.sobel(f, axis=0, mode="nearest")
+    mag = np.pad(np.abs(dx) + np.abs(dy), 1)  # zero outside, as OpenCV's magnitude buffer
+    h, w = img.shape
+
+    def at(dr: int | np.ndarray, dc: int | np.ndarray) -> np.ndarray:
+        rows, cols = np.mgrid[0:h, 0:w]
+        return mag[rows + 1 + dr, cols + 1 + dc]
+
+    m = mag[1:-1, 1:-1]
+    ax, ay = np.abs(dx).astype(np.float64), np.abs(dy).astype(np.float64)
+    tg22, tg67 = ax * np.tan(np.pi / 8), ax * np.tan(3 * np.pi / 8)
+    s = np.where((dx ^ dy) < 0, -1, 1)
+    horizontal = (m > at(0, -1)) & (m >= at(0, 1))
+    vertical = (m > at(-1, 0)) & (m >= at(1, 0))
+    diagonal = (m > at(-1, -s)) & (m > at(1, s))
+    keep = np.where(ay < tg22, horizontal, np.where(ay > tg67, vertical, diagonal)) & (m > low)
+    labels, count = ndimage.label(keep, structure=np.ones((3, 3)))
+    strong = np.unique(labels[keep & (m > high)])
+    return np.isin(labels, strong[strong > 0])
+
+
+def _equalize_hist(img: np.ndarray) -> np.ndarray:
+    """OpenCV's ``equalizeHist`` of a uint8 image."""
+    hist = np.bincount(img.ravel(), minlength=256)
+    first = int(np.flatnonzero(hist)[0])
+    if hist[first] == img.size:
+        return img.copy()
+    cdf = np.cumsum(hist) - hist[first]
+    lut = np.clip(np.rint(cdf * (255.0 / (img.size - hist[first]))), 0, 255).astype(np.uint8)
+    return lut[img]
+
+
+def _wet_spots(liquid: np.ndarray) -> np.ndarray:
+    """The reference's water texture from a thresholded liquid layer ``[H, W]`` (severity 1-3):
+    distance to the Canny edges, truncated, equalised, embossed and box-blurred."""
+    u8 = (np.floor(liquid * 255).astype(np.int64) % 256).astype(np.uint8)  # numpy's wrapping cast
+    edges = _canny(u8)
+    dist = ndimage.distance_transform_edt(~edges) if edges.any() else np.full(u8.shape, 20.0)
+    dist = ndimage.uniform_filter(np.minimum(dist, 20.0), 3, mode="mirror")
+    dist = _equalize_hist(np.floor(dist).astype(np.uint8)).astype(np.int64)
+    emboss = np.array([[-2, -1, 0], [-1, 1, 1], [0, 1, 2]])
+    dist = np.clip(ndimage.correlate(dist, emboss, mode="mirror"), 0, 255).astype(np.float64)
+    m = u8 * ndimage.uniform_filter(dist, 3, mode="mirror")
+    return m / m.max() if m.max() > 0 else m
+
+
+def _spatter(x: np.ndarray, s: int, rng: np.random.Generator) -> np.ndarray:
+    """Water drops (severity 1-3, pale turquoise) or mud (4-5, brown) from a blurred random
+    liquid layer (an extra CIFAR-10-C corruption; see the module doc)."""
+    loc, scale, sigma, thresh, weight, mud = (
+        (0.62, 0.1, 0.7, 0.7, 0.5, 0),
+        (0.65, 0.1, 0.8, 0.7, 0.5, 0),
+        (0.65, 0.3, 1, 0.69, 0.5, 0),
+        (0.65, 0.1, 0.7, 0.69, 0.6, 1),
+        (0.65, 0.1, 0.5, 0.68, 0.6, 1),
+    )[s - 1]
+    n, h, w = x.shape[:3]
+    liquid = ndimage.gaussian_filter(
+        rng.normal(loc, scale, size=(n, h, w)), (0, sigma, sigma), mode="nearest", truncate=4.0
+    )
+    liquid[liquid < thresh] = 0
+
+    def op(rgb: np.ndarray) -> np.ndarray:
+        if not mud:
+            m = np.stack([_wet_spots(layer) for layer in liquid])[..., None] * weight
+            return rgb + m * (np.array([175, 238, 238]) / 255)  # the reference's channel order
+        m = ndimage.gaussian_filter((liquid > thresh).astype(np.float64), (0, weight, weight), mode="nearest")
+        m = np.where(m < 0.8, 0.0, m)[..., None]
+        return rgb * (1 - m) + m * (np.array([63, 42, 20]) / 255)
+
+    return _in_colour(x, op)
 
 
 _OPS: dict[str, Op] = {
@@ -467,7 +628,14 @@ _OPS: dict[str, Op] = {
     "elastic_transform": _elastic_transform,
     "pixelate": _pixelate,
     "jpeg_compression": _jpeg_compression,
+    "speckle_noise": _speckle_noise,
+    "gaussian_blur": _gaussian_blur,
+    "spatter": _spatter,
+    "saturate": _saturate,
 }
+#: ops computed in the reference's own float arithmetic: truncated exactly as ``np.uint8``
+#: (the others get an epsilon so that a value the reference computes as k lands on k)
+_EXACT_TRUNCATION = frozenset({"brightness", "saturate"})
 
 
 # --------------------------------------------------------------------------- public API
@@ -476,7 +644,7 @@ _OPS: dict[str, Op] = {
 def check(name: str, severity: int) -> None:
     """Raise ConfigError unless ``name`` is a corruption and ``severity`` in 1..5."""
     if name not in _OPS:
-        raise ConfigError(f"unknown corruption {name!r}; choose from: {', '.join(CORRUPTIONS)}")
+        raise ConfigError(f"unknown corruption {name!r}; choose from: {', '.join(ALL)}")
     if severity not in SEVERITIES:
         raise ConfigError(f"corruption severity must be one of 1..5, got {severity!r}")
 
@@ -499,11 +667,12 @@ def corrupt(images: np.ndarray, name: str, severity: int, seed: int = 0) -> np.n
         chunk = x[start : start + CHUNK].astype(np.float64)
         if is_u8:
             chunk /= 255.0
-        seq = np.random.SeedSequence([int(seed) % 2**63, CORRUPTIONS.index(name), severity, k])
+        seq = np.random.SeedSequence([int(seed) % 2**63, ALL.index(name), severity, k])
         out[start : start + CHUNK] = op(chunk, severity, np.random.default_rng(seq))
     np.clip(out, 0.0, 1.0, out=out)
     out = out.reshape(images.shape)
     if is_u8:
         # truncation like the reference's np.uint8(); the epsilon keeps exact k/255 at k
-        return np.floor(out * 255.0 + 1e-6).astype(np.uint8)
+        eps = 0.0 if name in _EXACT_TRUNCATION else 1e-6
+        return np.floor(out * 255.0 + eps).astype(np.uint8)
     return out.astype(images.dtype)
