@@ -9,7 +9,13 @@ import torch
 from kdbench.datasets import cifar_c
 from kdbench.datasets._util import NormalizedImages
 from kdbench.errors import ConfigError, DataError
-from kdbench.robustness.corruptions import CORRUPTIONS, corrupt
+from kdbench.robustness.corruptions import ALL, CORRUPTIONS, EXTRA, corrupt
+
+
+class _Cell(dict):
+    """A cell entry readable both as a mapping and by attribute (``cell.eval``)."""
+
+    __getattr__ = dict.__getitem__
 
 
 def _split(n=12, c=1, size=28, seed=0) -> NormalizedImages:
@@ -127,7 +133,7 @@ def test_engine_sets_are_lazy_and_one_at_a_time(tmp_path):
         def split(self, name):
             return _split(n=6)
 
-    cell = {"eval": {"batch_size": 4, "corruptions": ["fog", "contrast"], "severities": [1]}, "dataset": {}}
+    cell = _Cell(eval={"batch_size": 4, "corruptions": ["fog", "contrast"], "severities": [1]}, dataset={})
     sets = cifar_c.eval_set_provider(DS(), cell, tmp_path)
     assert list(sets) == ["c/fog/1", "c/contrast/1"] and all(isinstance(s, EvalSet) for s in sets.values())
     assert sets["c/fog/1"].key != sets["c/contrast/1"].key
@@ -158,7 +164,53 @@ def test_a_dataset_can_point_at_a_real_folder(tmp_path, monkeypatch):
         def split(self, name):
             return _split(n=2, c=3, size=32)
 
-    sets = cifar_c.eval_set_provider(DS(), {"eval": {}, "dataset": {}}, tmp_path)
+    sets = cifar_c.eval_set_provider(DS(), _Cell(eval={}, dataset={}), tmp_path)
     assert len(sets) == 75  # a root alone means every corruption at every severity
     x = next(sets["c/jpeg_compression/5"].batches.iterate(None, False))[0]
     assert x.shape == (2, 3, 32, 32)
+
+
+def test_selection_of_the_extra_corruptions():
+    # "all" stays the 15 of the mean; the release's four more come by name or as "extra"
+    assert cifar_c.selected({"corruptions": "extra"})[0] == list(EXTRA)
+    assert cifar_c.selected({"corruptions": ["all", "extra"]})[0] == list(ALL)
+    assert cifar_c.selected({"corruptions": ["spatter", "fog", "fog"]})[0] == ["spatter", "fog"]
+    with pytest.raises(ConfigError, match="'all', 'extra' or from: .*saturate"):
+        cifar_c.selected({"corruptions": ["saturated"]})
+
+
+def test_extra_corruptions_are_generated(tmp_path):
+    test = _split(n=4, c=3, size=32)
+    sets = cifar_c.corruption_sets({"d": 1}, test, {"corruptions": "extra", "severities": [3]}, tmp_path)
+    assert list(sets) == [f"c/{n}/3" for n in EXTRA]
+    for name in EXTRA:
+        got = sets[f"c/{name}/3"].images.permute(0, 2, 3, 1).numpy()
+        np.testing.assert_array_equal(got, corrupt(test.images.permute(0, 2, 3, 1).numpy(), name, 3))
+
+
+def test_all_19_files_of_a_release_folder_are_read(tmp_path, monkeypatch):
+    # the released layout: <name>.npy uint8 [5·M, 32, 32, 3] and labels.npy [5·M] uint8
+    root = tmp_path / "CIFAR-10-C"
+    _write_root(root, list(ALL), m=3)
+    monkeypatch.setattr(cifar_c.C, "corrupt", lambda *a, **k: pytest.fail("generated instead of reading"))
+    test = _split(n=3, c=3, size=32)
+    cfg = {"corruptions": ["all", "extra"], "corruptions_root": str(root)}
+    sets = cifar_c.corruption_sets({"d": 1}, test, cfg, None)
+    assert len(sets) == 95
+    for name in EXTRA:
+        got = sets[f"c/{name}/5"]
+        want = np.load(root / f"{name}.npy")[12:15]  # severity 5 = fifth block of 3
+        np.testing.assert_array_equal(got.images.permute(0, 2, 3, 1).numpy(), want)
+        assert got.labels.tolist() == [0, 1, 2] and sets.labels(f"c/{name}/5").tolist() == [0, 1, 2]
+    lacking = tmp_path / "only15"
+    _write_root(lacking, list(CORRUPTIONS), m=1)
+    with pytest.raises(
+        DataError, match="lacks speckle_noise.npy, gaussian_blur.npy, spatter.npy, saturate.npy"
+    ):
+        cifar_c.corruption_sets({}, test, cfg | {"corruptions_root": str(lacking)}, None)
+
+
+def test_extra_sets_are_not_in_the_corruption_mean():
+    m = {"top1": 80.0, "c/fog/1/top1": 70.0, "c/fog/2/top1": 50.0, "c/spatter/1/top1": 10.0}
+    assert cifar_c.corruption_aggregates(m)["corruption_acc"] == 60.0
+    assert cifar_c.corruption_aggregates({"top1": 80.0, "c/saturate/2/top1": 1.0}) == {}

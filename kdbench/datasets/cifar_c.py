@@ -3,7 +3,7 @@
 Switched on by the grid's ``eval:`` block::
 
     eval:
-      corruptions: all            # or a list of names, see kdbench.robustness.corruptions
+      corruptions: all            # the 15; "extra" (the release's 4 more), or a list of names/groups
       severities: [1, 2, 3, 4, 5] # default: all five
       corruption_seed: 0          # seed of the random corruptions (default 0)
       corruptions_root: ~/data/CIFAR-10-C   # optional: real files instead of generated ones
@@ -19,7 +19,9 @@ whatever its own seed.
 A real CIFAR-10-C / CIFAR-100-C folder holds ``<corruption>.npy`` (uint8 ``[5·M, 32, 32, 3]``,
 severities 1..5 in consecutive blocks of M = 10000) and ``labels.npy`` (``[5·M]``); its images
 are normalised with the dataset's own mean/std. Files are memory-mapped: a set reads only its
-block.
+block. The release has 19 files: the 15 corruptions plus the "extra" ``speckle_noise``,
+``gaussian_blur``, ``spatter`` and ``saturate`` (generated too); as in the paper, the extra
+sets are evaluated when asked for but left out of ``corruption_acc`` (the 15-corruption mean).
 """
 
 from __future__ import annotations
@@ -57,27 +59,30 @@ def parse_set_name(name: str) -> tuple[str, int] | None:
     return parts[1], int(parts[2])
 
 
+#: group names usable in ``eval.corruptions`` (alone or inside a list)
+GROUPS: dict[str, tuple[str, ...]] = {"all": C.CORRUPTIONS, "extra": C.EXTRA}
+
+
 def selected(eval_cfg: Mapping[str, Any]) -> tuple[list[str], list[int]]:
     """The (corruptions, severities) an eval config asks for; ([], []) when none.
 
-    ``corruptions`` may be ``"all"``, a list of names, or None (off; but a
-    ``corruptions_root`` alone means all of them).
+    ``corruptions`` may be ``"all"`` (the 15), ``"extra"`` (the release's four more), a list
+    of names and groups, or None (off; but a ``corruptions_root`` alone means the 15).
     """
     names = eval_cfg.get("corruptions")
     if names is None and eval_cfg.get("corruptions_root"):
         names = "all"
     if names is None:
         return [], []
-    if names == "all":
-        names = list(C.CORRUPTIONS)
-    elif isinstance(names, str):
+    if isinstance(names, str):
         names = [names]
+    names = [n for item in names for n in GROUPS.get(item, (item,))]
     sev = eval_cfg.get("severities") or list(C.SEVERITIES)
-    bad = [n for n in names if n not in C.CORRUPTIONS]
+    bad = [n for n in names if n not in C.ALL]
     if bad:
         raise ConfigError(
             f"eval.corruptions: unknown {', '.join(map(repr, bad))}; "
-            f"choose 'all' or from: {', '.join(C.CORRUPTIONS)}"
+            f"choose 'all', 'extra' or from: {', '.join(C.ALL)}"
         )
     bad_s = [s for s in sev if s not in C.SEVERITIES]
     if bad_s:
@@ -262,13 +267,19 @@ def corruption_sets(
     )
 
 
-def corruption_aggregates(metrics: Mapping[str, float], clean_key: str = "top1") -> dict[str, float]:
-    """``corruption_acc`` (RobustBench: mean top-1 over every corrupted set) and
-    ``corruption_rel_drop`` (``100 · (clean − corruption_acc) / clean``) from flat metrics.
+def _of_the_15(set_key: str) -> bool:
+    parsed = parse_set_name(set_key)
+    return parsed is not None and parsed[0] in C.CORRUPTIONS
 
-    Empty when ``metrics`` holds no ``c/<corruption>/<severity>/top1``.
+
+def corruption_aggregates(metrics: Mapping[str, float], clean_key: str = "top1") -> dict[str, float]:
+    """``corruption_acc`` (RobustBench: mean top-1 over the sets of the 15 corruptions; the
+    extra ones are not in it, as in the paper) and ``corruption_rel_drop``
+    (``100 · (clean − corruption_acc) / clean``) from flat metrics.
+
+    Empty when ``metrics`` holds no ``c/<corruption>/<severity>/top1`` of the 15.
     """
-    accs = [v for k, v in metrics.items() if k.endswith("/top1") and parse_set_name(k[: -len("/top1")])]
+    accs = [v for k, v in metrics.items() if k.endswith("/top1") and _of_the_15(k[: -len("/top1")])]
     if not accs:
         return {}
     acc = float(np.mean(accs))
