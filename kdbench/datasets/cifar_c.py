@@ -338,14 +338,14 @@ def eval_set_provider(dataset: Any, cell: Any, cache_dir: Path) -> dict:
 
     if cell is None:  # a teacher's own evaluation: it has no eval config
         return {}
-    evc = _plain(cell["eval"])
+    evc = _plain(cell.eval)
     if not evc.get("corruptions_root") and getattr(dataset, "corruptions_root", None):
         evc["corruptions_root"] = str(dataset.corruptions_root)  # a dataset parameter pointing at one
     names, _ = selected(evc)
     if not names:
         return {}
     # the dataset entry of the cell (name, params, file fingerprint) identifies the clean data
-    sets = corruption_sets(_plain(cell["dataset"]), dataset.split("test"), evc, None)
+    sets = corruption_sets(_plain(cell.dataset), dataset.split("test"), evc, None)
     sets.cache_dir = Path(cache_dir) / "corruptions"
     out = {}
     for key in sets:
