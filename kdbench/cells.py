@@ -217,7 +217,8 @@ class EvalSpec(Record):
     """Evaluation settings that are part of a cell (``val_fraction``/``every`` only when set)."""
 
     OMIT_IF_DEFAULT: ClassVar[frozenset[str]] = frozenset(
-        {"val_fraction", "every", "dfr", "corruptions", "severities", "corruption_seed", "corruptions_root"}
+        {"val_fraction", "every", "dfr", "dfr_procedure", "corruptions", "severities", "corruption_seed"}
+        | {"corruptions_root"}
     )
 
     batch_size: int = Field(512, ge=1)
@@ -228,6 +229,9 @@ class EvalSpec(Record):
     every: int = Field(0, ge=0)
     #: Deep Feature Reweighting of the finished student (data with groups): "dfr/..." metrics
     dfr: bool = False
+    #: how DFR fits its last layer: "paper" (Kirichenko et al.: L1, C tuned on half the held-out
+    #: split, 20 retrains, training-split standardisation) or "fixed_l2" (kdbench's earlier one)
+    dfr_procedure: Literal["paper", "fixed_l2"] = "paper"
     #: corrupted test sets "c/<corruption>/<severity>" (kdbench/datasets/cifar_c.py): "all" or names
     corruptions: str | list[str] | None = None
     #: their severities (None: 1..5), seed of the random corruptions (None: 0), and a CIFAR-10-C /
@@ -239,7 +243,7 @@ class EvalSpec(Record):
     @field_validator("corruptions", "severities")
     @classmethod
     def _known_corruptions(cls, v: Any, info: Any) -> Any:
-        from kdbench.robustness.corruptions import CORRUPTIONS, SEVERITIES
+        from kdbench.robustness.corruptions import ALL, SEVERITIES
 
         if v is None:
             return v
@@ -248,11 +252,12 @@ class EvalSpec(Record):
             if bad or not v:
                 raise ValueError(f"severities are 1..5, got {v}")
             return v
-        names = [v] if isinstance(v, str) and v != "all" else v
-        bad = [] if names == "all" else [n for n in names if n not in CORRUPTIONS]
+        names = [v] if isinstance(v, str) else v
+        bad = [n for n in names if n not in ALL and n not in ("all", "extra")]
         if bad:
             raise ValueError(
-                f"unknown corruption {', '.join(map(repr, bad))}; 'all' or: {', '.join(CORRUPTIONS)}"
+                f"unknown corruption {', '.join(map(repr, bad))}; 'all' (the 15), 'extra' (the release's "
+                f"four more) or: {', '.join(ALL)}"
             )
         return v
 

@@ -90,11 +90,21 @@ def _print_plan(p) -> None:
         pair = f"{c.teacher.label} → {c.student.label}"
         table.add_row(c.id, c.dataset.name, pair, c.method.label, str(c.seed), state)
     out.print(table)
-    # every method's parameters and loss weights as its cells run them, once per pair
-    resolved = Table("method", "teacher → student", "parameters as run; (preset): the preset's value")
-    seen: set[tuple[str, str, str]] = set()
+    # every method's parameters, loss weights and views as its cells run them, once per pair
+    from kdbench.engine import views
+
+    resolved = Table(
+        "method",
+        "teacher → student",
+        "parameters as run; (preset): the preset's value",
+        "student sees",
+        "teacher sees",
+    )
+    seen: set[tuple[str, ...]] = set()
     for c in p.cells:
+        seen_by = views.describe(c)
         row = (c.method.label, f"{c.teacher.label} → {c.student.label}", c.method.resolved() or "-")
+        row += (seen_by["student"], seen_by["teacher"])
         if row not in seen:
             seen.add(row)
             resolved.add_row(*(escape(x) for x in row))

@@ -173,6 +173,8 @@ class ReferenceValue(_Strict):
     value: float
     source: str | None = None
     metric: str = "top1"
+    #: the paper's selection rule for this number (reports mark a mismatch with --select)
+    select: Literal["last", "best_val", "best_test"] | None = None
 
 
 class GridConfig(_Strict):

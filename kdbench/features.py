@@ -38,6 +38,16 @@ class TapSpec:
     #: every block's output, shallow to deep (stem first); empty = the stages serve as blocks
     blocks: tuple[str, ...] = ()
 
+    def provides(self, tap: str) -> bool:
+        """Whether this spec locates the tap ``tap`` (logits always)."""
+        return {
+            "logits": True,
+            "stages": bool(self.stages),
+            "preact": any(self.preact),
+            "pooled": bool(self.classifier),
+            "blocks": bool(self.blocks),
+        }[tap]
+
     def to_dict(self) -> dict:
         d = {"stages": list(self.stages), "preact": list(self.preact), "classifier": self.classifier}
         return {**d, "blocks": list(self.blocks)} if self.blocks else d
@@ -197,3 +207,18 @@ class FeatureReader:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+
+
+def probe_features(model: nn.Module, spec: TapSpec, x: Tensor) -> Features:
+    """Detached features of every tap ``spec`` provides, read in eval mode (the set-up probe
+    that gives methods their feature shapes and probe features); the model's mode is kept."""
+    wanted = [name for name in TAP_NAMES if name == "logits" or spec.provides(name)]
+    reader = FeatureReader(model, spec, wanted)
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return reader.read(x).detach()
+    finally:
+        model.train(was)
+        reader.close()

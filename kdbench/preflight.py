@@ -21,27 +21,10 @@ import torch
 from kdbench import registry
 from kdbench.config import Grid, PluginRef
 from kdbench.errors import KdbenchError
+from kdbench.features import probe_features
 
 #: images of the random probe batch (>1 so batch statistics are defined)
 PROBE_SIZE = 4
-
-
-def _probe(model: torch.nn.Module, spec: Any, x: torch.Tensor) -> Any:
-    from kdbench.features import FeatureReader
-
-    wanted = (
-        ["logits"]
-        + (["stages"] if spec.stages else [])
-        + (["preact"] if any(spec.preact) else [])
-        + (["pooled"] if spec.classifier else [])
-    )
-    reader = FeatureReader(model, spec, wanted)
-    model.eval()
-    try:
-        with torch.no_grad():
-            return reader.read(x).detach()
-    finally:
-        reader.close()
 
 
 def _shape(ds: Any) -> tuple[int, int, int] | None:
@@ -118,11 +101,11 @@ def method_fit(
                     warnings.simplefilter("ignore")
                     torch.manual_seed(0)
                     student, sspec = build_model(s_ref.key(), num_classes, in_channels)
-                    s_probe = _probe(student, sspec, x)
+                    s_probe = probe_features(student, sspec, x)
                     teacher = tspec = t_probe = None
                     if any(uses_teacher(m) for m in grid.methods):
                         teacher, tspec = build_model(t_ref.key(), num_classes, in_channels)
-                        t_probe = _probe(teacher, tspec, x)
+                        t_probe = probe_features(teacher, tspec, x)
             except KdbenchError as e:
                 problems.append((("pairs", p_i), f"cannot build the pair ({where}): {e}"))
                 continue

@@ -180,6 +180,7 @@ def test_dry_run_lists_cells_and_writes_nothing(tiny_grid, tmp_path: Path):
     assert r.stdout.count("to run") == 4
     # the parameters each method runs with, once per pair
     assert "parameters as run" in r.stdout and "T=4" in r.stdout
+    assert "student sees" in r.stdout and "teacher sees" in r.stdout  # the resolved views
     assert not (tmp_path / "runs").exists()
 
 

@@ -107,23 +107,54 @@ def test_randaugment_round_trip_is_exact_in_normalised_space():
     assert unit.min() >= -1e-5 and unit.max() <= 1 + 1e-5 and math.isfinite(float(out.sum()))
 
 
-def test_engine_trains_the_student_on_the_view_the_method_names():
+def test_the_method_view_stacks_on_the_base_augmentation():
+    """The student sees student_view(base(x)); a "clean" teacher sees base(x), the same draw."""
     from types import SimpleNamespace
 
-    from kdbench.engine.cell import _student_view, _teacher_view
-    from kdbench.methods.kd import KD
+    from kdbench.engine.train import StepInput, _views, clean
 
-    strong, plain = {"name": "randaugment", "params": {}}, SimpleNamespace(name="none", params={})
-    cell = SimpleNamespace(
-        views={"strong": strong},
-        augment=plain,
-        method=SimpleNamespace(name="consistency"),
-        train=SimpleNamespace(teacher_view=None),
+    x = torch.zeros(2, 1, 2, 2)
+    inp = StepInput(x, torch.zeros(2), torch.arange(2), {}, 0, 1, 0, torch.Generator())
+    setup = SimpleNamespace(
+        base_augment=lambda x, g: x + 1, augment=lambda x, g: x * 2, teacher_augment=clean
     )
-    assert _student_view(cell, Consistency) is strong and _student_view(cell, KD) is plain
-    assert _teacher_view(cell, Consistency) == "clean" and _teacher_view(cell, KD) == "student"
-    cell.views = {}  # a grid without the view opts out: the student sees train.augment
-    assert _student_view(cell, Consistency) is plain
+    xs, xt = _views(setup, inp)
+    assert torch.equal(xs, torch.full_like(x, 2.0)) and torch.equal(xt, torch.ones_like(x))
+    setup.base_augment = None  # train.augment: none: the view alone, the teacher on the raw batch
+    xs, xt = _views(setup, inp)
+    assert torch.equal(xs, x) and torch.equal(xt, x)
+
+
+@pytest.mark.parametrize(
+    ("preset", "student", "teacher"),
+    [
+        (None, "randaugment", "none"),
+        ("repdistiller", "flip_crop + randaugment", "flip_crop"),
+        ("mdistiller", "flip_crop + randaugment", "flip_crop"),
+        ("quick", "randaugment", "none"),
+    ],
+)
+def test_resolved_views_under_each_preset(tmp_path, preset, student, teacher):
+    """Under a preset that augments (flip + crop) consistency's student gets RandAugment on top,
+    as the Keras recipe does, instead of losing it; kd's teacher sees the student's batch."""
+    from kdbench.config import load_grid
+    from kdbench.engine import views
+    from kdbench.runner import plan
+    from tests.conftest import write_grid
+
+    extra = f"preset: {preset}, " if preset else ""
+    text = GRID.format(out=tmp_path / "runs").replace(
+        "train: {{epochs: 1,".replace("{{", "{"), "train: {" + extra + "epochs: 1,", 1
+    )
+    text = text.replace(
+        "methods: [consistency, {kd: {train: {augment: randaugment, teacher_view: clean}}}]",
+        "methods: [consistency, kd]",
+    )
+    cells = plan(load_grid(write_grid(tmp_path / "g.yaml", text))).cells
+    got = {c.method.name: views.describe(c) for c in cells}
+    assert got["consistency"] == {"student": student, "teacher": teacher}
+    base = "none" if teacher == "none" else teacher
+    assert got["kd"] == {"student": base, "teacher": base}
 
 
 GRID = """

@@ -9,6 +9,7 @@ import torch
 from torch.optim.swa_utils import update_bn
 from torch.utils.data import TensorDataset
 
+from kdbench.cells import TrainRecipe
 from kdbench.engine.data import Batches
 from kdbench.engine.train import Hook, LRSchedule, Stage, Trainer, TrainSetup, distill_loss
 from kdbench.errors import ConfigError
@@ -38,7 +39,7 @@ def _setup(seed: int = 0) -> TrainSetup:
     return TrainSetup(
         student=model,
         student_reader=FeatureReader(model, model.kd_taps, ("logits",)),
-        train_cfg=dict(CFG),
+        recipe=TrainRecipe(**CFG),
         train_data=Batches(data, 16),
         device=torch.device("cpu"),
         seed=seed,
@@ -72,7 +73,8 @@ class _Stop(Hook):
 
 
 def _trainer(setup: TrainSetup, rec: Hook, *extra: Hook, **swa) -> tuple[Trainer, SWA]:
-    stage = Stage("train", CFG["epochs"], list(setup.student.parameters()), distill_loss(setup), dict(CFG), 7)
+    params = list(setup.student.parameters())
+    stage = Stage("train", CFG["epochs"], params, distill_loss(setup), TrainRecipe(**CFG), 7)
     hook = SWA(setup, **swa)
     # the recorder runs before SWA's after_epoch, so it sees each epoch's own weights
     return Trainer(setup, stage, [LRSchedule(), rec, hook, *extra]), hook

@@ -19,8 +19,9 @@ from torch.utils.data import TensorDataset
 
 from kdbench.config import load_grid
 from kdbench.engine import distributed as D
+from kdbench.engine import ranks
 from kdbench.engine import train as T
-from kdbench.engine.data import Batches
+from kdbench.engine.data import Batches, shard_order
 from kdbench.errors import ConfigError
 from kdbench.runner import plan
 from tests.conftest import ROOT, write_grid
@@ -95,7 +96,7 @@ def test_a_mid_epoch_resume_skips_the_same_steps_on_every_rank():
 
 def test_global_batch_must_divide_by_the_ranks():
     with pytest.raises(ConfigError, match="divisible by gpus_per_cell"):
-        D.shard_order(torch.arange(100), 63, 0, 2)
+        shard_order(torch.arange(100), 63, 0, 2)
 
 
 def test_per_sample_state_and_dataset_level_augmenters_are_refused(monkeypatch):
@@ -110,13 +111,26 @@ def test_per_sample_state_and_dataset_level_augmenters_are_refused(monkeypatch):
         D.refuse_per_sample_state(Bank(), 400)
     D.refuse_per_sample_state(Bank(), 399)  # not a row per sample: accepted
 
-    monkeypatch.setattr(D, "_CURRENT", D.RankInfo(1, 2, 1, torch.device("cpu")))
+    monkeypatch.setattr(ranks, "_CURRENT", ranks.RankInfo(1, 2, 1, torch.device("cpu"), runtime=D))
     aug = T.DatasetAugment.__new__(T.DatasetAugment)
     with pytest.raises(ConfigError, match="dataset-level augmenters"):
         D.adapt_hooks(None, [T.LRSchedule(), aug])
     log = T.MetricsLog(Path("m.jsonl"))
     kept = D.adapt_hooks(type("S", (), {})(), [T.LRSchedule(), log])  # rank 1: no writer hooks
     assert [type(h).__name__ for h in kept] == ["DistributedSync", "LRSchedule"]
+
+
+def test_batch_relational_methods_are_refused_under_ddp():
+    """RKD relates the samples of a batch: on a rank it would relate only its shard (a different
+    loss), so it is refused with a clear error; KD (per sample) is not."""
+    from kdbench.methods.base import MethodContext
+    from kdbench.methods.kd import KD
+    from kdbench.methods.rkd import RKD
+
+    ctx = MethodContext(num_classes=4, num_train=100, epochs=1, batch_size=8)
+    with pytest.raises(ConfigError, match="method .* relates the samples of a batch.*gpus_per_cell: 1"):
+        D.refuse_batch_relational(RKD(ctx))
+    D.refuse_batch_relational(KD(ctx))
 
 
 # -------------------------------------------------------------------------- end to end
@@ -134,7 +148,7 @@ def test_ddp_cell_completes_writes_once_and_matches_single_process(tmp_path):
     cell = _cell(tmp_path, "ddp", ", gpus_per_cell: 2")
     assert cell.id != single.id and "gpus_per_cell" not in single.to_dict()["train"]
     res = run_cell(cell, tmp_path / "ddp")
-    assert res["status"] == "done", res.get("error")
+    assert res.status == "done", res.error
     assert res["env"]["ddp"] == {"world": 2, "backend": "gloo", "device": "cpu"}
     cdir = tmp_path / "ddp" / "cells" / cell.id
     assert sorted(p.name for p in cdir.iterdir()) == [
@@ -145,11 +159,11 @@ def test_ddp_cell_completes_writes_once_and_matches_single_process(tmp_path):
         "student.pt",
         "tb",  # TensorBoard events (rank 0)
     ]
-    assert json.loads((cdir / "result.json").read_text())["metrics"]["top1"] == res["metrics"]["top1"]
+    assert json.loads((cdir / "result.json").read_text())["metrics"]["top1"] == res.metrics["top1"]
     assert (cdir / "log.txt").read_text().count(f"cell {cell.id} attempt") == 1  # rank 0 only
     rows = _rows(tmp_path / "ddp", cell)
     assert [r["epoch"] for r in rows] == list(range(6))  # one row per epoch, rank 0 only
-    assert abs(res["metrics"]["top1"] - ref["metrics"]["top1"]) <= 4.0, (res["metrics"], ref["metrics"])
+    assert abs(res.metrics["top1"] - ref["metrics"]["top1"]) <= 4.0, (res.metrics, ref["metrics"])
 
 
 _KILLABLE = """
@@ -221,22 +235,23 @@ def test_killed_launcher_resumes_from_the_checkpoint(tmp_path):
     assert done_before < 8
 
     res = run_cell(cell, run)
-    assert res["status"] == "done", res.get("error")
+    assert res.status == "done", res.error
     rows = _rows(run, cell)
     assert [r["epoch"] for r in rows] == list(range(8))
     assert not ckpt.exists()
-    assert abs(res["metrics"]["top1"] - ref["metrics"]["top1"]) <= 0.5, (res["metrics"], ref["metrics"])
-    assert abs(res["metrics"]["nll"] - ref["metrics"]["nll"]) <= 0.02
+    assert abs(res.metrics["top1"] - ref["metrics"]["top1"]) <= 0.5, (res.metrics, ref["metrics"])
+    assert abs(res.metrics["nll"] - ref["metrics"]["nll"]) <= 0.02
 
 
 _TERMINABLE = """
 import sys
 from pathlib import Path
-from kdbench.executors.base import CellJob, run_cell_job
+from kdbench.cells import Cell, Job
+from kdbench.executors.base import run_in_worker
 import json
 
 if __name__ == "__main__":
-    run_cell_job(CellJob(json.loads(Path(sys.argv[1]).read_text()), sys.argv[2]))
+    run_in_worker(Job((Cell.from_dict(json.loads(Path(sys.argv[1]).read_text())),), (1,), sys.argv[2]))
 """
 
 
@@ -269,9 +284,9 @@ def test_sigterm_stops_every_rank_at_the_same_step_and_resumes(tmp_path):
     assert not (run / "cells" / cell.id / "result.json").exists()
 
     res = run_cell(cell, run)
-    assert res["status"] == "done", res.get("error")
+    assert res.status == "done", res.error
     assert [r["epoch"] for r in _rows(run, cell)] == list(range(8))
-    assert abs(res["metrics"]["top1"] - ref["metrics"]["top1"]) <= 0.5, (res["metrics"], ref["metrics"])
+    assert abs(res.metrics["top1"] - ref["metrics"]["top1"]) <= 0.5, (res.metrics, ref["metrics"])
 
 
 def test_a_global_batch_the_ranks_cannot_share_is_a_grid_error(tmp_path):
@@ -311,30 +326,53 @@ def test_a_dead_rank_fails_the_cell_with_its_reason_and_nothing_hangs(tmp_path):
     t0 = time.time()
     res = run_cell(cell, run)
     t.join()
-    assert res["status"] == "failed"
-    assert "rank 1" in res["error"] and "SIGKILL" in res["error"], res["error"]
+    assert res.status == "failed"
+    assert "rank 1" in res.error and "SIGKILL" in res.error, res.error
     assert time.time() - t0 < 120
     assert json.loads((run / "cells" / cell.id / "result.json").read_text())["status"] == "failed"
 
 
-def test_every_engine_entry_hands_a_ddp_cell_to_the_launcher(tmp_path, monkeypatch):
-    """run_cell, run_cell_steps and lockstep groups (share_teacher) never train a DDP cell on one
-    process: they call the launcher (stubbed here)."""
+def test_the_engine_entry_hands_a_ddp_cell_to_the_launcher(tmp_path, monkeypatch):
+    """run_job (every executor's way in) gives a DDP cell to the launcher (stubbed here); a
+    lockstep group never holds one."""
+    from kdbench.cells import CellResult, Job
     from kdbench.engine import lockstep
-    from kdbench.engine.cell import run_cell
+    from kdbench.engine.run import run_job
 
     cell = _cell(tmp_path, "ddp", ", gpus_per_cell: 2")
     calls = []
 
     def fake(c, run_dir, progress=None, attempt=1):
         calls.append(c.id)
-        return {"cell": c.to_dict(), "status": "done", "metrics": {"top1": 1.0}, "attempt": attempt}
+        return CellResult(cell=c, status="done", metrics={"top1": 1.0}, attempt=attempt)
 
     monkeypatch.setattr(D, "launch_cell", fake)
     assert lockstep.group_key(cell) is None and lockstep.plan_groups([cell, cell]) == [[cell], [cell]]
-    assert run_cell(cell, tmp_path / "r")["status"] == "done"
-    assert lockstep.run_group([cell], tmp_path / "r")[0]["metrics"] == {"top1": 1.0}
-    assert calls == [cell.id, cell.id]
+    (r,) = run_job(Job((cell,), (1,), str(tmp_path / "r")))
+    assert r.status == "done" and r.metrics == {"top1": 1.0} and calls == [cell.id]
+
+
+_SINGLE = """
+import json, sys
+from pathlib import Path
+from kdbench.cells import Cell, Job
+from kdbench.engine.run import run_job
+
+cell = Cell.from_dict(json.loads(Path(sys.argv[1]).read_text()))
+(r,) = run_job(Job((cell,), (1,), sys.argv[2]))
+print(r.status, "kdbench.engine.distributed" in sys.modules)
+"""
+
+
+def test_a_single_process_cell_never_enters_the_ddp_module(tmp_path):
+    cell = _cell(tmp_path, "one", "", epochs=1)
+    cfg = tmp_path / "cell.json"
+    cfg.write_text(json.dumps(cell.to_dict()))
+    out = subprocess.run(
+        [sys.executable, "-c", _SINGLE, str(cfg), str(tmp_path / "r")],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert out.stdout.split() == ["done", "False"], out.stderr[-2000:]
 
 
 def test_ddp_keys_in_teacher_train_are_rejected_not_ignored(tmp_path):
@@ -350,18 +388,20 @@ def test_ddp_keys_in_teacher_train_are_rejected_not_ignored(tmp_path):
 _RANK_SCRIPT = """
 import sys, json
 from pathlib import Path
-from kdbench.executors.base import CellJob, run_cell_job
+from kdbench.cells import Cell, Job
+from kdbench.executors.base import run_in_worker
 
 if __name__ == "__main__":
-    out = run_cell_job(CellJob(json.loads(Path(sys.argv[1]).read_text()), sys.argv[2]))
-    print("RESULT", json.dumps({"status": out["status"], "error": out.get("error")}))
+    cell = Cell.from_dict(json.loads(Path(sys.argv[1]).read_text()))
+    outs = run_in_worker(Job((cell,), (1,), sys.argv[2]))  # rank 0's result; none on the others
+    print("RESULT", json.dumps([{"status": o.status, "error": o.error} for o in outs]))
 """
 
 
 @pytest.mark.slow
 def test_ranks_started_by_an_outside_launcher_run_the_cell(tmp_path):
     """torchrun sets RANK/WORLD_SIZE/MASTER_ADDR as submitit's TorchDistributedEnvironment does
-    for Slurm tasks: each process runs run_cell_job and acts as its rank; rank 0 writes."""
+    for Slurm tasks: each process runs run_in_worker and acts as its rank; rank 0 writes."""
     cell = _cell(tmp_path, "ddp", ", gpus_per_cell: 2, sync_bn: true", epochs=2)
     run = tmp_path / "ddp"
     script, cfg = tmp_path / "rank.py", tmp_path / "cell.json"
@@ -379,7 +419,7 @@ def test_ranks_started_by_an_outside_launcher_run_the_cell(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [json.loads(ln[7:]) for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    assert sorted(x["status"] for x in lines) == ["done", "rank"], proc.stdout
+    assert sorted(len(x) for x in lines) == [0, 1] and [x for x in lines if x][0][0]["status"] == "done"
     res = json.loads((run / "cells" / cell.id / "result.json").read_text())
     assert res["status"] == "done" and res["env"]["ddp"]["world"] == 2
     assert [r["epoch"] for r in _rows(run, cell)] == [0, 1]

@@ -60,9 +60,9 @@ def test_same_cell_same_numbers(tiny_grid, tmp_path):
     cell = p.cells[0]
     a = run_cell(cell, tmp_path / "a")
     b = run_cell(cell, tmp_path / "b")
-    assert a["status"] == b["status"] == "done", a.get("error")
+    assert a.status == b.status == "done", a.error
     for k in ("top1", "nll", "ece", "agreement"):
-        assert a["metrics"][k] == b["metrics"][k], k
+        assert a.metrics[k] == b.metrics[k], k
 
 
 def test_sigkill_mid_sweep_then_resume_records_each_cell_once(tiny_grid, tmp_path):
@@ -117,11 +117,11 @@ def test_resumed_cell_matches_uninterrupted(tiny_grid, tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         run_cell(cell, tmp_path / "cut", stop_after_one)
-    assert (tmp_path / "cut" / "cells" / cell["id"] / "checkpoint.pt").exists()
+    assert (tmp_path / "cut" / "cells" / cell.id / "checkpoint.pt").exists()
     resumed = run_cell(cell, tmp_path / "cut")
-    assert resumed["status"] == "done", resumed.get("error")
+    assert resumed.status == "done", resumed.error
     for k in ("top1", "nll", "agreement"):
-        assert resumed["metrics"][k] == pytest.approx(full["metrics"][k], abs=1e-9), k
+        assert resumed.metrics[k] == pytest.approx(full.metrics[k], abs=1e-9), k
 
 
 def test_report_formats_from_store(tiny_grid, tmp_path):
@@ -191,7 +191,7 @@ def test_parallel_local_workers_match_inline(tiny_grid, tmp_path):
     assert inline.returncode == 0
     par = json.loads(kdbench_cli("report", str(tmp_path / "par"), "--format", "json").stdout)
     seq = json.loads(kdbench_cli("report", str(tmp_path / "seq"), "--format", "json").stdout)
-    top1 = lambda recs: {r["method"]: r["metrics"]["top1"]["mean"] for r in recs}  # noqa: E731
+    top1 = lambda recs: {r["method"]: r.metrics["top1"]["mean"] for r in recs}  # noqa: E731
     assert top1(par) == top1(seq)  # same cells, same numbers, whichever process ran them
 
 

@@ -46,8 +46,8 @@ def test_val_split_and_per_epoch_evaluation(tmp_path):
     assert cell.teacher.val_fraction == 0.25  # the teacher holds out the same split
     run = tmp_path / "runs"
     res = engine.run_cell(cell, run)
-    assert res["status"] == "done", res.get("error")
-    m = res["metrics"]
+    assert res.status == "done", res.error
+    m = res.metrics
     assert {"top1", "nll", "ece", "agreement", "val/top1", "val/nll"} <= set(m)
     rows = [r for r in _rows(run, cell) if r["stage"] == "train"]
     assert [r["epoch"] for r in rows] == [0, 1]
@@ -58,7 +58,7 @@ def test_val_split_and_per_epoch_evaluation(tmp_path):
     assert len(cached) == 2 and any("-test" in n for n in cached)  # teacher logits on test and val, kept
     teacher = json.loads(next((run / "teachers").glob("*/result.json")).read_text())
     assert "val/top1" in teacher["metrics"] and "top1" in teacher["metrics"]
-    env = res["env"]
+    env = res.env
     assert {"cpu_capability", "blas", "threads", "torch", "kernels"} <= set(env)
 
     # the split: stratified, disjoint from train, stable, and what the cell trained on
@@ -75,8 +75,8 @@ def test_val_split_and_per_epoch_evaluation(tmp_path):
 def test_default_evaluates_the_final_model_only(tmp_path):
     cell = _cell(tmp_path, "{batch_size: 500}")
     res = engine.run_cell(cell, tmp_path / "runs")
-    assert res["status"] == "done", res.get("error")
-    assert not any(k.startswith("val/") for k in res["metrics"])
+    assert res.status == "done", res.error
+    assert not any(k.startswith("val/") for k in res.metrics)
     assert all(not any("/" in k for k in r) for r in _rows(tmp_path / "runs", cell))
     # datasets are loaded once per process
     assert engine.load_dataset(cell.dataset) is engine.load_dataset(cell.dataset)
@@ -117,7 +117,7 @@ def test_run_cell_leaves_no_open_descriptor(tmp_path):
     before = len(os.listdir("/proc/self/fd"))
     for _ in range(30):
         res = engine.run_cell(broken, tmp_path / "runs")
-        assert res["status"] == "failed"
+        assert res.status == "failed"
     assert len(os.listdir("/proc/self/fd")) <= before
     assert not logging.getLogger(f"kdbench.cell.{cell.id}").handlers
 

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
+from kdbench.cells import TrainRecipe
 from kdbench.engine import evaluation as ev
 from kdbench.engine.data import Batches, ExtraSamples, holdout
 from kdbench.engine.train import TrainSetup, train
@@ -77,7 +78,7 @@ def _setup(tmp_path: Path | None, teacher_augment=None, **kw) -> TrainSetup:
     return TrainSetup(
         student=student,
         student_reader=s_reader,
-        train_cfg=dict(CFG, **kw.pop("cfg", {})),
+        recipe=TrainRecipe(**dict(CFG, **kw.pop("cfg", {}))),
         train_data=Batches(ds, 16, meta=meta),
         device=torch.device("cpu"),
         seed=0,
@@ -302,3 +303,25 @@ def test_stop_request_checkpoints_mid_epoch_and_resumes_bit_exactly(tmp_path):
     rows = lambda d: (d / "metrics.jsonl").read_text().splitlines()  # noqa: E731
     strip = lambda r: {k: v for k, v in json.loads(r).items() if not k.endswith("_s")}  # noqa: E731
     assert [strip(r) for r in rows(tmp_path / "full")] == [strip(r) for r in rows(tmp_path / "cut")]
+
+
+def test_training_split_metrics_never_count_generated_samples():
+    """ConfiG adds samples to the training split between epochs; the group shares behind
+    adj_avg_acc, train/... metrics and DFR-on-train must see the split's own samples only."""
+    from types import SimpleNamespace
+
+    from kdbench.engine.cell import CellData
+
+    ds, meta = _data()
+    train = Batches(ds, 16, meta=meta)
+    data = CellData(SimpleNamespace(group_info=lambda: None), "k", train, None, train, 64)
+    before = data.context(15)
+    n = len(train)
+    extra_meta = {k: torch.zeros(5, dtype=v.dtype) for k, v in meta.items()}
+    train.add_samples(torch.zeros(5, *ds[0][0].shape), torch.zeros(5, dtype=torch.long), extra_meta)
+    after = data.context(15)
+    for ctx in (before, after):  # the context taken before a round is not extended by it either
+        assert {k: len(v) for k, v in ctx.train_meta.items()} == {k: n for k in meta}
+        assert len(ctx.train_targets) == n
+        for k, v in meta.items():
+            assert torch.equal(ctx.train_meta[k], v)

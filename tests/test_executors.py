@@ -16,9 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from kdbench.cells import Cell, Job
 from kdbench.config import load_grid
 from kdbench.engine.cell import run_cell
-from kdbench.executors.base import CellJob
+from kdbench.executors.base import Events, RetryPolicy
 from kdbench.runner import plan
 
 pytestmark = pytest.mark.slow
@@ -26,25 +27,28 @@ pytestmark = pytest.mark.slow
 KEYS = ("top1", "nll", "ece")
 
 
-def _cells(tiny_grid, **kw) -> list[dict]:
-    p = plan(load_grid(tiny_grid(**kw)))
-    return [c.model_dump(mode="json") if hasattr(c, "model_dump") else c for c in p.cells]
+def _cells(tiny_grid, **kw) -> list[Cell]:
+    return plan(load_grid(tiny_grid(**kw))).cells
 
 
-def _inline(cells: list[dict], run_dir: Path) -> dict[str, dict]:
+def _jobs(cells: list[Cell], run_dir: Path) -> list[Job]:
+    return [Job((c,), (1,), str(run_dir)) for c in cells]
+
+
+def _run(executor, jobs: list[Job]) -> list:
+    """Every result ``executor`` reports for ``jobs``."""
+    results: list = []
+    executor.run(jobs, Events(results.append), RetryPolicy())
+    return results
+
+
+def _inline(cells: list[Cell], run_dir: Path) -> dict[str, dict]:
     torch.set_num_threads(1)
     out = {}
     for c in cells:
-        try:
-            from kdbench.cells import Cell
-
-            typed = Cell.from_dict(c)
-        except ImportError:
-            typed = c
-        r = run_cell(typed, run_dir)
-        r = r.model_dump(mode="json") if hasattr(r, "model_dump") else r
-        assert r["status"] == "done", r.get("error")
-        out[c["id"]] = r["metrics"]
+        r = run_cell(c, run_dir)
+        assert r.status == "done", r.error
+        out[c.id] = r.metrics
     return out
 
 
@@ -69,15 +73,12 @@ def test_submitit_local_cluster_gives_the_inline_numbers(tiny_grid, tmp_path):
     cells = _cells(tiny_grid, methods="[ce, kd]", epochs=2)
     want = _inline(cells, tmp_path / "inline")
     run_dir = tmp_path / "sub"
-    results: list[dict] = []
-    SubmititExecutor(cluster="local", time_min=10, poll_s=0.2).run(
-        [CellJob(c, str(run_dir), 1, 1) for c in cells], results.append
-    )
-    assert sorted(r["cell"]["id"] for r in results) == sorted(want)
+    results = _run(SubmititExecutor(cluster="local", time_min=10, poll_s=0.2), _jobs(cells, run_dir))
+    assert sorted(r.cell.id for r in results) == sorted(want)
     for r in results:
-        assert r["status"] == "done", r.get("error")
+        assert r.status == "done", r.error
         for k in KEYS:
-            assert r["metrics"][k] == want[r["cell"]["id"]][k], k
+            assert r.metrics[k] == want[r.cell.id][k], k
     # the teacher was trained once, by its own job, before the kd cell ran
     assert len(list((run_dir / "teachers").glob("*.pt"))) == 1
     assert any("kdbench-teacher" in p.name or p.is_dir() for p in (run_dir / "submitit").iterdir())
@@ -88,21 +89,21 @@ def test_submitit_preempted_cell_is_requeued_and_completes(tiny_grid, tmp_path):
     from kdbench.executors.submitit_exec import SubmititExecutor, _CellTask
 
     (cell,) = _cells(tiny_grid, methods="[ce]", epochs=8)
-    want = _inline([cell], tmp_path / "inline")[cell["id"]]
+    want = _inline([cell], tmp_path / "inline")[cell.id]
     run_dir = tmp_path / "sub"
     ex = SubmititExecutor(cluster="local", time_min=10)._executor(str(run_dir), "kdbench-cell")
-    job = ex.submit(_CellTask(), CellJob(cell, str(run_dir), 1, 1))
-    cdir = run_dir / "cells" / cell["id"]
+    job = ex.submit(_CellTask(), Job((cell,), (1,), str(run_dir)))
+    cdir = run_dir / "cells" / cell.id
     _wait_for("checkpoint.pt", cdir)  # at least one epoch done, the cell is mid-way
     # what Slurm does to the task before a preemption or a time-out: USR2 to the task's process
     pid = json.loads((cdir / "worker.json").read_text())["pid"]
     os.kill(pid, signal.SIGUSR2)
-    result = job.result()
-    assert result["status"] == "done", result.get("error")
+    (result,) = job.result()
+    assert result.status == "done", result.error
     assert _starts(cdir) == 2, (cdir / "log.txt").read_text()  # it really was stopped and requeued
-    assert result["attempt"] == 2  # the requeue is counted
+    assert result.attempt == 2  # the requeue is counted
     for k in KEYS:
-        assert result["metrics"][k] == want[k], k
+        assert result.metrics[k] == want[k], k
 
 
 @pytest.fixture
@@ -119,11 +120,11 @@ def test_ray_task_killed_mid_cell_is_retried_with_the_same_numbers(tiny_grid, tm
     cells = _cells(tiny_grid, methods="[ce, kd]", epochs=8)
     want = _inline(cells, tmp_path / "inline")
     run_dir = tmp_path / "ray"
-    results: list[dict] = []
-    jobs = [CellJob(c, str(run_dir), 1, 1) for c in cells]
-    t = threading.Thread(target=RayExecutor(retries=2).run, args=(jobs, results.append))
+    results: list = []
+    args = (_jobs(cells, run_dir), Events(results.append), RetryPolicy())
+    t = threading.Thread(target=RayExecutor(retries=2).run, args=args)
     t.start()
-    victim = run_dir / "cells" / cells[0]["id"]
+    victim = run_dir / "cells" / cells[0].id
     _wait_for("checkpoint.pt", victim)
     pid = json.loads((victim / "worker.json").read_text())["pid"]
     os.kill(pid, signal.SIGKILL)  # the worker dies hard mid-cell: Ray retries the task
@@ -131,12 +132,12 @@ def test_ray_task_killed_mid_cell_is_retried_with_the_same_numbers(tiny_grid, tm
     assert not t.is_alive()
     assert len(results) == 2
     for r in results:
-        assert r["status"] == "done", r.get("error")
+        assert r.status == "done", r.error
         for k in KEYS:
-            assert r["metrics"][k] == want[r["cell"]["id"]][k], k
+            assert r.metrics[k] == want[r.cell.id][k], k
     assert _starts(victim) == 2
-    attempts = {r["cell"]["id"]: r["attempt"] for r in results}
-    assert attempts == {cells[0]["id"]: 2, cells[1]["id"]: 1}  # Ray's retry is counted
+    attempts = {r.cell.id: r.attempt for r in results}
+    assert attempts == {cells[0].id: 2, cells[1].id: 1}  # Ray's retry is counted
 
 
 def test_detach_status_and_collect_through_the_cli(tiny_grid, tmp_path):
@@ -172,18 +173,15 @@ def test_detach_status_and_collect_through_the_cli(tiny_grid, tmp_path):
 
 def test_local_workers_are_pinned_to_their_own_gpu(tiny_grid, tmp_path):
     from kdbench.executors.local import LocalExecutor
-    from kdbench.pool import gpu_for
+    from kdbench.executors.pool import gpu_for
 
     assert [gpu_for(i, [0, 1]) for i in range(3)] == ["0", "1", "0"]
     assert gpu_for(0, None) is None
     cells = _cells(tiny_grid, methods="[ce]", seeds="[0, 1]", epochs=1)
-    results: list[dict] = []
-    LocalExecutor(workers=2, gpus=[3, 5]).run(
-        [CellJob(c, str(tmp_path), 1, 1) for c in cells], results.append
-    )
-    assert all(r["status"] == "done" for r in results), [r.get("error") for r in results]
+    results = _run(LocalExecutor(workers=2, gpus=[3, 5]), _jobs(cells, tmp_path))
+    assert all(r.status == "done" for r in results), [r.error for r in results]
     # each worker saw only its own device (recorded in every result's environment)
-    assert sorted(r["env"]["cuda_visible_devices"] for r in results) == ["3", "5"]
+    assert sorted(r.env["cuda_visible_devices"] for r in results) == ["3", "5"]
 
 
 def test_submitit_runs_a_ddp_cell_as_one_task_per_rank(tiny_grid, tmp_path):
@@ -196,13 +194,9 @@ def test_submitit_runs_a_ddp_cell_as_one_task_per_rank(tiny_grid, tmp_path):
     (cell,) = _cells(lambda **kw: grid)
     assert ranks_of(cell) == (2, 1)
     run_dir = tmp_path / "sub"
-    results: list[dict] = []
-    SubmititExecutor(cluster="local", time_min=10, poll_s=0.2).run(
-        [CellJob(cell, str(run_dir), 1, 1)], results.append
-    )
-    (r,) = results
-    assert r["status"] == "done", r.get("error")
-    assert r["env"]["ddp"]["world"] == 2  # the cell really ran on two ranks (submitit tasks)
+    (r,) = _run(SubmititExecutor(cluster="local", time_min=10, poll_s=0.2), _jobs([cell], run_dir))
+    assert r.status == "done", r.error
+    assert r.env["ddp"]["world"] == 2  # the cell really ran on two ranks (submitit tasks)
     # one job of two tasks (the local cluster's own log files per task)
     logs = sorted(p.name for p in (run_dir / "submitit").glob("*/*_log.out"))
     assert [n.split("_")[1] for n in logs] == ["0", "1"], logs

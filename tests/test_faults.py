@@ -6,10 +6,10 @@ import json
 
 import pytest
 
+from kdbench.cells import CellResult, Job
 from kdbench.config import ConfigError, load_grid, parse_duration
 from kdbench.engine.cell import run_cell
-from kdbench.executors.base import this_attempt
-from kdbench.pool import retry_if_allowed
+from kdbench.executors.base import RetryPolicy, this_attempt
 from tests.conftest import TINY_GRID
 
 
@@ -29,23 +29,27 @@ def test_a_bad_time_limit_names_the_key_and_the_forms(tmp_path):
         load_grid(grid)
     grid.write_text(text + "executor: {time_limit: 2h, retries: -1}\n")
     with pytest.raises(ConfigError, match="retries must be 0 or more"):
-        from kdbench.executors.driver import build_executor
-        from kdbench.runner import plan
+        from rich.console import Console
 
-        build_executor(plan(load_grid(grid)).executor)
+        from kdbench.runner import build_executor, plan
+
+        build_executor(plan(load_grid(grid)).executor, None, Console())
 
 
-def test_only_infrastructure_failures_are_retried():
-    cell = {"id": "c1"}
-    attempts, first = {"c1": 1}, {"c1": 1}
-    nan = {"cell": cell, "status": "failed", "error": "non-finite loss at epoch 1", "attempt": 1}
-    assert not retry_if_allowed(nan, attempts, first, retries=3)  # it would fail again
-    died = {"cell": cell, "status": "failed", "error": "killed by signal SIGKILL", "retryable": True}
-    assert retry_if_allowed(dict(died), attempts, first, retries=2) and attempts["c1"] == 2
-    assert retry_if_allowed(dict(died), attempts, first, retries=2) and attempts["c1"] == 3
-    last = dict(died)
-    assert not retry_if_allowed(last, attempts, first, retries=2)  # two retries used
-    assert "retry_attempt" not in last and attempts["c1"] == 3
+def test_only_infrastructure_failures_are_retried(tiny_grid):
+    from kdbench.runner import plan
+
+    cell = plan(load_grid(tiny_grid("[ce]", epochs=1))).cells[0]
+    policy = RetryPolicy(retries=2)
+    policy.track([Job((cell,), (1,), ".")])
+    nan = CellResult.failed(cell, 1, "non-finite loss at epoch 1")
+    assert policy.check(nan).retry_attempt is None  # it would fail again
+    died = CellResult.failed(cell, 1, "killed by signal SIGKILL", retryable=True)
+    assert policy.check(died).retry_attempt == 2 and policy.attempts[cell.id] == 2
+    assert policy.check(died).retry_attempt == 3 and policy.attempts[cell.id] == 3
+    assert policy.check(died).retry_attempt is None  # two retries used
+    assert policy.attempts[cell.id] == 3
+    assert RetryPolicy(retries=0).check(died).retry_attempt is None
 
 
 def test_a_restarted_submission_counts_its_attempts(tmp_path):
@@ -62,11 +66,11 @@ def test_time_limit_stops_a_cell_at_a_step_and_says_where(tmp_path, tiny_grid):
     p = plan(load_grid(tiny_grid("[ce]", epochs=2)))
     cell = p.cells[0]
     r = run_cell(cell, tmp_path, None, 1, time_limit=1e-9)  # over before the first step
-    assert r["status"] == "failed" and r["retryable"], r
-    assert r["error"].startswith("TimeLimitReached: time limit of 1e-09 s reached at train epoch 1 step 0")
+    assert r.status == "failed" and r.retryable, r
+    assert r.error.startswith("TimeLimitReached: time limit of 1e-09 s reached at train epoch 1 step 0")
     assert (tmp_path / "cells" / cell.id / "checkpoint.pt").exists()
     done = run_cell(cell, tmp_path, None, 2)  # no limit: resumes and finishes
-    assert done["status"] == "done"
+    assert done.status == "done"
     assert json.loads((tmp_path / "cells" / cell.id / "result.json").read_text())["attempt"] == 2
 
 
@@ -78,7 +82,7 @@ def test_a_lockstep_group_shares_its_time_limit_and_resumes(tmp_path, tiny_grid)
     from kdbench.runner import plan
 
     cells = plan(load_grid(tiny_grid("[kd, fitnet]", epochs=2))).cells
-    alone = {c.id: run_cell(c, tmp_path / "alone")["metrics"] for c in cells}
+    alone = {c.id: run_cell(c, tmp_path / "alone").metrics for c in cells}
     shared = tmp_path / "shared"
     (shared / "teachers").mkdir(parents=True)
     for f in (tmp_path / "alone" / "teachers").iterdir():  # the same teacher, not trained again
@@ -86,10 +90,27 @@ def test_a_lockstep_group_shares_its_time_limit_and_resumes(tmp_path, tiny_grid)
             (shared / "teachers" / f.name).write_bytes(f.read_bytes())
     with time_limit(1e-9):
         first = run_group(cells, shared)
-    assert [r["status"] for r in first] == ["failed", "failed"] and all(r["retryable"] for r in first)
+    assert [r.status for r in first] == ["failed", "failed"] and all(r.retryable for r in first)
     assert all((shared / "cells" / c.id / "checkpoint.pt").exists() for c in cells)
     again = run_group(cells, shared)
-    assert [r["status"] for r in again] == ["done", "done"]
+    assert [r.status for r in again] == ["done", "done"]
     for c, r in zip(cells, again, strict=True):
-        got = {k: v for k, v in r["metrics"].items() if not k.endswith("_s")}
+        got = {k: v for k, v in r.metrics.items() if not k.endswith("_s")}
         assert got == {k: v for k, v in alone[c.id].items() if not k.endswith("_s")}
+
+
+def test_a_teacher_without_its_checksum_is_trained_again(tmp_path, tiny_grid):
+    """A crash between writing the weights and their checksum sidecar leaves weights every cell
+    would reject; the next cell that needs the teacher trains it again instead of failing."""
+    from kdbench.artifacts import sidecar
+    from kdbench.engine.cell import prepare_teacher
+    from kdbench.runner import plan
+
+    cell = plan(load_grid(tiny_grid("[kd]", epochs=1))).cells[0]
+    prepare_teacher(cell, tmp_path)
+    weights = tmp_path / "teachers" / f"{cell.teacher.id}.pt"
+    first = weights.read_bytes()
+    sidecar(weights).unlink()  # the crash
+    r = run_cell(cell, tmp_path)
+    assert r.status == "done", r.error
+    assert sidecar(weights).exists() and weights.read_bytes() == first  # the same teacher, again

@@ -52,15 +52,15 @@ def test_new_recipe_fields_stay_out_of_ids_at_their_defaults():
 
 
 def test_autocast_runs_the_forward_in_bf16_and_keeps_fp32_weights():
-    amp = precision.Amp({"precision": "bf16"}, torch.device("cpu"))
+    amp = precision.Amp(TrainRecipe(precision="bf16"), torch.device("cpu"))
     conv = nn.Conv2d(3, 4, 3)
     with amp.autocast():
         out = conv(torch.randn(2, 3, 8, 8))
     assert out.dtype == torch.bfloat16 and conv.weight.dtype == torch.float32
-    fp32 = precision.Amp({}, torch.device("cpu"))
+    fp32 = precision.Amp(TrainRecipe(), torch.device("cpu"))
     with fp32.autocast():
         assert conv(torch.randn(2, 3, 8, 8)).dtype == torch.float32
-    assert fp32.scaler is None and precision.Amp({"precision": "fp16"}, "cpu").scaler is not None
+    assert fp32.scaler is None and precision.Amp(TrainRecipe(precision="fp16"), "cpu").scaler is not None
 
 
 @pytest.mark.slow
@@ -73,20 +73,20 @@ def test_bf16_cell_trains_and_matches_fp32(tmp_path, method):
     c32, c16 = _cell(tmp_path, method=method), _cell(tmp_path, "precision: bf16", method=method)
     assert c32.id != c16.id
     r32, r16 = run_cell(c32, runs), run_cell(c16, runs)
-    assert r32["status"] == r16["status"] == "done", r16.get("error")
+    assert r32.status == r16.status == "done", r16.error
     l32, l16 = _losses(runs, c32), _losses(runs, c16)
     assert l32 != l16  # autocast changed the arithmetic
     for a, b in zip(l32, l16, strict=True):
         assert b == pytest.approx(a, rel=0.05)
-    assert abs(r16["metrics"]["top1"] - r32["metrics"]["top1"]) <= 5.0
-    assert r16["metrics"]["nll"] == pytest.approx(r32["metrics"]["nll"], rel=0.10)
+    assert abs(r16.metrics["top1"] - r32.metrics["top1"]) <= 5.0
+    assert r16.metrics["nll"] == pytest.approx(r32.metrics["nll"], rel=0.10)
 
 
 @pytest.mark.slow
 def test_fp16_grad_scaler_state_survives_resume(tmp_path):
     cell = _cell(tmp_path, "precision: fp16", epochs=3)
     full = run_cell(cell, tmp_path / "full")
-    assert full["status"] == "done", full.get("error")
+    assert full.status == "done", full.error
 
     def stop_after_one(row):
         if row["stage"] == "train" and row["epoch"] == 1:
@@ -98,7 +98,7 @@ def test_fp16_grad_scaler_state_survives_resume(tmp_path):
     assert ckpt["trainer"]["amp"]["scaler"]["scale"] > 0
     resumed = run_cell(cell, tmp_path / "cut")
     for k in ("top1", "nll", "agreement"):
-        assert resumed["metrics"][k] == full["metrics"][k], k
+        assert resumed.metrics[k] == full.metrics[k], k
 
 
 @pytest.mark.slow
@@ -108,9 +108,9 @@ def test_channels_last_and_compile_keep_the_numbers_on_cpu(tmp_path, monkeypatch
     base = run_cell(_cell(tmp_path, method="fitnet", epochs=1), runs)
     for extra in ("channels_last: true", "compile: true"):
         other = run_cell(_cell(tmp_path, extra, method="fitnet", epochs=1), runs)
-        assert other["status"] == "done", other.get("error")
+        assert other.status == "done", other.error
         for k in ("top1", "nll", "agreement"):  # fitnet reads stage taps: hooks still fire
-            assert other["metrics"][k] == pytest.approx(base["metrics"][k], rel=1e-4, abs=1e-4), (extra, k)
+            assert other.metrics[k] == pytest.approx(base.metrics[k], rel=1e-4, abs=1e-4), (extra, k)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

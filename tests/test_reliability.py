@@ -22,8 +22,8 @@ import yaml
 
 from kdbench import registry
 from kdbench.config import ConfigError, load_grid, load_yaml
-from kdbench.pool import _cgroup_quota, cpu_budget
-from kdbench.runner import RunDirBusy, RunLock
+from kdbench.procs import _cgroup_quota, cpu_budget
+from kdbench.rundir import RunDirBusy, RunLock
 from tests.conftest import ROOT, TINY_GRID, kdbench_cli
 
 # --------------------------------------------------------------------------- plugin site
@@ -243,7 +243,7 @@ def _tree(d: Path) -> dict[str, tuple[int, int]]:
 HOLD = """
 import sys, time
 from pathlib import Path
-from kdbench.runner import RunLock
+from kdbench.rundir import RunLock
 with RunLock(Path(sys.argv[1])):
     print("locked", flush=True)
     time.sleep(600)
@@ -380,7 +380,7 @@ def test_cgroup_quota_v2_v1_and_nested(tmp_path):
 
 def test_cpu_budget_follows_the_affinity_mask():
     assert 1 <= cpu_budget() <= len(os.sched_getaffinity(0))
-    code = "from kdbench.pool import cpu_budget; print(cpu_budget())"
+    code = "from kdbench.procs import cpu_budget; print(cpu_budget())"
     r = subprocess.run(["taskset", "-c", "0", sys.executable, "-c", code], capture_output=True, text=True)
     if r.returncode != 0 and "taskset" in (r.stderr or ""):
         pytest.skip(f"taskset unavailable: {r.stderr.strip()}")
@@ -397,11 +397,17 @@ def test_workers_times_threads_never_oversubscribe(tmp_path, monkeypatch):
     grid.write_text(text)
     p = runner.plan(load_grid(grid))
     console = Console(file=open(os.devnull, "w"))
+
+    def fitted(workers):
+        ex = runner.build_executor(p.executor, workers, console)
+        threads = runner.fit_threads(p, ex, console)
+        return ex.workers, threads
+
     monkeypatch.setattr(runner, "cpu_budget", lambda: 4)
-    assert runner.resolve_threads(p, None, console) == (2, 2)
-    assert runner.resolve_threads(p, 1, console) == (1, 2)
+    assert fitted(None) == (2, 2)
+    assert fitted(1) == (1, 2)
     monkeypatch.setattr(runner, "cpu_budget", lambda: 1)
-    assert runner.resolve_threads(p, None, console) == (1, 1)
+    assert fitted(None) == (1, 1)
 
 
 # --------------------------------------------------------------------------- fingerprints

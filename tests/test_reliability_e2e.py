@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from kdbench.pool import cpu_budget
+from kdbench.procs import cpu_budget
 from tests.conftest import done_metrics as metrics
 from tests.conftest import kdbench_cli
 from tests.test_reliability import plugin_site, run_unprivileged, tiny  # noqa: F401  (fixture)

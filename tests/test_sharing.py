@@ -18,7 +18,14 @@ from kdbench.runner import plan
 
 
 def _cells(tiny_grid, methods: str, epochs: int = 2):
-    return plan(load_grid(tiny_grid(methods=methods, epochs=epochs))).cells
+    """The tiny grid's cells; with consistency, train.views gains the ``strong`` view it trains on."""
+    grid = tiny_grid(methods=methods, epochs=epochs)
+    if "consistency" in methods:
+        views = "views: {strong: randaugment}}"
+        grid.write_text(
+            grid.read_text().replace("schedule: cosine, views: {}}", "schedule: cosine, " + views, 1)
+        )
+    return plan(load_grid(grid)).cells
 
 
 def _alone(cells, run_dir: Path) -> dict[str, dict]:
@@ -30,12 +37,13 @@ def _copy_teachers(src: Path, dst: Path) -> None:
     shutil.copytree(src / "teachers", dst / "teachers")
 
 
-def _same(a: dict, b: dict, a_dir: Path, b_dir: Path) -> None:
+def _same(a, b, a_dir: Path, b_dir: Path) -> None:
+    a, b = (r.to_dict() if hasattr(r, "to_dict") else r for r in (a, b))
     assert a["status"] == b["status"] == "done", (a.get("error"), b.get("error"))
     timing = {"train_s", "eval_s", "wall_s"}
     ma = {k: v for k, v in a["metrics"].items() if k not in timing}
     assert "top1" in ma and ma == {k: v for k, v in b["metrics"].items() if k not in timing}
-    cid = a["cell"]["id"]
+    cid = a.cell.id
     sa = torch.load(a_dir / "cells" / cid / "student.pt", weights_only=True)
     sb = torch.load(b_dir / "cells" / cid / "student.pt", weights_only=True)
     assert sa.keys() == sb.keys()
@@ -54,11 +62,11 @@ def test_group_is_bit_identical_to_cells_run_alone(tiny_grid, tmp_path):
     teachers = SharedTeachers()
     finished: list[str] = []
     got = run_group(
-        cells, tmp_path / "group", on_result=lambda r: finished.append(r["cell"]["id"]), teachers=teachers
+        cells, tmp_path / "group", on_result=lambda r: finished.append(r.cell.id), teachers=teachers
     )
     assert sorted(finished) == sorted(c.id for c in cells)
     for r in got:
-        _same(alone[r["cell"]["id"]], r, tmp_path / "alone", tmp_path / "group")
+        _same(alone[r.cell.id], r, tmp_path / "alone", tmp_path / "group")
     # the teacher's forward was reused, not recomputed by every cell
     assert teachers.stats["hits"] > teachers.stats["misses"] > 0
     # one set-up probe of the teacher and one of the (identically initialised) student
@@ -82,9 +90,9 @@ def test_a_failing_cell_leaves_the_group(tiny_grid, tmp_path):
     cells = _cells(tiny_grid, "[kd, {kd: {weights: {kd: 1.0e+300}}}, fitnet]", epochs=1)
     alone = _alone([cells[0], cells[2]], tmp_path / "alone")
     _copy_teachers(tmp_path / "alone", tmp_path / "group")
-    got = {r["cell"]["id"]: r for r in run_group(cells, tmp_path / "group")}
+    got = {r.cell.id: r for r in run_group(cells, tmp_path / "group")}
     bad = got[cells[1].id]
-    assert bad["status"] == "failed" and "FloatingPointError" in bad["error"]
+    assert bad.status == "failed" and "FloatingPointError" in bad.error
     assert (tmp_path / "group" / "cells" / cells[1].id / "result.json").exists()
     for c in (cells[0], cells[2]):
         _same(alone[c.id], got[c.id], tmp_path / "alone", tmp_path / "group")
@@ -144,7 +152,7 @@ def test_interrupted_group_resumes_to_the_same_numbers(tiny_grid, tmp_path, monk
     teachers = SharedTeachers()
     got = run_group(cells, tmp_path / "group", teachers=teachers)
     for r in got:
-        _same(alone[r["cell"]["id"]], r, tmp_path / "alone", tmp_path / "group")
+        _same(alone[r.cell.id], r, tmp_path / "alone", tmp_path / "group")
     assert teachers.stats["hits"] > 0  # the cell behind caught up, then they shared again
 
 
@@ -229,3 +237,54 @@ def test_set_up_probe_is_shared_only_between_bitwise_equal_models():
     teachers.setting_up(cell)
     teachers.probe(_tiny_net(0)[0], spec, x)
     assert teachers.stats["probe_misses"] == 6  # forgotten once every cell has set up
+
+
+def test_groups_split_on_the_teachers_arithmetic(tiny_grid):
+    """A method row may set precision, channels_last or compile; the teacher's forward runs under
+    the settings of the cell that computes it, so such cells never share one."""
+    methods = "[kd, {kd: {train: {precision: bf16}}}, {fitnet: {train: {channels_last: true}}}, dkd]"
+    cells = _cells(tiny_grid, methods, epochs=1)
+    keys = [group_key(c) for c in cells]
+    assert keys[0] == keys[3]  # fp32 kd and fp32 dkd share
+    assert len({keys[0], keys[1], keys[2]}) == 3
+    assert sorted(len(g) for g in plan_groups(cells)) == [1, 1, 2]
+
+
+def test_shared_teacher_features_edited_in_place_are_not_lent_again():
+    """A third-party method that edits the teacher's features in place (here: doubles the
+    logits) must not change what the next cell of the group reads."""
+    from kdbench.features import discover_taps
+    from kdbench.models.smallcnn import smallcnn
+
+    torch.manual_seed(0)
+    model = smallcnn(num_classes=4, in_channels=1).eval()
+    spec = discover_taps(model)
+    teachers = SharedTeachers()
+    x = torch.randn(8, 1, 8, 8)
+    with torch.no_grad():
+        first = teachers.reader(model, spec, ["logits"]).read(x)
+        clean = first.logits.clone()
+        first.logits.detach().mul_(2.0)  # the editing cell
+        second = teachers.reader(model, spec, ["logits"]).read(x)
+    assert torch.equal(second.logits, clean)
+    assert teachers.stats["misses"] == 2 and teachers.stats["hits"] == 0
+    with torch.no_grad():  # untouched features are lent as before
+        third = teachers.reader(model, spec, ["logits"]).read(x)
+    assert third.logits is second.logits and teachers.stats["hits"] == 1
+
+
+@pytest.mark.slow
+def test_a_mixed_precision_grid_shared_gives_the_unshared_numbers(tiny_grid, tmp_path):
+    """fp32 kd, bf16 kd and channels_last fitnet: with share_teacher every cell gives exactly the
+    numbers it gives unshared (before the group key knew precision, the fp32 cell reused the
+    bf16 cell's teacher outputs when the bf16 row came first)."""
+    from tests.conftest import done_metrics, kdbench_cli
+
+    methods = "[{kd: {train: {precision: bf16}}}, kd, {fitnet: {train: {channels_last: true}}}]"
+    grid = tiny_grid(methods=methods, epochs=1)
+    r = kdbench_cli("run", str(grid), "--out", str(tmp_path / "alone"))
+    assert r.returncode == 0, r.stderr
+    grid.write_text(grid.read_text() + "executor: {share_teacher: true}\n")
+    r = kdbench_cli("run", str(grid), "--out", str(tmp_path / "shared"))
+    assert r.returncode == 0, r.stderr
+    assert done_metrics(tmp_path / "shared") == done_metrics(tmp_path / "alone")

@@ -47,7 +47,7 @@ from kdbench.engine.data import Batches, holdout
 from kdbench.engine.train import Progress, StepPos, TrainSetup, clean, drain, train, train_steps
 from kdbench.engine.train import time_limit as _time_limit
 from kdbench.errors import ConfigError, KdbenchError
-from kdbench.features import FeatureReader, Features, TapSpec
+from kdbench.features import FeatureReader, TapSpec, probe_features
 from kdbench.methods.base import Distiller, MethodContext
 
 PROBE_SIZE = 256
@@ -528,7 +528,7 @@ def _build(cell: Cell, run_dir: Path, teachers: Any, progress: Progress | None) 
     # probe both models once, reading every tap they expose: feature shapes for the method,
     # probe features for methods fitted before training (CKA grouping)
     probe_x = torch.cat([x for x, _, _ in _take(data.train, PROBE_SIZE)])[:PROBE_SIZE].to(device)
-    probe = teachers.probe if teachers is not None else _probe  # a lockstep group probes once
+    probe = teachers.probe if teachers is not None else probe_features  # a lockstep group probes once
     s_probe = probe(student, sspec, probe_x)
     t_probe = probe(teacher, tspec, probe_x) if teacher is not None else None
     ctx = MethodContext(
@@ -656,24 +656,6 @@ def _eval_mode(*modules: nn.Module):
     finally:
         for m, w in zip(modules, was, strict=True):
             m.train(w)
-
-
-def _probe(model: nn.Module, spec: TapSpec, x: Tensor) -> Features:
-    """Detached features of every tap ``spec`` provides, in eval mode."""
-    wanted = (
-        ["logits"]
-        + (["stages"] if spec.stages else [])
-        + (["preact"] if any(spec.preact) else [])
-        + (["pooled"] if spec.classifier else [])
-    )
-    reader = FeatureReader(model, spec, wanted)
-    was = model.training
-    model.eval()
-    with torch.no_grad():
-        feats = reader.read(x).detach()
-    model.train(was)
-    reader.close()
-    return feats
 
 
 def _take(batches: Batches, n: int):

@@ -184,8 +184,8 @@ def group_hook(m: TrainedModel) -> dict[str, float]:
         return {}
     n_train = len(m.train.meta["group"])
     want_dfr = m.role == "student" and bool(m.options.get("dfr")) and bool(m.taps.classifier)
-    dfr_on_train = want_dfr and (m.val is None or "group" not in m.val.meta)
-    train_logits, train_feats = _outputs(m, m.train, pooled=dfr_on_train)
+    # DFR (the paper's procedure) standardises with the training split's statistics
+    train_logits, train_feats = _outputs(m, m.train, pooled=want_dfr)
     train_y = m.train.targets()[:n_train]
     train_g = m.train.meta["group"][:n_train]
     ctx = EvalContext(set_name="train", group_info=info, train_meta=m.ctx.train_meta)
@@ -226,8 +226,17 @@ def _dfr(
         held_f, held_y, held_g, source = train_feats, train_y, train_g, 0.0
     if held_f is None:
         return {}
+    n_classes = int(info.n_groups // max(info.n_attr, 1))
+    procedure = m.options.get("dfr_procedure") or "paper"
+    train_f = None if train_feats is None else train_feats[: len(train_y)]
     head = fit_dfr(
-        held_f[: len(held_y)], held_y, held_g, int(info.n_groups // max(info.n_attr, 1)), seed=m.seed
+        held_f[: len(held_y)],
+        held_y,
+        held_g,
+        n_classes,
+        seed=m.seed,
+        procedure=procedure,
+        train_features=train_f,
     )
     out = {"dfr/on_val": source}
     for name, s in m.sets.items():

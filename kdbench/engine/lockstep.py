@@ -43,7 +43,7 @@ from torch.nn.parameter import is_lazy
 from kdbench import registry
 from kdbench.cells import Cell
 from kdbench.engine.train import Progress, StepPos, StopRequested
-from kdbench.features import FeatureReader, Features, TapSpec
+from kdbench.features import FeatureReader, Features, TapSpec, probe_features
 
 #: teacher forwards kept per group for reuse (the current step's inputs: one per distinct view)
 CACHE_ENTRIES = 4
@@ -117,7 +117,7 @@ class _Entry:
 
 
 def _tensors(f: Features) -> list[Tensor]:
-    return [t for t in (f.logits, *f.stages, *f.preact, f.pooled) if t is not None]
+    return [t for t in (f.logits, *f.stages, *f.preact, *f.blocks, f.pooled) if t is not None]
 
 
 def _versions(f: Features) -> list[int]:
@@ -135,6 +135,7 @@ def _clone(f: Features) -> Features:
         stages=[t.clone() for t in f.stages],
         preact=[t.clone() for t in f.preact],
         pooled=None if f.pooled is None else f.pooled.clone(),
+        blocks=[t.clone() for t in f.blocks],
     )
 
 
@@ -221,6 +222,7 @@ class SharedReader:
             stages=list(f.stages) if "stages" in w else [],
             preact=list(f.preact) if "preact" in w else [],
             pooled=f.pooled if "pooled" in w else None,
+            blocks=list(f.blocks) if "blocks" in w else [],
         )
 
     def close(self) -> None:
@@ -267,7 +269,7 @@ class SharedTeachers:
         return SharedReader(u, wanted)
 
     def probe(self, model: nn.Module, spec: TapSpec, x: Tensor) -> Features:
-        """:func:`~kdbench.engine.cell._probe` computed once per (model, weights, batch) in the group.
+        """:func:`~kdbench.features.probe_features` computed once per (model, weights, batch) in the group.
 
         A lent teacher matches itself. A student (the cell being set up, :meth:`setting_up`)
         matches an earlier student built from the same plugin reference whose parameters and
@@ -275,12 +277,10 @@ class SharedTeachers:
         from the same weights). Each caller gets its own copy. Like the teacher's forward during
         training, a probe must not draw from the global RNG (eval mode: no dropout).
         """
-        from kdbench.engine.cell import _probe
-
         lent = any(model is m for m, _ in self._models.values())
         key = "" if lent else self._student_key
         if key is None or any(is_lazy(p) for p in model.parameters()):
-            return _probe(model, spec, x)  # unknown origin, or a forward that initialises weights
+            return probe_features(model, spec, x)  # unknown origin, or a forward that initialises weights
         state = None if lent else _state(model)
         for p in self._probes:
             if p.key != key or p.spec != spec or not _same_input(p.x, x):
@@ -290,7 +290,7 @@ class SharedTeachers:
                 self._probe_stats["probe_hits"] += 1
                 return _clone(p.feats)
         self._probe_stats["probe_misses"] += 1
-        feats = _probe(model, spec, x)
+        feats = probe_features(model, spec, x)
         kept = None if state is None else [(n, t.detach().clone()) for n, t in state]
         self._probes.append(_Probe(key, spec, model if lent else None, kept, x.clone(), feats))
         return _clone(feats)

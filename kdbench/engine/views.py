@@ -24,12 +24,10 @@ from kdbench.errors import ConfigError
 
 
 def _name(ref: Any) -> str:
+    """An augmenter's name (its parameters are in the cell's config)."""
     if isinstance(ref, PluginKey):
-        ref = ref.model_dump(mode="json")
-    if isinstance(ref, dict):
-        params = ", ".join(f"{k}={v}" for k, v in sorted((ref.get("params") or {}).items()))
-        return f"{ref['name']}({params})" if params else ref["name"]
-    return str(ref)
+        return ref.name
+    return ref["name"] if isinstance(ref, dict) else str(ref)
 
 
 def student_view(cell: Cell, method_cls: Any) -> PluginKey | dict | None:
@@ -57,7 +55,7 @@ def teacher_view(cell: Cell, method_cls: Any) -> Any:
 
 
 def describe(cell: Cell, method_cls: Any | None = None) -> dict[str, str]:
-    """``{"student": "flip_crop + randaugment(n=2)", "teacher": "flip_crop"}``: the resolved views
+    """``{"student": "flip_crop + randaugment", "teacher": "flip_crop"}``: the resolved views
     of ``cell`` (shown by ``kdbench run --dry-run`` and recorded in every result's env)."""
     if method_cls is None:
         method_cls = registry.load("losses", cell.method.name)
