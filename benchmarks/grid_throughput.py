@@ -220,9 +220,9 @@ def main(argv: list[str] | None = None) -> int:
     # the bare loop runs before and after the grid; its mean time evens out drifts in machine load
     t_bare_after = bare_kd_loop(args, cells[0], args.steps)
     t_bare = (t_bare_before + t_bare_after) / 2
-    bad = [r for r in alone + shared if r["status"] != "done"]
+    bad = [r for r in alone + shared if r.status != "done"]
     if bad:
-        print("failed:", *(f"{r['cell']['method']['label']}: {r.get('error')}" for r in bad), sep="\n  ")
+        print("failed:", *(f"{r.cell.method.label}: {r.error}" for r in bad), sep="\n  ")
         return 1
 
     total = n_imgs * len(cells)
@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"shared / unshared speed-up: {t_unshared / t_shared:.2f}x  (wall, with set-up + eval)")
     # training alone: the unshared cells' train_s; the group's step time, scaled from the calls
     # that only stepped (every step but each cell's last, whose call also evaluates the cell)
-    train_unshared = sum(r["metrics"]["train_s"] for r in alone)
+    train_unshared = sum(r.metrics["train_s"] for r in alone)
     n_steps = timings["step_calls"] + len(cells)
     train_shared = timings["steps_s"] * n_steps / max(timings["step_calls"], 1)
     other_unshared = t_unshared - train_unshared
@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     t_teacher = timings["teacher_steps_s"] / fwd * args.steps if fwd else 0.0
     ideal = train_unshared - max(n_teacher - 1, 0) * t_teacher
     bound = train_unshared / ideal if ideal > 0 else float("nan")
-    by_label = {r["cell"]["method"]["label"]: r["metrics"]["train_s"] for r in alone}
+    by_label = {r.cell.method.label: r.metrics["train_s"] for r in alone}
     t_kd_ce = by_label["kd"] - by_label["ce"] if {"kd", "ce"} <= by_label.keys() else None
     print(
         f"teacher forwards of one cell (T): {t_teacher:.2f} s"
@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\nper cell, unshared (training only):")
     per = {}
     for r in alone:
-        label, s = r["cell"]["method"]["label"], r["metrics"]["train_s"]
+        label, s = r.cell.method.label, r.metrics["train_s"]
         per[label] = n_imgs / s
         print(f"  {label:10s} {s:7.2f} s  {_imgs(n_imgs, s)}")
     bare_imgs = _imgs(args.steps * args.batch_size, t_bare)
@@ -279,11 +279,11 @@ def main(argv: list[str] | None = None) -> int:
     ok = True
     if args.check:
         for a, b in zip(alone, shared, strict=True):
-            ma = {k: v for k, v in a["metrics"].items() if not k.endswith("_s")}
-            mb = {k: v for k, v in b["metrics"].items() if not k.endswith("_s")}
+            ma = {k: v for k, v in a.metrics.items() if not k.endswith("_s")}
+            mb = {k: v for k, v in b.metrics.items() if not k.endswith("_s")}
             if ma != mb:
                 ok = False
-                print(f"MISMATCH {a['cell']['method']['label']}: {ma} vs {mb}")
+                print(f"MISMATCH {a.cell.method.label}: {ma} vs {mb}")
         print("shared metrics == unshared:", ok)
     if args.json:
         Path(args.json).write_text(

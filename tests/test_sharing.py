@@ -43,7 +43,7 @@ def _same(a, b, a_dir: Path, b_dir: Path) -> None:
     timing = {"train_s", "eval_s", "wall_s"}
     ma = {k: v for k, v in a["metrics"].items() if k not in timing}
     assert "top1" in ma and ma == {k: v for k, v in b["metrics"].items() if k not in timing}
-    cid = a.cell.id
+    cid = a["cell"]["id"]
     sa = torch.load(a_dir / "cells" / cid / "student.pt", weights_only=True)
     sb = torch.load(b_dir / "cells" / cid / "student.pt", weights_only=True)
     assert sa.keys() == sb.keys()

@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from torch.nn.parameter import is_lazy
 
 from kdbench import registry
-from kdbench.cells import Cell
+from kdbench.cells import Cell, CellResult
 from kdbench.engine.train import Progress, StepPos, StopRequested
 from kdbench.features import FeatureReader, Features, TapSpec, probe_features
 
@@ -354,7 +354,7 @@ class _Slot:
     gen: Any
     rng: tuple
     pos: StepPos | None = None
-    result: dict[str, Any] | None = None
+    result: CellResult | None = None
     stopped: bool = False
 
     def rank(self) -> tuple[int, int, int]:
@@ -382,10 +382,10 @@ def run_group(
     run_dir: Path,
     progress: Callable[[Cell], Progress | None] | None = None,
     attempts: dict[str, int] | None = None,
-    on_result: Callable[[dict[str, Any]], None] | None = None,
+    on_result: Callable[[CellResult], None] | None = None,
     teachers: SharedTeachers | None = None,
     timings: dict[str, float] | None = None,
-) -> list[dict[str, Any]]:
+) -> list[CellResult]:
     """Run ``cells`` (one :func:`group_key`) side by side, sharing their teacher; their results.
 
     Each cell writes exactly what :func:`~kdbench.engine.cell.run_cell` writes and gets the same
@@ -397,86 +397,99 @@ def run_group(
     ``teacher_steps_s``) and in each cell's last call (``finish_s``: its last step, evaluation
     and result).
     """
-    from kdbench.engine.cell import run_cell_steps
+    group = _Group(list(cells), Path(run_dir), progress, attempts or {}, on_result, teachers)
+    try:
+        group.run()
+    finally:
+        group.close()
+        if timings is not None:
+            timings.update(group.clock)
+    return [group.results[c.id] for c in group.cells if c.id in group.results]
 
-    cells = list(cells)
-    teachers = teachers if teachers is not None else SharedTeachers()
-    start = _rng_state()
-    slots = [
-        _Slot(
-            c,
-            run_cell_steps(
-                c,
-                Path(run_dir),
-                progress(c) if progress else None,
-                (attempts or {}).get(c.id, 1),
-                teachers,
-            ),
-            start,
-        )
-        for c in cells
-    ]
-    results: dict[str, dict[str, Any]] = {}
-    clock = dict.fromkeys(
-        ("setup_s", "steps_s", "finish_s", "step_calls", "teacher_steps_s", "teacher_step_forwards"), 0.0
-    )
 
-    def timed(s: _Slot, setup: bool = False) -> None:
-        t0, before = time.perf_counter(), teachers.stats
+class _Group:
+    """The cells of one lockstep group, each a generator of steps, advanced one step at a time."""
+
+    def __init__(self, cells, run_dir, progress, attempts, on_result, teachers) -> None:
+        from kdbench.engine.cell import run_cell_steps
+
+        self.cells, self.on_result = cells, on_result
+        self.teachers = teachers if teachers is not None else SharedTeachers()
+        self.start = _rng_state()
+        self.slots = []
+        for c in cells:
+            steps = run_cell_steps(
+                c, run_dir, progress(c) if progress else None, attempts.get(c.id, 1), self.teachers
+            )
+            self.slots.append(_Slot(c, steps, self.start))
+        self.results: dict[str, CellResult] = {}
+        names = ("setup_s", "steps_s", "finish_s", "step_calls", "teacher_steps_s", "teacher_step_forwards")
+        self.clock = dict.fromkeys(names, 0.0)
+
+    def run(self) -> None:
+        """Set every cell up, then step the cells at the earliest position until all finish; on
+        a stop request every other cell also checkpoints at its next step boundary."""
+        try:
+            live = self._set_up()
+            while live:
+                first = min(s.rank() for s in live)
+                self.teachers.new_step()
+                for s in [s for s in live if s.rank() == first]:
+                    self._timed(s)
+                    if s.pos is None:
+                        live.remove(s)
+                        self._finish(s)
+        except StopRequested:
+            self._stop_all()
+            raise
+
+    def _set_up(self) -> list[_Slot]:
+        """Each cell up to its first step (teacher, models, resume); the cells still to train."""
+        live: list[_Slot] = []
+        for s in self.slots:
+            self.teachers.setting_up(s.cell)
+            try:
+                self._timed(s, setup=True)
+            finally:
+                self.teachers.setting_up(None)
+            if s.pos is None:
+                self._finish(s)
+            else:
+                live.append(s)
+        self.teachers.end_setup()
+        return live
+
+    def _timed(self, s: _Slot, setup: bool = False) -> None:
+        t0, before = time.perf_counter(), self.teachers.stats
         try:
             _advance(s)
         finally:
             kind = "setup_s" if setup else "steps_s" if s.pos is not None else "finish_s"
-            clock[kind] += time.perf_counter() - t0
+            self.clock[kind] += time.perf_counter() - t0
             if kind == "steps_s":
-                after = teachers.stats
-                clock["step_calls"] += 1
-                clock["teacher_steps_s"] += after["teacher_s"] - before["teacher_s"]
-                clock["teacher_step_forwards"] += after["misses"] - before["misses"]
+                after = self.teachers.stats
+                self.clock["step_calls"] += 1
+                self.clock["teacher_steps_s"] += after["teacher_s"] - before["teacher_s"]
+                self.clock["teacher_step_forwards"] += after["misses"] - before["misses"]
 
-    def finish(s: _Slot) -> None:
+    def _finish(self, s: _Slot) -> None:
         assert s.result is not None
-        results[s.cell.id] = s.result
-        if on_result is not None:
-            on_result(s.result)
+        self.results[s.cell.id] = s.result
+        if self.on_result is not None:
+            self.on_result(s.result)
 
-    try:
-        live: list[_Slot] = []
-        for s in slots:  # set-up (teacher, models, resume) up to each cell's first step
-            teachers.setting_up(s.cell)
-            try:
-                timed(s, setup=True)
-            finally:
-                teachers.setting_up(None)
-            if s.pos is None:
-                finish(s)
-            else:
-                live.append(s)
-        teachers.end_setup()
-        while live:
-            first = min(s.rank() for s in live)
-            teachers.new_step()
-            for s in [s for s in live if s.rank() == first]:
-                timed(s)
-                if s.pos is None:
-                    live.remove(s)
-                    finish(s)
-    except StopRequested:
-        # request_stop (SIGTERM): every other cell also checkpoints at its next step boundary
-        for s in slots:
+    def _stop_all(self) -> None:
+        for s in self.slots:
             if s.pos is not None and not s.stopped:
                 try:
                     _advance(s)
                 except StopRequested:
                     pass
                 if s.pos is None and s.result is not None:
-                    finish(s)
-        raise
-    finally:
-        for s in slots:
+                    self._finish(s)
+
+    def close(self) -> None:
+        for s in self.slots:
             s.gen.close()
-        _set_rng_state(start)
-        teachers.close()
-        if timings is not None:
-            timings.update(clock)
-    return [results[c.id] for c in cells if c.id in results]
+        _set_rng_state(self.start)
+        self.teachers.close()
