@@ -177,3 +177,46 @@ def test_report_output_matches_its_golden_file(name: str, fmt: str, tmp_path: Pa
         golden.parent.mkdir(parents=True, exist_ok=True)
         golden.write_bytes(out.encode())
     assert out == golden.read_bytes().decode()
+
+
+def status_run(run_dir: Path) -> Path:
+    """A run directory with a done, a failed, a running, a submitted and a pending cell, a
+    teacher in the store and cached, and one cached that the store does not know."""
+    from kdbench.rundir import RunDir
+    from kdbench.store import Store
+
+    rd = RunDir(run_dir)
+    store = Store(run_dir / RunDir.STORE)
+    ids = ["3fa91c07d2e84b6a", "a07c55e1b9d34f10", "5e21d0c9aa7f4b33", "b9d8e7f6a5c4d3e2", "7c6b5a4f3e2d1c0b"]
+    for i, (cid, status) in enumerate(
+        zip(ids, ("done", "failed", "pending", "pending", "pending"), strict=True)
+    ):
+        row = store_row(i, ("kd", "dkd", "fit_net")[i % 3], i % 2, {"top1": 80.0 + i}, "digits")
+        cell = {**row["config"], "id": cid}
+        error = (
+            "Traceback (most recent call last):\nRuntimeError: CUDA out of memory"
+            if status == "failed"
+            else None
+        )
+        store.record(
+            {"cell": cell, "status": status, "metrics": row["metrics"], "error": error, "attempt": 1 + i % 2}
+        )
+    store.record_teacher({"id": "t0d1e2f3a4b5c6", "label": "resnet32x4"}, {"top1": 95.125}, {}, 12.0)
+    store.close()
+    (run_dir / "teachers").mkdir()
+    for tid in ("t0d1e2f3a4b5c6", "e9f8a7b6c5d4"):
+        (run_dir / "teachers" / f"{tid}.pt").write_bytes(b"")
+    rd.cell_dir(ids[2]).mkdir(parents=True)
+    (rd.cell_dir(ids[2]) / "worker.json").write_text(json.dumps({"host": "node-17", "pid": 4242}))
+    (run_dir / RunDir.JOBS).write_text(json.dumps({ids[3]: {"executor": "submitit", "job": "91823"}}))
+    return run_dir
+
+
+def test_status_output_matches_its_golden_file(tmp_path: Path):
+    from kdbench.status import status_table
+
+    out = status_table(status_run(tmp_path))
+    golden = GOLDEN / "status.github"
+    if os.environ.get("KDBENCH_UPDATE_GOLDEN"):
+        golden.write_bytes(out.encode())
+    assert out == golden.read_bytes().decode()
