@@ -626,7 +626,7 @@ def _rank_main(
     try:
         with rank_context(rank, world, rank, cell.train.device):
             result = run_cell(cell, Path(run_dir), progress if rank == 0 else None, attempt)
-        conn.send(("result", _jsonable(result)))
+        conn.send(("result", result.to_dict()))
     except StopRequested:
         conn.send(("stopped", None))
         code = STOP_EXIT
@@ -637,12 +637,3 @@ def _rank_main(
     finally:
         conn.close()
     os._exit(code)
-
-
-def _jsonable(result: Any) -> dict:
-    if hasattr(result, "model_dump"):
-        return result.model_dump(mode="json")
-    out = dict(result)
-    if hasattr(out.get("cell"), "model_dump"):
-        out["cell"] = out["cell"].model_dump(mode="json")
-    return out

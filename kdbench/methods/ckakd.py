@@ -86,6 +86,8 @@ def cka_groups(cka: Tensor, n_groups: int) -> list[list[int]]:
 class CKAKD(Distiller):
     """1 − CKA between matched contiguous groups of student and teacher layers (blocks or stages)."""
 
+    batch_relational = True  # CKA compares the batch's Gram matrices
+
     taps: ClassVar[Taps] = Taps(student=("logits", "blocks", "stages"), teacher=("blocks", "stages"))
     default_weights: ClassVar[dict[str, float]] = {"ce": 1.0, "ckakd": 1.0}
 
