@@ -15,7 +15,15 @@ pytest.importorskip("diffusers")
 from kdbench.artifacts import ArtifactCorrupt  # noqa: E402
 from kdbench.diffusion import DDIMPath, DiffusionModel, Recipe, inspect_local, load_local, tiny_unet  # noqa: E402
 from kdbench.diffusion.model import alphas_cumprod_from  # noqa: E402
-from kdbench.diffusion.train import obtain_trained, train_unet  # noqa: E402
+from kdbench.diffusion.train import _build, _lr_factor, obtain_trained, train_unet  # noqa: E402
+from kdbench.engine.train import (  # noqa: E402
+    StopRequested,
+    TimeLimitReached,
+    clear_stop,
+    request_stop,
+    stop_requested,
+    time_limit,
+)
 from kdbench.errors import ConfigError  # noqa: E402
 
 TINY = Recipe(steps=4, batch_size=8, warmup=2, widths=(8, 16), checkpoint_every=100)
@@ -133,18 +141,91 @@ def test_unsupported_or_missing_directories_are_clear_errors(tmp_path):
         inspect_local(text)
 
 
-def test_killed_training_resumes_to_the_same_weights(tmp_path):
+def _plain_ddpm_loop(recipe: Recipe, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The reference: DDPM training written out (AdamW, warm-up then cosine per step, one
+    generator drawing indices, timesteps and noise), as kdbench trained before the engine's
+    trainer ran it; a model keyed by an unchanged recipe must keep these exact weights."""
+    unet = _build(recipe, x.shape[-1], x.shape[1], 3).unet.train()
+    ac = alphas_cumprod_from(recipe.scheduler_config())
+    opt = torch.optim.AdamW(unet.parameters(), lr=recipe.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(recipe, s))
+    gen = torch.Generator().manual_seed(recipe.seed)
+    for _ in range(recipe.steps):
+        idx = torch.randint(len(x), (recipe.batch_size,), generator=gen)
+        t = torch.randint(recipe.timesteps, (recipe.batch_size,), generator=gen)
+        noise = torch.randn((recipe.batch_size, *x.shape[1:]), generator=gen)
+        a = ac[t].view(-1, 1, 1, 1)
+        x_t = a.sqrt() * x[idx] + (1 - a).sqrt() * noise
+        cond = y[idx] if recipe.class_conditional else None
+        loss = torch.nn.functional.mse_loss(unet(x_t, t, class_labels=cond).sample, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    return unet.state_dict()
+
+
+def _assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert list(a) == list(b)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("conditional", [True, False])
+def test_trainer_gives_the_weights_of_the_plain_ddpm_loop(tmp_path, conditional):
+    x, y = _data()
+    recipe = Recipe(**{**TINY.__dict__, "steps": 5, "class_conditional": conditional})
+    model = train_unet(recipe, x, y, 3, tmp_path)
+    assert model is not None and model.source["final_loss"] > 0 and model.source["train_s"] > 0
+    _assert_same_weights(model.unet.state_dict(), _plain_ddpm_loop(recipe, x, y))
+    assert not (tmp_path / "checkpoint.pt").exists()  # the last step saves none (obtain_trained saves)
+
+
+@pytest.mark.parametrize(("every", "stop_after"), [(1, 2), (100, 3), (2, 3)])
+def test_killed_training_resumes_to_the_same_weights(tmp_path, every, stop_after):
     x, y = _data()
     full = train_unet(TINY, x, y, 3, tmp_path / "full")
     assert full is not None
-    recipe = Recipe(**{**TINY.__dict__, "checkpoint_every": 1})
-    assert train_unet(recipe, x, y, 3, tmp_path / "killed", stop_after=2) is None
+    recipe = Recipe(**{**TINY.__dict__, "checkpoint_every": every})
+    assert train_unet(recipe, x, y, 3, tmp_path / "killed", stop_after=stop_after) is None
+    assert not stop_requested()
     saved = torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=False)
-    assert saved["step"] == 2
+    assert saved["stage"] == "diffusion" and saved["epoch"] == stop_after  # one step per epoch
+    assert saved["trainer"]["hooks"]["diffusion"]["loss"] > 0
     resumed = train_unet(recipe, x, y, 3, tmp_path / "killed")
     assert resumed is not None
-    for (k, a), b in zip(full.unet.state_dict().items(), resumed.unet.state_dict().values(), strict=True):
-        torch.testing.assert_close(a, b, msg=k)
+    _assert_same_weights(full.unet.state_dict(), resumed.unet.state_dict())
+    assert resumed.source["final_loss"] == full.source["final_loss"]
+
+
+def test_stop_request_and_time_limit_checkpoint_the_diffusion_training(tmp_path):
+    x, y = _data()
+    full = train_unet(TINY, x, y, 3, tmp_path / "full")
+    assert full is not None
+    request_stop()  # SIGTERM's handler, as a cell that trains the model meets it
+    try:
+        with pytest.raises(StopRequested, match="diffusion epoch 1 step 0"):
+            train_unet(TINY, x, y, 3, tmp_path / "stopped")
+    finally:
+        clear_stop()
+    with time_limit(0), pytest.raises(TimeLimitReached):
+        train_unet(TINY, x, y, 3, tmp_path / "stopped")
+    assert (tmp_path / "stopped" / "checkpoint.pt").exists()
+    resumed = train_unet(TINY, x, y, 3, tmp_path / "stopped")
+    assert resumed is not None
+    _assert_same_weights(full.unet.state_dict(), resumed.unet.state_dict())
+
+
+def test_checkpoint_of_the_earlier_loop_restarts_the_training(tmp_path):
+    x, y = _data()
+    full = train_unet(TINY, x, y, 3, tmp_path / "full")
+    assert full is not None
+    (tmp_path / "old").mkdir()
+    old = {"unet": {}, "opt": {}, "sched": {}, "gen": torch.Generator().get_state(), "step": 2}
+    torch.save(old, tmp_path / "old" / "checkpoint.pt")
+    again = train_unet(TINY, x, y, 3, tmp_path / "old")
+    assert again is not None
+    _assert_same_weights(full.unet.state_dict(), again.unet.state_dict())
 
 
 def test_two_users_share_one_trained_model(tmp_path):

@@ -3,8 +3,13 @@ prediction loss on the student's own training split, cached in the run directory
 
 Like teachers, it is a shared artefact: keyed by a hash of the recipe and the training images,
 trained once under a file lock by whichever cell needs it first, saved with a checksum
-(:mod:`kdbench.artifacts`), and resumable: a killed training restarts from its last checkpoint
-(weights, optimiser and the sampling generator), giving the same weights as an uninterrupted run.
+(:mod:`kdbench.artifacts`). It trains with the engine's :class:`~kdbench.engine.train.Trainer`:
+one stage whose loss is DDPM's noise prediction and whose epochs are single steps (batches are
+drawn with replacement, so there is no pass over the data to call an epoch), the recipe's lr
+schedule and the engine's :class:`~kdbench.engine.train.Checkpoint` hook. So a killed training
+restarts from its last checkpoint (weights, optimiser, schedule and the sampling generator) and
+ends on the same weights as an uninterrupted run, and a stop request or a cell's time limit
+checkpoints it like any cell.
 
 Layout: ``<run>/diffusion/<key>/{model.pt, model.pt.sha256, checkpoint.pt, result.json}``.
 Our choices (ConfiG does not publish its recipe): no EMA, AdamW with linear warm-up then cosine
@@ -17,17 +22,34 @@ import hashlib
 import json
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
-from kdbench.artifacts import file_lock, load_checked, load_checkpoint, save_atomic, save_checked
+from kdbench.artifacts import file_lock, load_checked, load_checkpoint, save_checked
+from kdbench.cells import TrainRecipe
 from kdbench.diffusion.model import DiffusionModel, alphas_cumprod_from, diffusers_module, tiny_unet
+from kdbench.engine.hooks import Hook
+from kdbench.engine.train import (
+    Checkpoint,
+    LossFn,
+    LRSchedule,
+    Stage,
+    StepInput,
+    StopRequested,
+    Trainer,
+    TrainSetup,
+    clean,
+    clear_stop,
+    request_stop,
+)
 from kdbench.errors import ConfigError
+from kdbench.features import FeatureReader, TapSpec
 
 #: bump when the training code changes what a recipe produces
 CODE_VERSION = 1
@@ -111,11 +133,163 @@ def _build(recipe: Recipe, image_size: int, channels: int, num_classes: int) -> 
     )
 
 
+def _check_images(recipe: Recipe, images: Tensor) -> None:
+    _, _, h, w = images.shape
+    if h != w:
+        raise ConfigError(f"config augmenter: the default diffusion model needs square images, got {h}x{w}")
+    if h % recipe.downsample():
+        raise ConfigError(
+            f"config augmenter: a UNet with {len(recipe.widths)} levels cannot take {h}x{w} images "
+            f"(size must be divisible by {recipe.downsample()}); set fewer `widths`"
+        )
+
+
 def _lr_factor(recipe: Recipe, step: int) -> float:
     if step < recipe.warmup:
         return (step + 1) / recipe.warmup
     span = max(recipe.steps - recipe.warmup, 1)
     return 0.5 * (1 + math.cos(math.pi * (step - recipe.warmup) / span))
+
+
+class NoisedSamples:
+    """The data of the DDPM stage: each epoch is one batch drawn with replacement, and each of its
+    samples comes with a uniform timestep ``t`` and Gaussian ``noise`` (its ``meta``).
+
+    All three are drawn from the trainer's data generator, indices then timesteps then noise, so
+    a checkpoint's generator state fixes every later batch (and the weights are those of the
+    plain loop this stage replaced).
+    """
+
+    def __init__(self, images: Tensor, labels: Tensor, recipe: Recipe):
+        self.images, self.labels, self.recipe = images, labels, recipe
+        self.drawn: dict[str, Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def iterate(
+        self, generator: torch.Generator, sampler: str = "shuffle", skip_batches: int = 0
+    ) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        """One batch of (images, labels, indices); drawn but not yielded when it is skipped."""
+        r, (_, c, h, w) = self.recipe, self.images.shape
+        idx = torch.randint(len(self.images), (r.batch_size,), generator=generator)
+        t = torch.randint(r.timesteps, (r.batch_size,), generator=generator)
+        noise = torch.randn((r.batch_size, c, h, w), generator=generator)
+        self.drawn = {"t": t, "noise": noise}
+        if not skip_batches:
+            yield self.images[idx], self.labels[idx], idx
+
+    def meta_at(self, positions: Tensor) -> dict[str, Tensor]:
+        """The timesteps and noise of the batch just drawn (``positions`` are its indices)."""
+        return self.drawn
+
+
+def noise_prediction_loss(unet: nn.Module, alphas_cumprod: Tensor, conditional: bool) -> LossFn:
+    """DDPM's loss: the MSE between the noise added at timestep ``t`` and the UNet's prediction
+    of it from the noised image (and, class-conditional, the label)."""
+
+    def loss(inp: StepInput) -> dict[str, Tensor]:
+        t, noise = inp.meta["t"], inp.meta["noise"]
+        a = alphas_cumprod[t].view(-1, 1, 1, 1)
+        x_t = a.sqrt() * inp.x + (1 - a).sqrt() * noise
+        pred = unet(x_t, t, class_labels=inp.y if conditional else None).sample
+        return {"noise": F.mse_loss(pred, noise)}
+
+    return loss
+
+
+class _WarmupCosine(LRSchedule):
+    """The recipe's lr: linear warm-up then cosine decay, stepped after every step (= epoch)."""
+
+    def __init__(self, recipe: Recipe):
+        super().__init__()
+        self.recipe = recipe
+
+    def attach(self, trainer: Trainer) -> None:
+        self.sched = torch.optim.lr_scheduler.LambdaLR(trainer.opt, lambda s: _lr_factor(self.recipe, s))
+
+
+class _Record(Hook):
+    """Training wall time (summed over resumed runs) and the last step's loss, checkpointed."""
+
+    name = "diffusion"
+
+    def __init__(self) -> None:
+        self.t0, self.loss = time.perf_counter(), float("nan")
+
+    def after_epoch(self, trainer: Trainer, epoch: int, row: dict[str, Any]) -> None:
+        self.loss = row["loss_noise"]
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"elapsed": self.elapsed(), "loss": self.loss}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state:
+            self.t0, self.loss = time.perf_counter() - state["elapsed"], state["loss"]
+
+
+class _StopAfter(Hook):
+    """Asks the trainer to stop after ``steps`` steps, as SIGTERM does (tests: a killed run)."""
+
+    name = "stop_after"
+
+    def __init__(self, steps: int):
+        self.steps = steps
+
+    def after_epoch(self, trainer: Trainer, epoch: int, row: dict[str, Any]) -> None:
+        if epoch + 1 == self.steps < trainer.stage.epochs:
+            request_stop()
+
+
+def _trainer(
+    recipe: Recipe,
+    model: DiffusionModel,
+    samples: NoisedSamples,
+    device: torch.device,
+    checkpoint: Path,
+    hooks: list[Hook],
+) -> Trainer:
+    """The engine's trainer on one stage of ``recipe.steps`` one-step epochs, AdamW without
+    weight decay, the recipe's lr schedule, checkpoints every ``recipe.checkpoint_every`` steps."""
+    unet = model.unet
+    setup = TrainSetup(
+        student=unet,
+        student_reader=FeatureReader(unet, TapSpec(), ()),  # no taps: the loss calls the UNet
+        recipe=TrainRecipe(
+            epochs=recipe.steps,
+            batch_size=recipe.batch_size,
+            optimizer="adamw",
+            lr=recipe.lr,
+            weight_decay=0.0,
+            schedule="constant",
+            checkpoint_every=recipe.checkpoint_every,
+        ),
+        train_data=samples,  # type: ignore[arg-type]  # duck-typed Batches
+        device=device,
+        seed=recipe.seed,
+        augment=clean,
+    )
+    loss = noise_prediction_loss(unet, model.alphas_cumprod.to(device), recipe.class_conditional)
+    stage = Stage("diffusion", recipe.steps, list(unet.parameters()), loss, setup.recipe, recipe.seed)
+    ckpt = Checkpoint(setup, checkpoint, recipe.checkpoint_every)
+    return Trainer(setup, stage, [_WarmupCosine(recipe), *hooks, ckpt])
+
+
+def _resume(trainer: Trainer, path: Path) -> int:
+    """Load the checkpoint at ``path`` into ``trainer``; the steps it covers (0: none).
+
+    A checkpoint of the loop that preceded the trainer (no ``trainer`` entry) is not resumed:
+    training restarts and, the arithmetic being the same, ends on the same weights.
+    """
+    state = load_checkpoint(path, map_location="cpu")  # load_state_dict moves it to the device
+    if state is None or "trainer" not in state:
+        return 0
+    trainer.setup.student.load_state_dict(state["student"])
+    trainer.load_state_dict(state["trainer"])
+    return int(state["epoch"])
 
 
 def train_unet(
@@ -127,69 +301,31 @@ def train_unet(
     device: torch.device | str = "cpu",
     stop_after: int | None = None,
 ) -> DiffusionModel | None:
-    """Train the recipe's UNet on ``images`` in [-1, 1] ``[N, C, H, W]``; resumes from
-    ``workdir/checkpoint.pt``. ``stop_after`` ends early (after that many steps, checkpoint
-    written) and returns None: it is how tests simulate a killed training."""
-    n, c, h, w = images.shape
-    if h != w:
-        raise ConfigError(f"config augmenter: the default diffusion model needs square images, got {h}x{w}")
-    if h % recipe.downsample():
-        raise ConfigError(
-            f"config augmenter: a UNet with {len(recipe.widths)} levels cannot take {h}x{w} images "
-            f"(size must be divisible by {recipe.downsample()}); set fewer `widths`"
-        )
+    """Train the recipe's UNet on ``images`` in [-1, 1] ``[N, C, H, W]`` with the engine's
+    :class:`~kdbench.engine.train.Trainer`; resumes from ``workdir/checkpoint.pt``.
+
+    A stop request (SIGTERM) or a cell's time limit checkpoints and raises as for any cell.
+    ``stop_after`` requests that stop after that many steps and returns None: it is how tests
+    simulate a killed training."""
+    _check_images(recipe, images)
     workdir.mkdir(parents=True, exist_ok=True)
+    _, c, h, _ = images.shape
     model = _build(recipe, h, c, num_classes)
-    unet = model.unet.to(device).train()
-    ac = model.alphas_cumprod.to(device)
-    opt = torch.optim.AdamW(unet.parameters(), lr=recipe.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(recipe, s))
-    gen = torch.Generator().manual_seed(recipe.seed)
-    ckpt_path = workdir / "checkpoint.pt"
-    step, elapsed, last_loss = 0, 0.0, float("nan")
-    state = load_checkpoint(ckpt_path, map_location=device)
-    if state is not None:
-        unet.load_state_dict(state["unet"])
-        opt.load_state_dict(state["opt"])
-        sched.load_state_dict(state["sched"])
-        gen.set_state(state["gen"])
-        step, elapsed, last_loss = state["step"], state["elapsed"], state["loss"]
-    t0 = time.perf_counter() - elapsed
-    while step < recipe.steps:
-        idx = torch.randint(n, (recipe.batch_size,), generator=gen)
-        t = torch.randint(recipe.timesteps, (recipe.batch_size,), generator=gen)
-        noise = torch.randn((recipe.batch_size, c, h, w), generator=gen)
-        x0, y, t, noise = images[idx].to(device), labels[idx].to(device), t.to(device), noise.to(device)
-        a = ac[t].view(-1, 1, 1, 1)
-        x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        pred = unet(x_t, t, class_labels=y if recipe.class_conditional else None).sample
-        loss = F.mse_loss(pred, noise)
-        last_loss = loss.item()
-        if not math.isfinite(last_loss):
-            raise FloatingPointError(f"diffusion training loss is {last_loss} at step {step}; lower `lr`")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        step += 1
-        if step % recipe.checkpoint_every == 0 or step == stop_after:
-            save_atomic(
-                {
-                    "unet": unet.state_dict(),
-                    "opt": opt.state_dict(),
-                    "sched": sched.state_dict(),
-                    "gen": gen.get_state(),
-                    "step": step,
-                    "elapsed": time.perf_counter() - t0,
-                    "loss": last_loss,
-                },
-                ckpt_path,
-            )
-        if stop_after is not None and step >= stop_after and step < recipe.steps:
-            return None
-    model.unet = unet
-    model.source["train_s"] = time.perf_counter() - t0
-    model.source["final_loss"] = last_loss
+    model.unet.to(device)
+    record = _Record()
+    hooks: list[Hook] = [record] + ([] if stop_after is None else [_StopAfter(stop_after)])
+    samples = NoisedSamples(images, labels, recipe)
+    trainer = _trainer(recipe, model, samples, torch.device(device), workdir / "checkpoint.pt", hooks)
+    start = _resume(trainer, workdir / "checkpoint.pt")
+    try:
+        trainer.run(start)
+    except StopRequested:
+        if stop_after is None:
+            raise
+        clear_stop()
+        return None
+    model.source["train_s"] = record.elapsed()
+    model.source["final_loss"] = record.loss
     return model.to(device)
 
 
