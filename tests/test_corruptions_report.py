@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from kdbench.errors import KdbenchError
-from kdbench.reports import ReportArgs, RunData, leaderboard
+from kdbench.reports import ReportArgs, RunData, leaderboard, load
 from kdbench.reports import corruptions as report
 from tests.conftest import store_row
 
@@ -64,29 +64,29 @@ def test_table_numbers(run):
 
 
 def test_render_formats_and_plot(run, tmp_path):
-    out = report.render(run, ReportArgs(kind="corruptions"))
+    out = load("corruptions")(run, ReportArgs(kind="corruptions"))
     assert "| method" in out and "mCE (ce=100)" in out and "| kd " in out
     assert "snow" in out and "fog" in out and "RobustBench" in out
-    data = json.loads(report.render(run, ReportArgs(kind="corruptions", fmt="json", baseline="kd")))
+    data = json.loads(load("corruptions")(run, ReportArgs(kind="corruptions", fmt="json", baseline="kd")))
     kd = next(r for r in data[0]["rows"] if r["method"] == "kd")
     assert data[0]["baseline"] == "kd" and kd["mCE"] == pytest.approx(100.0) and kd["acc"]["fog/3"] == 80.0
-    csv = report.render(run, ReportArgs(kind="corruptions", fmt="csv"))
+    csv = load("corruptions")(run, ReportArgs(kind="corruptions", fmt="csv"))
     assert "mnist5k: T→S,ce,fog,3,60" in csv
     png = tmp_path / "sev.png"
-    report.render(run, ReportArgs(kind="corruptions", plot=str(png)))
+    load("corruptions")(run, ReportArgs(kind="corruptions", plot=str(png)))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_missing_metrics_and_baseline_are_explained(run, tmp_path):
     with pytest.raises(KdbenchError, match="--baseline 'dkd' is not a"):
-        report.render(run, ReportArgs(kind="corruptions", baseline="dkd"))
+        load("corruptions")(run, ReportArgs(kind="corruptions", baseline="dkd"))
     bare = RunData(tmp_path, [_cell(0, "ce", 0, {"top1": 90.0})], {}, {})
     with pytest.raises(KdbenchError, match="corruptions: all"):
-        report.render(bare, ReportArgs(kind="corruptions"))
+        load("corruptions")(bare, ReportArgs(kind="corruptions"))
 
 
 def test_corruption_acc_leaderboard(run):
-    out = leaderboard.render(run, ReportArgs(metric="corruption_acc"))
+    out = load("leaderboard")(run, ReportArgs(metric="corruption_acc"))
     assert "75.00" in out and "87.50" in out and "corruption acc (%) ↑" in out
 
 
@@ -100,12 +100,12 @@ def test_relative_mce_skips_corruptions_the_baseline_does_not_feel(tmp_path):
     kd_row = next(x for x in t["rows"] if x["method"] == "kd")
     assert kd_row["rel_mCE"] == pytest.approx(50.0)  # jpeg's ((5-5)+(20-5))/(0+0.5)=30 is left out
     assert kd_row["mCE"] == pytest.approx(100 * (0.5 + 0.5 + 25 / 20.5) / 3)  # errors 5+20 vs 10+10.5
-    out = report.render(run, ReportArgs(kind="corruptions"))
+    out = load("corruptions")(run, ReportArgs(kind="corruptions"))
     assert "rel. mCE over 2 of 3 corruptions; jpeg cost 'ce' under 1 point" in out
 
 
 def test_latex_output_compiles_as_is_titles_and_notes_are_comments(run):
-    latex = report.render(run, ReportArgs(kind="corruptions", fmt="latex"))
+    latex = load("corruptions")(run, ReportArgs(kind="corruptions", fmt="latex"))
     prose = [ln for ln in latex.splitlines() if ln and not ln.startswith(("\\", " ", "%"))]
     assert prose == []  # before: the title and every note were bare text, "&" in a note included
     assert "% - mCE / rel. mCE (Hendrycks & Dietterich 2019)" in latex

@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from kdbench.reports import ReportArgs, RunData
-from kdbench.reports import groups as groups_report
+from kdbench.reports import ReportArgs, RunData, load
 from kdbench.reports import shift as shift_report
 from tests.conftest import kdbench_cli, store_row, write_grid
 
@@ -63,7 +62,7 @@ def run(tmp_path: Path) -> RunData:
 
 
 def test_groups_table_rows_columns_and_spread(run: RunData, tmp_path: Path):
-    out = groups_report.render(run, ReportArgs(kind="groups", plot=str(tmp_path / "g.png")))
+    out = load("groups")(run, ReportArgs(kind="groups", plot=str(tmp_path / "g.png")))
     header = next(ln for ln in out.splitlines() if ln.startswith("| method"))
     # natural group order, sizes in the header
     assert header.index("2_red (n=10)") < header.index("10_red (n=5)")
@@ -72,10 +71,10 @@ def test_groups_table_rows_columns_and_spread(run: RunData, tmp_path: Path):
     ce = next(ln for ln in out.splitlines() if ln.startswith("| ce "))
     assert "60.0 ± 14.1" in ce  # mean ± sample std of 50 and 70
     assert (tmp_path / "g.png").stat().st_size > 1000
-    data = json.loads(groups_report.render(run, ReportArgs(kind="groups", fmt="json")))
+    data = json.loads(load("groups")(run, ReportArgs(kind="groups", fmt="json")))
     kd_dfr = next(r for r in data[0]["rows"] if r["method"] == "kd+dfr")
     assert kd_dfr["metrics"]["worst_group"]["mean"] == 75.0
-    latex = groups_report.render(run, ReportArgs(kind="groups", fmt="latex"))
+    latex = load("groups")(run, ReportArgs(kind="groups", fmt="latex"))
     assert r"\begin{tabular}" in latex and "2\\_red" in latex
     prose = [ln for ln in latex.splitlines() if ln and not ln.startswith("\\") and "&" not in ln]
     assert prose and all(ln.startswith("% ") for ln in prose)  # compiles as is
@@ -91,7 +90,7 @@ def test_shift_decomposition_and_scan(run: RunData):
     assert ce["2_red"]["teacher_err"] == 10.0  # from the teacher's own row
     assert "kd+dfr" not in recs[0]["groups"]
     assert recs[0]["scan"]["kd"]["top"] == [(7, 2.5)] and recs[0]["scan"]["teacher"]["max"] == 0.3
-    text = shift_report.render(run, ReportArgs(kind="shift"))
+    text = load("shift")(run, ReportArgs(kind="shift"))
     assert "inherited" in text and "7:2.50" in text
 
 

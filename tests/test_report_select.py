@@ -356,7 +356,7 @@ def test_reference_does_not_change_cell_ids(tmp_path):
     (tmp_path / "b.yaml").write_text(body + "reference: {kd: {'smallcnn->smallcnn': 70.66}}\n")
     fps = [{"sha": "x"}]
     a, b = (expand(load_grid(tmp_path / f), fps, [{}]) for f in ("a.yaml", "b.yaml"))
-    assert [c["id"] for c in a] == [c["id"] for c in b]
+    assert [c.id for c in a] == [c.id for c in b]
 
 
 # ---------------------------------------------------------------- metric declarations

@@ -1,11 +1,12 @@
 """Report kinds over one run directory, and what they share.
 
-``kdbench report RUN --kind K`` opens the run's store and calls ``render(run, args) -> str``
-of the module named in :data:`KINDS`. A kind module implements only that function; it reads
+``kdbench report RUN --kind K`` opens the run's store and calls ``build(run, args) -> Report``
+of the module named in :data:`KINDS`; :func:`kdbench.reports.render.render_report` turns the
+report's tables into the format asked for. A kind module implements only ``build``; it reads
 ``run`` (:class:`RunData`: the cells, teachers, per-epoch rows, the run's grid), honours
 ``args`` (:class:`ReportArgs`: format, metric, selection rule, spread) and uses the helpers
 here so every table states its protocol the same way (:meth:`RunData.protocol`,
-:func:`footer`). Reports read the run directory only; they never re-run anything.
+:func:`footer`). Reports read the store; they never re-run anything.
 """
 
 from __future__ import annotations
@@ -19,14 +20,16 @@ from typing import Any
 
 from kdbench.errors import KdbenchError
 from kdbench.metric_defs import metric_info, split_metric
+from kdbench.reports.render import render_report
 from kdbench.store import read_epoch_rows
 
-#: report kind -> module holding ``render(run: RunData, args: ReportArgs) -> str``
+#: report kind -> module holding ``build(run: RunData, args: ReportArgs) -> Report``
 KINDS: dict[str, str] = {
     "leaderboard": "kdbench.reports.leaderboard",
     "groups": "kdbench.reports.groups",
     "shift": "kdbench.reports.shift",
     "corruptions": "kdbench.reports.corruptions",
+    "status": "kdbench.status",
 }
 FORMATS = ("github", "latex", "csv", "json")
 SELECTS = ("last", "best_val", "best_test")
@@ -246,7 +249,8 @@ def spread(values: list[float], kind: str) -> float:
 
 
 def load(kind: str) -> Callable[[RunData, ReportArgs], str]:
-    """The ``render`` function of a report kind (imported on use)."""
+    """A report kind as ``render(run, args) -> str``: its ``build`` (imported on use) laid out
+    in ``args.fmt`` by the one renderer."""
     if kind not in KINDS:
         raise KdbenchError(f"unknown report kind {kind!r}; choose one of {', '.join(KINDS)}")
     try:
@@ -255,4 +259,8 @@ def load(kind: str) -> Callable[[RunData, ReportArgs], str]:
         if e.name == KINDS[kind]:
             raise KdbenchError(f"report kind {kind!r} is not available in this version of kdbench") from None
         raise
-    return module.render
+
+    def render(run: RunData, args: ReportArgs) -> str:
+        return render_report(module.build(run, args), args.fmt)
+
+    return render

@@ -16,7 +16,6 @@ one line per method, one panel per (dataset, pair).
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
@@ -25,7 +24,7 @@ from typing import Any
 from kdbench.errors import KdbenchError
 from kdbench.reports import ReportArgs, RunData, footer
 from kdbench.reports.leaderboard import TEACHER_ROW, Board, build_board
-from kdbench.reports.render import Table, csv_num, fmt_num, is_missing, nan_none, render_tables, write_csv
+from kdbench.reports.render import TEXT, Cell, Column, Report, Statistic, Table
 
 _SET = re.compile(r"^c/(?P<name>[^/]+)/(?P<sev>\d+)/top1$")
 #: short column names
@@ -174,25 +173,15 @@ def _mce(row: dict, base: dict, names: list[str], sevs: list[int]) -> tuple[floa
     return (100.0 * _nanmean(ces) if ces else math.nan, 100.0 * _nanmean(rels) if rels else math.nan)
 
 
-def render(run: RunData, args: ReportArgs) -> str:
-    board = build_board(run, args)
-    baseline = args.baseline or "ce"
-    recs = [t for t in (table(board, col, baseline) for col in board.columns) if t is not None]
-    if not recs:
-        raise KdbenchError(
-            f"no corruption metrics (c/<corruption>/<severity>/top1) in {run.run_dir}: set "
-            "`eval: {corruptions: all}` in the grid and run it again"
-        )
-    if args.baseline and not any(x["method"] == args.baseline for t in recs for x in t["rows"]):
+def _check_baseline(recs: list[dict[str, Any]], baseline: str | None) -> None:
+    if baseline and not any(x["method"] == baseline for t in recs for x in t["rows"]):
         have = sorted({x["method"] for t in recs for x in t["rows"]})
-        raise KdbenchError(f"--baseline {args.baseline!r} is not a row here; rows: {', '.join(have)}")
-    if args.plot:
-        plot(recs, Path(args.plot))
-    if args.fmt == "json":
-        return json.dumps([_json(t) for t in recs], indent=2)
-    if args.fmt == "csv":
-        return _csv(recs)
-    notes = footer(run.protocol(args)) + [
+        raise KdbenchError(f"--baseline {baseline!r} is not a row here; rows: {', '.join(have)}")
+
+
+def _notes(recs: list[dict[str, Any]], baseline: str) -> list[str]:
+    """What the columns mean, and the corruptions left out of each column's relative mCE."""
+    notes = [
         "corruption acc: mean top-1 over every corruption × severity set (RobustBench), "
         "mean ± sample std over seeds; rel. drop: 100·(clean − corruption acc)/clean",
         f"mCE / rel. mCE (Hendrycks & Dietterich 2019): errors summed over severities, divided by the "
@@ -206,24 +195,48 @@ def render(run: RunData, args: ReportArgs) -> str:
                 f"corruptions; {', '.join(left)} cost {baseline!r} under {REL_MIN_DROP:g} point(s) of "
                 "top-1, too little to normalise by"
             )
+    return notes
+
+
+def build(run: RunData, args: ReportArgs) -> Report:
+    """The ``corruptions`` report kind."""
+    board = build_board(run, args)
+    baseline = args.baseline or "ce"
+    recs = [t for t in (table(board, col, baseline) for col in board.columns) if t is not None]
+    if not recs:
+        raise KdbenchError(
+            f"no corruption metrics (c/<corruption>/<severity>/top1) in {run.run_dir}: set "
+            "`eval: {corruptions: all}` in the grid and run it again"
+        )
+    _check_baseline(recs, args.baseline)
+    if args.plot:
+        plot(recs, Path(args.plot))
+    notes = footer(run.protocol(args)) + _notes(recs, baseline)
     if args.plot:
         notes.append(f"plot: {args.plot}")
-    return render_tables([_table(t, baseline) for t in recs], notes, args.fmt)
+    return Report(
+        [_table(t, baseline) for t in recs],
+        list(notes),
+        records=_records(recs),
+        data=[_json(t) for t in recs],
+    )
 
 
 def _table(t: dict[str, Any], baseline: str) -> Table:
-    head = ["method"] + [SHORT.get(c, c) for c in t["corruptions"]]
-    head += ["clean", "corruption acc", "rel. drop", f"mCE ({baseline}=100)", "rel. mCE"]
-    body = []
-    for x in t["rows"]:
-        mean = fmt_num(x["corruption_acc"], 2)
-        if not is_missing(x["corruption_acc_spread"]):
-            mean += f" ± {x['corruption_acc_spread']:.2f}"
-        body.append(
-            [x["method"]]
-            + [fmt_num(x["per_corruption"][c]) for c in t["corruptions"]]
-            + [fmt_num(x["clean"], 2), mean, fmt_num(x["rel_drop"]), fmt_num(x["mCE"]), fmt_num(x["rel_mCE"])]
-        )
+    head = [Column("method", kind=TEXT)] + [Column(SHORT.get(c, c)) for c in t["corruptions"]]
+    head += [Column(h) for h in ("clean", "corruption acc", "rel. drop", f"mCE ({baseline}=100)", "rel. mCE")]
+    body: list[list[Cell]] = [
+        [x["method"]]
+        + [Statistic(x["per_corruption"][c], digits=1) for c in t["corruptions"]]
+        + [
+            Statistic(x["clean"]),
+            Statistic(x["corruption_acc"], x["corruption_acc_spread"]),
+            Statistic(x["rel_drop"], digits=1),
+            Statistic(x["mCE"], digits=1),
+            Statistic(x["rel_mCE"], digits=1),
+        ]
+        for x in t["rows"]
+    ]
     sev = ", ".join(map(str, t["severities"]))
     return Table(f"{t['column']} — top-1 (%) under corruption, mean over severities {sev}", head, body)
 
@@ -238,28 +251,29 @@ def _json(t: dict[str, Any]) -> dict[str, Any]:
         "rows": [
             {
                 "method": x["method"],
-                "clean": nan_none(x["clean"]),
-                "corruption_acc": nan_none(x["corruption_acc"]),
-                "corruption_rel_drop": nan_none(x["rel_drop"]),
-                "mCE": nan_none(x["mCE"]),
-                "rel_mCE": nan_none(x["rel_mCE"]),
-                "per_corruption": {c: nan_none(v) for c, v in x["per_corruption"].items()},
-                "by_severity": {str(s): nan_none(v) for s, v in x["by_severity"].items()},
-                "acc": {f"{c}/{s}": nan_none(v) for (c, s), v in x["acc"].items()},
+                "clean": x["clean"],
+                "corruption_acc": x["corruption_acc"],
+                "corruption_rel_drop": x["rel_drop"],
+                "mCE": x["mCE"],
+                "rel_mCE": x["rel_mCE"],
+                "per_corruption": x["per_corruption"],
+                "by_severity": {str(s): v for s, v in x["by_severity"].items()},
+                "acc": {f"{c}/{s}": v for (c, s), v in x["acc"].items()},
             }
             for x in t["rows"]
         ],
     }
 
 
-def _csv(recs: list[dict[str, Any]]) -> str:
-    rows = []
+def _records(recs: list[dict[str, Any]]) -> Table:
+    rows: list[list[Cell]] = []
     for t in recs:
         for x in t["rows"]:
-            rows += [[t["column"], x["method"], c, sev, csv_num(v)] for (c, sev), v in x["acc"].items()]
+            rows += [[t["column"], x["method"], c, sev, v] for (c, sev), v in x["acc"].items()]
             keys = ("clean", "corruption_acc", "rel_drop", "mCE", "rel_mCE")
-            rows += [[t["column"], x["method"], key, "", csv_num(x[key])] for key in keys]
-    return write_csv(["column", "method", "corruption", "severity", "top1"], rows)
+            rows += [[t["column"], x["method"], key, None, x[key]] for key in keys]
+    names = ("column", "method", "corruption", "severity", "top1")
+    return Table("", [Column(n, kind=TEXT) for n in names], rows)
 
 
 def plot(recs: list[dict[str, Any]], path: Path) -> Path:

@@ -9,7 +9,6 @@ average accuracy; each cell is ``mean ± spread`` over seeds. The evaluated set 
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ from kdbench.errors import KdbenchError
 from kdbench.metric_defs import split_metric
 from kdbench.reports import ReportArgs, RunData, footer
 from kdbench.reports.leaderboard import Board, Stat, build_board
-from kdbench.reports.render import Table, csv_num, nan_none, render_tables, write_csv
+from kdbench.reports.render import TEXT, Cell, Column, Report, Statistic, Table
 
 SUMMARY = ("worst_group", "mean_group", "avg_acc", "adj_avg_acc")
 _GROUP = re.compile(r"^group/(?P<name>[^/]+)/acc$")
@@ -63,13 +62,6 @@ def group_sizes(board: Board, column: str, prefix: str, names: list[str]) -> dic
     return out
 
 
-def _fmt(s: Stat, spread: str) -> str:
-    if not s.n:
-        return "—"
-    sp = s.spread(spread)
-    return f"{s.mean:.1f}" if sp != sp else f"{s.mean:.1f} ± {sp:.1f}"  # nan: one seed
-
-
 def tables(board: Board, args: ReportArgs) -> list[dict[str, Any]]:
     """One record per column: its groups, sizes and per-row statistics."""
     prefix = eval_set(args)
@@ -96,7 +88,7 @@ def tables(board: Board, args: ReportArgs) -> list[dict[str, Any]]:
     return out
 
 
-def render(run: RunData, args: ReportArgs) -> str:
+def build(run: RunData, args: ReportArgs) -> Report:
     """The ``groups`` report kind."""
     board = build_board(run, args)
     recs = tables(board, args)
@@ -107,23 +99,29 @@ def render(run: RunData, args: ReportArgs) -> str:
         )
     if args.plot:
         plot(recs, Path(args.plot), args.spread)
-    if args.fmt == "json":
-        return json.dumps([_json(t, args.spread) for t in recs], indent=2)
-    if args.fmt == "csv":
-        return _csv(recs, args.spread)
     notes = footer(run.protocol(args)) + [
         "worst/mean: over non-empty groups (WILDS); adj avg: groups weighted by their share of the training "
         "split (group_DRO's adj_acc_avg)"
     ]
     if args.plot:
         notes.append(f"plot: {args.plot}")
-    return render_tables([_table(t, args.spread) for t in recs], notes, args.fmt)
+    return Report(
+        [_table(t, args.spread) for t in recs],
+        list(notes),
+        records=_records(recs, args.spread),
+        data=[_json(t, args.spread) for t in recs],
+    )
+
+
+def _stat(s: Stat, spread: str) -> Statistic:
+    """Mean ± spread with one decimal (one seed: the mean alone)."""
+    return Statistic(s.mean if s.n else None, s.spread(spread) if s.n else None, digits=1)
 
 
 def _table(t: dict[str, Any], spread: str) -> Table:
-    head = ["method"] + [f"{g} (n={t['sizes'].get(g, '?')})" for g in t["groups"]]
-    head += ["worst", "mean", "avg", "adj avg"]
-    body = [[r] + [_fmt(st[k], spread) for k in t["groups"] + list(SUMMARY)] for r, st in t["rows"]]
+    head = [Column("method", kind=TEXT)] + [Column(f"{g} (n={t['sizes'].get(g, '?')})") for g in t["groups"]]
+    head += [Column(h) for h in ("worst", "mean", "avg", "adj avg")]
+    body = [[r] + [_stat(st[k], spread) for k in t["groups"] + list(SUMMARY)] for r, st in t["rows"]]
     return Table(f"{t['column']} — per-group accuracy (%) on {t['set']}", head, body)
 
 
@@ -132,9 +130,7 @@ def _json(t: dict[str, Any], spread: str) -> dict[str, Any]:
         {
             "method": r,
             "metrics": {
-                k: {"mean": s.mean, "spread": nan_none(s.spread(spread)), "n": s.n}
-                for k, s in st.items()
-                if s.n
+                k: {"mean": s.mean, "spread": s.spread(spread), "n": s.n} for k, s in st.items() if s.n
             },
         }
         for r, st in t["rows"]
@@ -142,15 +138,16 @@ def _json(t: dict[str, Any], spread: str) -> dict[str, Any]:
     return {"column": t["column"], "set": t["set"], "sizes": t["sizes"], "rows": rows}
 
 
-def _csv(recs: list[dict[str, Any]], spread: str) -> str:
-    rows = [
-        [t["column"], t["set"], r, k, t["sizes"].get(k, ""), csv_num(s.mean), csv_num(s.spread(spread)), s.n]
+def _records(recs: list[dict[str, Any]], spread: str) -> Table:
+    rows: list[list[Cell]] = [
+        [t["column"], t["set"], r, k, t["sizes"].get(k), s.mean, s.spread(spread), s.n]
         for t in recs
         for r, st in t["rows"]
         for k, s in st.items()
         if s.n
     ]
-    return write_csv(["column", "set", "method", "group", "n_group", "mean", spread, "n"], rows)
+    names = ["column", "set", "method", "group", "n_group", "mean", spread, "n"]
+    return Table("", [Column(n, kind=TEXT) for n in names], rows)
 
 
 def plot(recs: list[dict[str, Any]], path: Path, spread: str = "std") -> Path:

@@ -15,23 +15,32 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-from tabulate import tabulate
-
 from kdbench.errors import KdbenchError
 from kdbench.metric_defs import MetricInfo, declared, metric_info, split_metric
 from kdbench.reports import OPTIMISTIC, SELECTS, SPREAD_LABEL, ReportArgs, RunData, footer, spread
-from kdbench.reports.render import latex_escape, nan_none, write_csv_dicts
+from kdbench.reports.render import (
+    BEST,
+    NOT_SIGNIFICANT,
+    OTHER_RULE,
+    TEXT,
+    UNDEFINED,
+    BestLegend,
+    Cell,
+    Column,
+    Note,
+    Report,
+    Statistic,
+    Table,
+    arrow,
+    nan_none,
+    render_report,
+)
 from kdbench.reports.stats import ALPHA, PAIRED, Comparison, compare_values, holm
 
 TEACHER_ROW = "teacher"
 #: metric prefixes of a post-hoc variant of the trained student, shown as an extra row
 #: "<method>+<variant>" (``dfr/worst_group`` -> row "kd+dfr", metric ``worst_group``)
 VARIANTS = ("dfr",)
-NOT_SIGNIFICANT = "≈"
-#: a comparison whose t statistic is undefined (constant non-zero difference over seeds)
-UNDEFINED = "†"
-#: a published number selected by another rule than the table's --select
-OTHER_RULE = "≠"
 
 
 @dataclass
@@ -111,18 +120,16 @@ class Board:
 def dataset_labels(configs: list[dict]) -> dict[str, str]:
     """A label per distinct dataset entry: its name, plus the parameters that tell apart entries
     sharing that name (two ``spurious`` sets of other strengths must not share a column)."""
-    import json as _json
-
     by_name: dict[str, dict[str, dict]] = defaultdict(dict)
     for cfg in configs:
         ds = cfg["dataset"]
-        by_name[ds["name"]][_json.dumps(ds.get("params") or {}, sort_keys=True, default=str)] = (
+        by_name[ds["name"]][json.dumps(ds.get("params") or {}, sort_keys=True, default=str)] = (
             ds.get("params") or {}
         )
     out: dict[str, str] = {}
     for name, variants in by_name.items():
         keys = sorted({k for p in variants.values() for k in p})
-        differ = [k for k in keys if len({_json.dumps(p.get(k), default=str) for p in variants.values()}) > 1]
+        differ = [k for k in keys if len({json.dumps(p.get(k), default=str) for p in variants.values()}) > 1]
         for key, params in variants.items():
             extra = ",".join(f"{k}={params.get(k)}" for k in differ)
             out[f"{name}|{key}"] = f"{name}({extra})" if extra else name
@@ -130,15 +137,62 @@ def dataset_labels(configs: list[dict]) -> dict[str, str]:
 
 
 def _ds_key(cfg: dict) -> str:
-    import json as _json
-
     ds = cfg["dataset"]
-    return f"{ds['name']}|{_json.dumps(ds.get('params') or {}, sort_keys=True, default=str)}"
+    return f"{ds['name']}|{json.dumps(ds.get('params') or {}, sort_keys=True, default=str)}"
 
 
 def column_label(cfg: dict, ds_labels: dict[str, str] | None = None) -> str:
     name = (ds_labels or {}).get(_ds_key(cfg), cfg["dataset"]["name"])
     return f"{name}: {cfg['teacher']['label']}→{cfg['student']['label']}"
+
+
+def _append_new(items: list[str], item: str) -> None:
+    if item not in items:
+        items.append(item)
+
+
+def _add_values(stats: dict[str, Stat], metrics: dict[str, Any], seed: Any) -> None:
+    for m, v in metrics.items():
+        if isinstance(v, int | float) and not isinstance(v, bool):
+            stats[m].values.append(float(v))
+            stats[m].seeds.append(seed)
+
+
+def _cell_rows(run: RunData, cell: dict, args: ReportArgs, epochs: list[int]) -> dict[str, dict[str, Any]]:
+    """Board row -> metrics of one finished cell under ``args.select``: its method's row, and a
+    ``<method>+<variant>`` row for each post-hoc variant it recorded (final model only)."""
+    sel = run.selected(cell, args)
+    metrics = dict(sel.metrics)
+    if sel.epoch is not None:
+        epochs.append(sel.epoch)
+        # whole-cell costs do not depend on the epoch chosen
+        for m, v in (cell["metrics"] or {}).items():
+            info = metric_info(m)
+            if info is not None and info.family == "cost":
+                metrics.setdefault(m, v)
+    row = cell["config"]["method"]["label"]
+    per_row = {row: metrics}
+    if args.select == "last":  # variants are fitted on the final model only
+        for variant in VARIANTS:
+            vm = {k[len(variant) + 1 :]: v for k, v in metrics.items() if k.startswith(variant + "/")}
+            if vm:
+                per_row[f"{row}+{variant}"] = vm
+                metrics = {k: v for k, v in metrics.items() if not k.startswith(variant + "/")}
+                per_row[row] = metrics
+    return per_row
+
+
+def _add_teachers(run: RunData, stats: dict, teacher_ids: dict[str, set[str]]) -> None:
+    """The teacher row of each column: the stored metrics (and training time) of its teachers."""
+    for col, ids in teacher_ids.items():
+        for tid in sorted(ids):
+            t = run.teachers.get(tid)
+            if t and t.get("metrics"):
+                for m, v in t["metrics"].items():
+                    if isinstance(v, int | float) and not isinstance(v, bool):
+                        stats[TEACHER_ROW][col][m].values.append(float(v))
+                if t.get("wall_s") is not None:
+                    stats[TEACHER_ROW][col]["wall_s"].values.append(float(t["wall_s"]))
 
 
 def build_board(run: RunData, args: ReportArgs) -> Board:
@@ -154,50 +208,17 @@ def build_board(run: RunData, args: ReportArgs) -> Board:
     for c in cells:
         cfg = c["config"]
         col = column_label(cfg, ds_labels)
-        if col not in columns:
-            columns.append(col)
-        row = cfg["method"]["label"]
-        if row not in rows:
-            rows.append(row)
+        _append_new(columns, col)
+        _append_new(rows, cfg["method"]["label"])
         if c["status"] != "done" or not c["metrics"]:
-            failures.append(Failure(row, col, c))
+            failures.append(Failure(cfg["method"]["label"], col, c))
             continue
-        sel = run.selected(c, args)
-        metrics = dict(sel.metrics)
-        if sel.epoch is not None:
-            epochs.append(sel.epoch)
-            # whole-cell costs do not depend on the epoch chosen
-            for m, v in (c["metrics"] or {}).items():
-                info = metric_info(m)
-                if info is not None and info.family == "cost":
-                    metrics.setdefault(m, v)
-        per_row = {row: metrics}
-        if args.select == "last":  # variants are fitted on the final model only
-            for variant in VARIANTS:
-                vm = {k[len(variant) + 1 :]: v for k, v in metrics.items() if k.startswith(variant + "/")}
-                if vm:
-                    per_row[f"{row}+{variant}"] = vm
-                    metrics = {k: v for k, v in metrics.items() if not k.startswith(variant + "/")}
-                    per_row[row] = metrics
-        for r, ms in per_row.items():
-            if r not in rows:
-                rows.append(r)
-            for m, v in ms.items():
-                if isinstance(v, int | float) and not isinstance(v, bool):
-                    s = stats[r][col][m]
-                    s.values.append(float(v))
-                    s.seeds.append(cfg.get("seed"))
+        for r, ms in _cell_rows(run, c, args, epochs).items():
+            _append_new(rows, r)
+            _add_values(stats[r][col], ms, cfg.get("seed"))
         if cfg.get("uses_teacher"):
             teacher_ids[col].add(cfg["teacher"]["id"])
-    for col, ids in teacher_ids.items():
-        for tid in sorted(ids):
-            t = run.teachers.get(tid)
-            if t and t.get("metrics"):
-                for m, v in t["metrics"].items():
-                    if isinstance(v, int | float) and not isinstance(v, bool):
-                        stats[TEACHER_ROW][col][m].values.append(float(v))
-                if t.get("wall_s") is not None:
-                    stats[TEACHER_ROW][col]["wall_s"].values.append(float(t["wall_s"]))
+    _add_teachers(run, stats, teacher_ids)
     # reference rows first: teacher, then the teacher-free student, then methods in grid order
     order = (
         ([TEACHER_ROW] if TEACHER_ROW in stats else [])
@@ -336,77 +357,91 @@ def _family_name(name: str) -> str:
 
 def fmt_stat(s: Stat, kind: str = "std", digits: int = 2) -> str:
     """``mean ± spread (n)``; a single seed has no spread."""
+    return statistic(s, kind, digits).text
+
+
+def statistic(s: Stat, kind: str = "std", digits: int = 2, marks: frozenset[str] = frozenset()) -> Statistic:
+    """``s`` as a table cell: mean ± ``kind`` spread (n); missing when no seed has a value."""
     if s.n == 0:
-        return "—"
-    if s.n == 1:
-        return f"{s.mean:.{digits}f} ({s.n})"
-    return f"{s.mean:.{digits}f} ± {s.spread(kind):.{digits}f} ({s.n})"
-
-
-def _signed(v: float) -> str:
-    return f"{v:+.2f}".replace("-", "−")
+        return Statistic(None, digits=digits)
+    return Statistic(s.mean, s.spread(kind), s.n, digits, marks)
 
 
 def _header_metric(metric: str, info: MetricInfo | None, args: ReportArgs) -> str:
-    label = f"{info.label} {info.arrow}" if info else metric
+    label = f"{info.label} {arrow(info.higher_is_better)}" if info else metric
     if info and split_metric(metric)[0] != "test":
         label = f"{split_metric(metric)[0]} {label}"
     return f"{label}, mean ± {args.spread} (n)"
 
 
-def _cells(board: Board, args: ReportArgs, bold: str, esc=lambda s: s, approx: str = NOT_SIGNIFICANT):
-    """Table body and header: one line per row; paper columns after the columns that have one."""
-    metric = args.metric
-    best = {c: board.best(c, metric) for c in board.columns}
+def _main_cell(board: Board, r: str, c: str, best: str | None, args: ReportArgs) -> Cell:
+    """Method ``r`` in column ``c``: its statistic with marks, or why there is none."""
+    s = board.stat(r, c, args.metric)
+    if not s.n:
+        statuses = [f.cell["status"] for f in board.failures if f.row == r and f.column == c]
+        if statuses:
+            return "failed" if "failed" in statuses else "not run yet"
+        return Statistic(None)
+    marks = {BEST} if r == best else set()
+    cmp = board.comparisons.get(r, {}).get(c)
+    if cmp is not None and cmp.significant is False:
+        marks.add(NOT_SIGNIFICANT)
+    elif cmp is not None and cmp.undefined:
+        marks.add(UNDEFINED)
+    return statistic(s, args.spread, marks=frozenset(marks))
+
+
+def _paper_cell(board: Board, r: str, c: str, args: ReportArgs) -> Cell:
+    """The published number of ``r`` in ``c`` with its source and ours − paper; ≠ when the
+    paper selected by another rule."""
+    ref = board.references.get(r, {}).get(c)
+    if ref is None:
+        return ""
+    s = board.stat(r, c, args.metric)
+    other = ref.select is not None and ref.select != args.select
+    diff = s.mean - ref.value if s.n else None
+    return Statistic(
+        ref.value, ref=ref.note or None, diff=diff, marks=frozenset({OTHER_RULE} if other else ())
+    )
+
+
+def board_table(board: Board, args: ReportArgs) -> Table:
+    """The leaderboard: one line per row; a paper column after each column that has one."""
+    best = {c: board.best(c, args.metric) for c in board.columns}
     with_paper = [c for c in board.columns if any(c in refs for refs in board.references.values())]
-    head = []
+    head = f"method ({_header_metric(args.metric, metric_info(args.metric), args)})"
+    columns = [Column(head, kind=TEXT)]
     for c in board.columns:
-        head.append(esc(c))
-        if c in with_paper:
-            head.append(esc("paper (Δ)"))
-    body = []
+        columns += [Column(c)] + ([Column("paper (Δ)")] if c in with_paper else [])
+    body: list[list[Cell]] = []
     for r in board.rows:
-        name = r + (" (baseline)" if r == args.baseline else "")
-        line = [esc(name)]
+        line: list[Cell] = [r + (" (baseline)" if r == args.baseline else "")]
         for c in board.columns:
-            s = board.stat(r, c, metric)
-            text = esc(fmt_stat(s, args.spread))
-            if not s.n:
-                statuses = [f.cell["status"] for f in board.failures if f.row == r and f.column == c]
-                if statuses:
-                    text = "failed" if "failed" in statuses else "not run yet"
-            if r == best[c] and s.n:
-                text = bold.format(text)
-            cmp = board.comparisons.get(r, {}).get(c)
-            if cmp is not None and cmp.significant is False:
-                text += " " + approx
-            elif cmp is not None and cmp.undefined:
-                text += " " + esc(UNDEFINED)
-            line.append(text)
+            line.append(_main_cell(board, r, c, best[c], args))
             if c in with_paper:
-                ref = board.references.get(r, {}).get(c)
-                if ref is None:
-                    line.append("")
-                else:
-                    txt = f"{ref.value:.2f}" + (f" [{ref.note}]" if ref.note else "")
-                    if s.n:
-                        txt += f" ({_signed(s.mean - ref.value)})"
-                    if ref.select is not None and ref.select != args.select:
-                        txt += " " + OTHER_RULE
-                    line.append(esc(txt))
+                line.append(_paper_cell(board, r, c, args))
         body.append(line)
-    return head, body
+    refs = (TEACHER_ROW, "ce")
+    rules = [
+        i
+        for i, r in enumerate(board.rows[:-1])
+        if r in refs and board.rows[i + 1] not in refs  # reference rows apart
+    ]
+    return Table("", columns, body, rules=rules)
 
 
-def _notes(board: Board, args: ReportArgs, run: RunData, bold_word: str) -> list[str]:
+def _notes(board: Board, args: ReportArgs, run: RunData) -> list[Note]:
+    """The footer: the protocol, what bold and the marks mean, the papers, failed cells."""
     info = metric_info(args.metric)
-    lines = footer(run.protocol(args, board.selected_epochs))
+    lines: list[Note] = list(footer(run.protocol(args, board.selected_epochs)))
     if args.select != "last" and TEACHER_ROW in board.rows:
         lines.append("the teacher row is its final model")
     if info is not None:
         lines.append(
-            f"{bold_word}: best per column ({'higher' if info.higher_is_better else 'lower'} is better; "
-            "the teacher is not ranked)"
+            BestLegend(
+                f"best per column ({'higher' if info.higher_is_better else 'lower'} is better; "
+                "the teacher is not ranked)"
+            )
         )
     if args.baseline:
         lines += _significance_notes(board, args.baseline)
@@ -462,40 +497,23 @@ def _significance_notes(board: Board, baseline: str) -> list[str]:
     return lines
 
 
+def board_report(board: Board, run: RunData, args: ReportArgs) -> Report:
+    """The board as a report: its table and footer, its records in CSV and JSON."""
+    records = to_records(board, run, args)
+    return Report(
+        [board_table(board, args)],
+        _notes(board, args, run),
+        banner=OPTIMISTIC if args.select == "best_test" else None,
+        latex="float",
+        appendix=[details_table(board, args)] if args.details else [],
+        records=Table("", [Column(f, kind=TEXT) for f in CSV_FIELDS], csv_rows(records)),
+        data=records,
+    )
+
+
 def render_board(board: Board, run: RunData, args: ReportArgs) -> str:
     """The board in ``args.fmt``."""
-    if args.fmt == "json":
-        return json.dumps(to_records(board, run, args), indent=2)
-    if args.fmt == "csv":
-        return to_csv(board, run, args)
-    info = metric_info(args.metric)
-    if args.fmt == "latex":
-        head, body = _cells(board, args, r"\textbf{{{}}}", latex_escape, r"$\approx$")
-        ncols = len(head)
-        lines = [
-            r"\begin{table}",
-            r"\centering",
-            r"\begin{tabular}{l" + "c" * ncols + "}",
-            r"\toprule",
-            " & ".join([latex_escape("Method (" + _header_metric(args.metric, info, args) + ")")] + head)
-            + r" \\",
-            r"\midrule",
-        ]
-        refs = (TEACHER_ROW, "ce")
-        for i, r in enumerate(body):
-            lines.append(" & ".join(r) + r" \\")
-            if board.rows[i] in refs and i + 1 < len(body) and board.rows[i + 1] not in refs:
-                lines.append(r"\midrule")
-        caption = ". ".join(latex_escape(x) for x in _notes(board, args, run, "bold")) + "."
-        lines += [r"\bottomrule", r"\end{tabular}", r"\caption{" + caption + "}", r"\end{table}"]
-        return "\n".join(lines)
-    head, body = _cells(board, args, "**{}**")
-    first = f"method ({_header_metric(args.metric, info, args)})"
-    text = tabulate(body, headers=[first] + head, tablefmt="github")
-    notes = _notes(board, args, run, "**bold**")
-    if args.select == "best_test":
-        text = f"**{OPTIMISTIC}**\n\n" + text
-    return text + "\n\n" + "\n".join(f"- {n}" for n in notes)
+    return render_report(board_report(board, run, args), args.fmt)
 
 
 def _protocol_fields(board: Board, run: RunData, args: ReportArgs) -> dict[str, Any]:
@@ -619,92 +637,89 @@ CSV_FIELDS = [
 ]
 
 
-def to_csv(board: Board, run: RunData, args: ReportArgs) -> str:
-    """One line per (method, column, metric), one per failed or pending cell; protocol in every line."""
+def _csv_common(rec: dict[str, Any]) -> dict[str, Any]:
+    """The fields of every CSV line of a record: who, and the protocol."""
+    p = rec["protocol"]
+    return {
+        "method": rec["method"],
+        "column": rec["column"],
+        "status": rec["status"],
+        "select": p["select"],
+        "optimistic": p["optimistic"],
+        "epochs": p["epochs"],
+        "selected_epochs": p.get("selected_epochs"),
+        "seeds": p["seeds"],
+        "spread_kind": p["spread"],
+        "hardware": "; ".join(p["hardware"]),
+        "cell": rec.get("cell"),
+        "seed": rec.get("seed"),
+        "error": rec.get("error"),
+    }
+
+
+def _csv_comparison(rec: dict[str, Any]) -> dict[str, Any]:
+    """The baseline test and the paper's number of the table's metric."""
+    sig, paper = rec["significance"], rec["paper"]
+    out: dict[str, Any] = {"baseline": rec["baseline"]}
+    if sig is not None:
+        out.update(
+            not_significant=None if sig["significant"] is None else not sig["significant"],
+            p_value=sig["p"],
+            p_adjusted=sig.get("p_adjusted"),
+            test=sig["test"],
+        )
+    if paper is not None:
+        out.update(
+            paper=paper["value"],
+            paper_diff=paper["diff"],
+            paper_source=paper["source"],
+            paper_select=paper.get("select"),
+        )
+    return out
+
+
+def csv_rows(records: list[dict[str, Any]]) -> list[list[Any]]:
+    """One line per (method, column, metric), one per failed or pending cell; protocol in every
+    line; values in :data:`CSV_FIELDS` order."""
     out: list[dict[str, Any]] = []
-
-    def g(v: Any) -> str:
-        if v is None:
-            return ""
-        if isinstance(v, bool):
-            return str(int(v))
-        if isinstance(v, float):
-            return f"{v:.6g}"
-        if isinstance(v, list):
-            return " ".join(map(str, v))
-        return str(v)
-
-    for rec in to_records(board, run, args):
-        p = rec["protocol"]
-        common = {
-            "method": rec["method"],
-            "column": rec["column"],
-            "status": rec["status"],
-            "select": p["select"],
-            "optimistic": g(p["optimistic"]),
-            "epochs": g(p["epochs"]),
-            "selected_epochs": g(p.get("selected_epochs")),
-            "seeds": g(p["seeds"]),
-            "spread_kind": p["spread"],
-            "hardware": "; ".join(p["hardware"]),
-            "cell": rec.get("cell", ""),
-            "seed": g(rec.get("seed")),
-            "error": rec.get("error") or "",
-        }
+    for rec in records:
+        common = _csv_common(rec)
         if rec["status"] != "done":
             out.append({**common, "metric": rec["metric"]})
             continue
         for m, s in rec["metrics"].items():
-            row = {
-                **common,
-                "metric": m,
-                "higher_is_better": g(s["higher_is_better"]),
-                "mean": g(s["mean"]),
-                "std": g(s["std"]),
-                "spread": g(s["spread"]),
-                "n": s["n"],
-                "best": g(s["best"]),
-            }
+            row = {**common, "metric": m, "higher_is_better": s["higher_is_better"], "mean": s["mean"]}
+            row.update(std=s["std"], spread=s["spread"], n=s["n"], best=s["best"])
             if m == rec["metric"]:
-                sig, paper = rec["significance"], rec["paper"]
-                row["baseline"] = rec["baseline"] or ""
-                if sig is not None:
-                    row["not_significant"] = g(None if sig["significant"] is None else not sig["significant"])
-                    row["p_value"] = g(sig["p"])
-                    row["p_adjusted"] = g(sig.get("p_adjusted"))
-                    row["test"] = sig["test"]
-                if paper is not None:
-                    row.update(
-                        paper=g(paper["value"]),
-                        paper_diff=g(paper["diff"]),
-                        paper_source=paper["source"] or "",
-                        paper_select=paper.get("select") or "",
-                    )
+                row.update(_csv_comparison(rec))
             out.append(row)
-    return write_csv_dicts(CSV_FIELDS, out)
+    return [[r.get(f) for f in CSV_FIELDS] for r in out]
 
 
-def render_details(board: Board, args: ReportArgs) -> str:
+def to_csv(board: Board, run: RunData, args: ReportArgs) -> str:
+    """The board's records as CSV."""
+    return render_report(board_report(board, run, args), "csv")
+
+
+def details_table(board: Board, args: ReportArgs) -> Table:
     """Every test-set metric per (method, column), mean ± spread over seeds."""
     present = {m for r in board.stats.values() for c in r.values() for m in c if "/" not in m}
     order = [m for m in declared() if m in present] + sorted(present - set(declared()))
-    rows = []
+    rows: list[list[Cell]] = []
     for r in board.rows:
         for c in board.columns:
             st = board.stats.get(r, {}).get(c, {})
             if st:
-                rows.append([r, c] + [fmt_stat(st[m], args.spread) if m in st else "—" for m in order])
-    heads = [m + (f" {metric_info(m).arrow}" if metric_info(m) else "") for m in order]
-    return tabulate(rows, headers=["method", "column"] + heads, tablefmt="github")
+                rows.append([r, c] + [statistic(st[m], args.spread) if m in st else "—" for m in order])
+    columns = [Column("method", kind=TEXT), Column("column", kind=TEXT)]
+    columns += [Column(m, info.higher_is_better if (info := metric_info(m)) else None) for m in order]
+    return Table("", columns, rows)
 
 
-def render(run: RunData, args: ReportArgs) -> str:
+def build(run: RunData, args: ReportArgs) -> Report:
     """The ``leaderboard`` report kind."""
     check_metric(run, args.metric)
     board = build_board(run, args)
     if not board.columns:
         raise KdbenchError(f"{run.run_dir} holds no cells yet")
-    text = render_board(board, run, args)
-    if args.details and args.fmt == "github":
-        text += "\n\n" + render_details(board, args)
-    return text
+    return board_report(board, run, args)

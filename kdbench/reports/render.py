@@ -224,6 +224,8 @@ _STYLES = {
     "github": _Style(str, "**{}**", "**bold**"),
     "latex": _Style(latex_escape, r"\textbf{{{}}}", "bold"),
 }
+#: LaTeX cells handed to tabulate, which escapes them itself (and would escape a \textbf)
+_TABULATED = {"github": _STYLES["github"], "latex": _Style(str, "{}", "bold")}
 
 
 def cell_text(cell: Cell, style: _Style) -> str:
@@ -242,12 +244,12 @@ def note_texts(notes: list[Note], style: _Style) -> list[str]:
 
 def _tabulate(t: Table, fmt: str) -> str:
     """``t`` through tabulate; only NUMBER columns are parsed (and aligned) as numbers."""
-    style = _STYLES[fmt]
+    style = _TABULATED[fmt]
     rows = [[cell_text(c, style) for c in row] for row in t.rows]
     text_cols = [i for i, c in enumerate(t.columns) if c.kind != NUMBER]
     return tabulate(
         rows,
-        headers=[style.escape(c.header) if fmt != "latex" else c.header for c in t.columns],
+        headers=[c.header for c in t.columns],
         tablefmt=TABLE_FORMATS[fmt],
         disable_numparse=text_cols if len(text_cols) < len(t.columns) else True,
     )
@@ -274,15 +276,18 @@ def _render_text(report: Report, fmt: str) -> str:
 
 
 def _render_latex_float(report: Report) -> str:
-    """One ``table`` environment: booktabs rules by hand, the notes as its caption."""
+    """One ``table`` environment: booktabs rules by hand, the notes as its caption (the first
+    header capitalised, as a caption's table reads)."""
     style = _STYLES["latex"]
     (t,) = report.tables
+    head = [c.header for c in t.columns]
+    head[0] = head[0][:1].upper() + head[0][1:]
     lines = [
         r"\begin{table}",
         r"\centering",
         r"\begin{tabular}{l" + "c" * (len(t.columns) - 1) + "}",
         r"\toprule",
-        " & ".join(latex_escape(c.header) for c in t.columns) + r" \\",
+        " & ".join(map(latex_escape, head)) + r" \\",
         r"\midrule",
     ]
     for i, row in enumerate(t.rows):

@@ -20,14 +20,13 @@ Numbers are means over seeds. Metrics come from the group family and hook
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from kdbench.errors import KdbenchError
 from kdbench.reports import ReportArgs, RunData, footer
 from kdbench.reports.groups import group_names, group_sizes
 from kdbench.reports.leaderboard import TEACHER_ROW, VARIANTS, Board, build_board
-from kdbench.reports.render import Table, csv_num, fmt_num, render_tables, write_csv
+from kdbench.reports.render import STAT, TEXT, Cell, Column, Report, Statistic, Table
 
 TOP_DIMS = 5
 
@@ -108,11 +107,11 @@ def analyse(board: Board, args: ReportArgs) -> list[dict[str, Any]]:
     return out
 
 
-def _summary(rows: list[dict[str, Any]]) -> list[Any]:
+def _summary(rows: list[dict[str, Any]]) -> list[Cell]:
     worst = min(rows, key=lambda r: r["acc"])
     keys = ("err", "teacher_err", "inherited", "own", "disagreement", "gap")
-    means = [fmt_num(_avg([r[k] for r in rows])) for k in keys]
-    return [worst["group"]] + [fmt_num(worst[k]) for k in keys] + means
+    means = [_num(_avg([r[k] for r in rows])) for k in keys]
+    return [worst["group"], *(_num(worst[k]) for k in keys), *means]
 
 
 #: per-group columns of the csv and the per-group table: (record key, text header)
@@ -131,7 +130,8 @@ SUMMARY_HEAD = ["method", "worst group", "err", "teacher err", "inherited", "own
 SUMMARY_HEAD += [f"mean {h}" for h in ("err", "teacher err", "inherited", "own", "disagree", "train−test")]
 
 
-def render(run: RunData, args: ReportArgs) -> str:
+def build(run: RunData, args: ReportArgs) -> Report:
+    """The ``shift`` report kind."""
     board = build_board(run, args)
     recs = analyse(board, args)
     if not recs:
@@ -139,26 +139,36 @@ def render(run: RunData, args: ReportArgs) -> str:
             f"no per-group metrics in {run.run_dir}: the shift report needs a dataset with groups "
             "(spurious, waterbirds, celeba)"
         )
-    if args.fmt == "json":
-        return json.dumps([{k: r[k] for k in ("column", "sizes", "groups", "scan")} for r in recs], indent=2)
-    if args.fmt == "csv":
-        return _csv(recs)
     notes = footer(run.protocol(args)) + [
         "err = inherited (teacher also wrong) + own (teacher right); teacher err and disagreement are on the "
         "student's test set; train−test = accuracy on the training split minus test accuracy"
     ]
-    return render_tables([t for r in recs for t in _tables(r)], notes, args.fmt)
+    return Report(
+        [t for r in recs for t in _tables(r)],
+        list(notes),
+        records=_records(recs),
+        data=[{k: r[k] for k in ("column", "sizes", "groups", "scan")} for r in recs],
+    )
 
 
-def _csv(recs: list[dict]) -> str:
+def _records(recs: list[dict]) -> Table:
     keys = ("acc", "err", "teacher_err", "inherited", "own", "disagreement", "train_acc", "gap")
-    rows = [
-        [r["column"], method, g["group"], r["sizes"].get(g["group"], "")] + [csv_num(g[k]) for k in keys]
+    rows: list[list[Cell]] = [
+        [r["column"], method, g["group"], r["sizes"].get(g["group"])] + [g[k] for k in keys]
         for r in recs
         for method, rows in r["groups"].items()
         for g in rows
     ]
-    return write_csv(["column", "method", "group", "n", *keys], rows)
+    return Table("", [Column(n, kind=TEXT) for n in ("column", "method", "group", "n", *keys)], rows)
+
+
+def _num(v: float | None, digits: int = 1) -> Statistic:
+    return Statistic(v, digits=digits)
+
+
+def _columns(names: list[str], labels: int = 1) -> list[Column]:
+    """``names`` as columns, the first ``labels`` of them labels, the rest statistics."""
+    return [Column(n, kind=TEXT if i < labels else STAT) for i, n in enumerate(names)]
 
 
 def _tables(r: dict) -> list[Table]:
@@ -166,28 +176,29 @@ def _tables(r: dict) -> list[Table]:
     col = r["column"]
     body = [[m] + _summary(rows) for m, rows in r["groups"].items()]
     detail = [
-        [m, g["group"], r["sizes"].get(g["group"], "?")] + [fmt_num(g[k]) for k, _ in GROUP_COLUMNS]
+        [m, g["group"], str(r["sizes"].get(g["group"], "?"))] + [_num(g[k]) for k, _ in GROUP_COLUMNS]
         for m, rows in r["groups"].items()
         for g in rows
     ]
     out = [
         Table(
             f"{col} — error decomposition on test (%): worst group of each method, and mean over groups",
-            SUMMARY_HEAD,
+            _columns(SUMMARY_HEAD, 2),
             body,
         ),
-        Table(f"{col} — per group (%)", DETAIL_HEAD, detail),
+        Table(f"{col} — per group (%)", _columns(DETAIL_HEAD, 3), detail),
     ]
     if r["scan"]:
-        scan = [
-            [m, fmt_num(s["max"], 2), fmt_num(s["mean"], 3), ", ".join(f"{d}:{v:.2f}" for d, v in s["top"])]
+        scan: list[list[Cell]] = [
+            [m, _num(s["max"], 2), _num(s["mean"], 3), ", ".join(f"{d}:{v:.2f}" for d, v in s["top"])]
             for m, s in r["scan"].items()
         ]
         out.append(
             Table(
                 f"{col} — spurious-feature scan of pooled features (Cohen's d between attribute values "
                 "within a class; higher = the attribute is more linearly visible)",
-                ["model", "max d", "mean d", f"top {TOP_DIMS} dims (first seed)"],
+                _columns(["model", "max d", "mean d"])
+                + [Column(f"top {TOP_DIMS} dims (first seed)", kind=TEXT)],
                 scan,
             )
         )
