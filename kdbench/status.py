@@ -1,5 +1,8 @@
 """``kdbench status RUN``: every cell of the grid last run here (state, where, attempts, error)
-and the teachers, from the store and the cell directories."""
+and the teachers, from the store and the cell directories.
+
+The state logic lives here; the tables go through the reports' renderer, so the same view is
+the ``status`` report kind (``kdbench report RUN --kind status --format csv|json|latex``)."""
 
 from __future__ import annotations
 
@@ -12,9 +15,10 @@ from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
-from tabulate import tabulate
 
 from kdbench.errors import ConfigError
+from kdbench.reports import ReportArgs, RunData
+from kdbench.reports.render import NUMBER, TEXT, Cell, Column, Report, Statistic, Table, render_report
 from kdbench.rundir import RunDir
 from kdbench.store import Store
 
@@ -62,9 +66,30 @@ def cell_state(rd: RunDir, row: dict[str, Any], jobs: dict[str, dict]) -> tuple[
     return row["status"], ""
 
 
-def _cell_rows(rd: RunDir, rows: list[dict]) -> tuple[list[list[Any]], dict[str, int]]:
+CELL_COLUMNS = [
+    Column("cell", kind=TEXT),
+    Column("method", kind=TEXT),
+    Column("pair", kind=TEXT),
+    Column("dataset", kind=TEXT),
+    Column("seed", kind=NUMBER),
+    Column("state", kind=TEXT),
+    Column("where", kind=TEXT),
+    Column("attempts", kind=NUMBER),
+    Column("error", kind=TEXT),
+]
+TEACHER_COLUMNS = [
+    Column("teacher", kind=TEXT),
+    Column("model", kind=TEXT),
+    Column("cache", kind=TEXT),
+    Column("top1", kind=NUMBER),
+]
+
+
+def _cell_rows(rd: RunDir, rows: list[dict]) -> tuple[list[list[Cell]], dict[str, int]]:
+    """One line per cell (its state from the store and its directory), and the count per state."""
     jobs = rd.read_jobs()
-    table, tally = [], {}
+    table: list[list[Cell]] = []
+    tally: dict[str, int] = {}
     for r in rows:
         cfg = r["config"]
         state, where = cell_state(rd, r, jobs)
@@ -76,24 +101,35 @@ def _cell_rows(rd: RunDir, rows: list[dict]) -> tuple[list[list[Any]], dict[str,
     return table, tally
 
 
-def _teacher_rows(rd: RunDir, teachers: list[dict]) -> list[list[Any]]:
+def _teacher_rows(rd: RunDir, teachers: list[dict]) -> list[list[Cell]]:
+    """One line per teacher the store knows or the cache holds."""
     known = {t["id"]: t for t in teachers}
     on_disk = {p.stem for p in rd.teachers.glob("*.pt")} if rd.teachers.exists() else set()
-    rows = []
+    rows: list[list[Cell]] = []
     for tid in sorted(on_disk | set(known)):
         t = known.get(tid, {})
         top1 = (t.get("metrics") or {}).get("top1")
         cached = (rd.teachers / f"{tid}.pt").exists()
         label = (t.get("config") or {}).get("label", "?")
-        rows.append(
-            [
-                tid[:10],
-                label,
-                "trained" if cached else "missing",
-                f"{top1:.2f}" if isinstance(top1, int | float) else "–",
-            ]
-        )
+        top1 = float(top1) if isinstance(top1, int | float) else None
+        rows.append([tid[:10], label, "trained" if cached else "missing", Statistic(top1, missing="–")])
     return rows
+
+
+def status_report(rd: RunDir, rows: list[dict], teachers: list[dict]) -> Report:
+    """The cells (state, where, attempts, error) with the count per state, and the teachers."""
+    table, tally = _cell_rows(rd, rows)
+    summary = ", ".join(f"{v} {k}" for k, v in sorted(tally.items())) + f" — {len(rows)} cells"
+    tables = [Table("", CELL_COLUMNS, table, notes=[summary])]
+    t_rows = _teacher_rows(rd, teachers)
+    if t_rows:
+        tables.append(Table("", TEACHER_COLUMNS, t_rows))
+    return Report(tables, records=tables[0])  # CSV: one line per cell
+
+
+def build(run: RunData, args: ReportArgs) -> Report:
+    """The ``status`` report kind: :func:`status_report` over the cells a report reads."""
+    return status_report(RunDir(run.run_dir), run.cells, list(run.teachers.values()))
 
 
 def status_table(run_dir: Path) -> str:
@@ -110,14 +146,7 @@ def status_table(run_dir: Path) -> str:
         teachers = store.teachers()
     finally:
         store.close()
-    table, tally = _cell_rows(rd, rows)
-    headers = ["cell", "method", "pair", "dataset", "seed", "state", "where", "attempts", "error"]
-    lines = [tabulate(table, headers=headers, tablefmt="github"), ""]
-    lines.append(", ".join(f"{v} {k}" for k, v in sorted(tally.items())) + f" — {len(rows)} cells")
-    t_rows = _teacher_rows(rd, teachers)
-    if t_rows:
-        lines += ["", tabulate(t_rows, headers=["teacher", "model", "cache", "top1"], tablefmt="github")]
-    return "\n".join(lines)
+    return render_report(status_report(rd, rows, teachers), "github")
 
 
 def print_status(run_dir: Path, console: Console) -> None:

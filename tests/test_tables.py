@@ -220,3 +220,39 @@ def test_status_output_matches_its_golden_file(tmp_path: Path):
     if os.environ.get("KDBENCH_UPDATE_GOLDEN"):
         golden.write_bytes(out.encode())
     assert out == golden.read_bytes().decode()
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_status_is_a_report_kind_in_every_format(fmt: str, tmp_path: Path):
+    from kdbench.report import report
+    from kdbench.status import status_table
+
+    run_dir = status_run(tmp_path)
+    out = report(run_dir, kind="status", fmt=fmt)
+    if fmt == "github":
+        assert out == status_table(run_dir)
+    elif fmt == "csv":
+        lines = out.splitlines()
+        assert lines[0] == "cell,method,pair,dataset,seed,state,where,attempts,error" and len(lines) == 6
+        assert "a07c55e1b9,dkd,T→S,digits,1,failed,,2,RuntimeError: CUDA out of memory" in lines
+    elif fmt == "json":
+        cells, teachers = json.loads(out)
+        assert cells["notes"] == ["1 done, 1 failed, 1 pending, 1 running, 1 submitted — 5 cells"]
+        assert cells["rows"][3]["where"] == "submitit job 91823"
+        assert [t["top1"]["mean"] for t in teachers["rows"]] == [None, 95.125]
+    else:
+        assert "% 1 done, 1 failed" in out and r"\toprule" in out
+
+
+def test_status_keeps_ids_as_text_and_teacher_numbers_as_numbers(tmp_path: Path):
+    """A cell id of digits stays as written; a teacher column of numbers only is aligned (and
+    shortened) as tabulate does numbers, as ``kdbench status`` always showed it."""
+    from kdbench.reports.render import render_report
+    from kdbench.rundir import RunDir
+    from kdbench.status import status_report
+
+    rows = [{**store_row(0, "kd", 0, {}, "digits"), "id": "0012345678ab", "status": "pending"}]
+    teachers = [{"id": "t0", "config": {"label": "T"}, "metrics": {"top1": 97.5}}]
+    out = render_report(status_report(RunDir(tmp_path), rows, teachers), "github")
+    assert "| 0012345678 |" in out
+    assert out.splitlines()[-1] == "| t0        | T       | missing |   97.5 |"

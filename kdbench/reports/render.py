@@ -300,12 +300,13 @@ def _render_latex_float(report: Report) -> str:
 
 
 def _render_csv(report: Report) -> str:
-    """The report's records, or every table's rows under one header (tables with the same columns)."""
-    if report.records is not None:
-        t = report.records
-        return write_csv([c.name for c in t.columns], t.rows)
-    header = [c.name for c in report.tables[0].columns] if report.tables else []
-    return write_csv(header, [row for t in report.tables for row in t.rows])
+    """The report's records, or its tables' rows under their one header."""
+    tables = [report.records] if report.records is not None else report.tables
+    headers = {tuple(c.name for c in t.columns) for t in tables}
+    if len(headers) > 1:  # a kind's mistake, not the user's: it must say how its tables flatten
+        raise ValueError("tables with different columns need Report.records for CSV")
+    header = list(headers.pop()) if headers else []
+    return write_csv(header, [row for t in tables for row in t.rows])
 
 
 def jsonable(v: Any) -> Any:
