@@ -32,7 +32,6 @@ from kdbench.reports.render import (
     Statistic,
     Table,
     arrow,
-    nan_none,
     render_report,
 )
 from kdbench.reports.stats import ALPHA, PAIRED, Comparison, compare_values, holm
@@ -355,11 +354,6 @@ def _family_name(name: str) -> str:
     return metric if where == "test" else f"{where}/{metric}"
 
 
-def fmt_stat(s: Stat, kind: str = "std", digits: int = 2) -> str:
-    """``mean ± spread (n)``; a single seed has no spread."""
-    return statistic(s, kind, digits).text
-
-
 def statistic(s: Stat, kind: str = "std", digits: int = 2, marks: frozenset[str] = frozenset()) -> Statistic:
     """``s`` as a table cell: mean ± ``kind`` spread (n); missing when no seed has a value."""
     if s.n == 0:
@@ -564,8 +558,8 @@ def _record(
         info = metric_info(m)
         metrics[m] = {
             "mean": v.mean,
-            "std": nan_none(v.spread("std")),
-            "spread": nan_none(v.spread(args.spread)),
+            "std": v.spread("std"),
+            "spread": v.spread(args.spread),
             "n": v.n,
             "values": v.values,
             "seeds": v.seeds,

@@ -140,11 +140,6 @@ def nan_none(v: Any) -> Any:
     return None if is_missing(v) else v
 
 
-def fmt_num(v: Any, digits: int = 1) -> str:
-    """``v`` with ``digits`` decimals, or — when missing."""
-    return Statistic(v, digits=digits).text
-
-
 def signed(v: float) -> str:
     """``+0.80`` / ``−5.95`` (a typographic minus)."""
     return f"{v:+.2f}".replace("-", "−")
