@@ -164,9 +164,6 @@ class NoisedSamples:
         self.images, self.labels, self.recipe = images, labels, recipe
         self.drawn: dict[str, Tensor] = {}
 
-    def __len__(self) -> int:
-        return len(self.images)
-
     def iterate(
         self, generator: torch.Generator, sampler: str = "shuffle", skip_batches: int = 0
     ) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
@@ -267,7 +264,7 @@ def _trainer(
             schedule="constant",
             checkpoint_every=recipe.checkpoint_every,
         ),
-        train_data=samples,  # type: ignore[arg-type]  # duck-typed Batches
+        train_data=samples,  # duck-typed: iterate and meta_at are all the trainer reads
         device=device,
         seed=recipe.seed,
         augment=clean,
