@@ -85,11 +85,11 @@ def test_a_cell_interrupted_after_a_round_resumes_to_the_same_images_and_numbers
     assert (cdir / "config" / "round_001.pt").exists() and not (cdir / "config" / "round_002.pt").exists()
     resumed = run_cell(cell, tmp_path / "a")
     straight = run_cell(cell, tmp_path / "b")
-    assert resumed.status == straight["status"] == "done"
+    assert resumed.status == straight.status == "done"
     for r in (1, 2):
         a = load_checked(cdir / "config" / f"round_{r:03d}.pt")
         b = load_checked(tmp_path / "b" / "cells" / cell.id / "config" / f"round_{r:03d}.pt")
         assert torch.equal(a["x"], b["x"]) and torch.equal(a["source"], b["source"])
-    assert resumed.metrics["top1"] == straight["metrics"]["top1"]
+    assert resumed.metrics["top1"] == straight.metrics["top1"]
     rows = [json.loads(ln) for ln in (cdir / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows if r["stage"] == "config"] == [1, 2]
