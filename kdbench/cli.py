@@ -135,7 +135,9 @@ def report_cmd(
     baseline: Annotated[
         str | None, typer.Option(help="mark methods not significantly different from this method")
     ] = None,
-    kind: Annotated[str, typer.Option(help="leaderboard | groups | shift | corruptions")] = "leaderboard",
+    kind: Annotated[
+        str, typer.Option(help="leaderboard | groups | shift | corruptions | status")
+    ] = "leaderboard",
     plot: Annotated[
         str | None,
         typer.Option(
