@@ -145,8 +145,8 @@ def test_report_formats_from_store(tiny_grid, tmp_path):
 def test_teacher_from_checkpoint_with_pinned_hash(tmp_path):
     import torch
 
-    from kdbench.models.smallcnn import smallcnn
     from kdbench.artifacts import sha256_file as file_sha256
+    from kdbench.models.smallcnn import smallcnn
     from tests.conftest import write_grid
 
     torch.manual_seed(0)
