@@ -26,6 +26,15 @@ from kdbench.errors import ConfigError
 from kdbench.runner import plan
 from tests.conftest import ROOT, write_grid
 
+
+def run_one(cell, run_dir: Path):
+    """A cell through the engine's entry, as every executor runs it (DDP cells: their ranks)."""
+    from kdbench.cells import Job
+    from kdbench.engine.run import run_job
+
+    (result,) = run_job(Job((cell,), (1,), str(run_dir)))
+    return result
+
 GRID = """
 name: ddp
 output: {out}
@@ -141,15 +150,13 @@ def test_ddp_cell_completes_writes_once_and_matches_single_process(tmp_path):
     """2 gloo ranks vs one process, same global batch and order. Without SyncBatchNorm each
     rank normalises its half batch: top-1 within 4 points (about 1.5 standard errors on the
     359 test images; measured 0-2 points)."""
-    from kdbench.engine.cell import run_cell
-
     single = _cell(tmp_path, "single")
-    ref = run_cell(single, tmp_path / "single")
+    ref = run_one(single, tmp_path / "single")
     cell = _cell(tmp_path, "ddp", ", gpus_per_cell: 2")
     assert cell.id != single.id and "gpus_per_cell" not in single.to_dict()["train"]
-    res = run_cell(cell, tmp_path / "ddp")
+    res = run_one(cell, tmp_path / "ddp")
     assert res.status == "done", res.error
-    assert res["env"]["ddp"] == {"world": 2, "backend": "gloo", "device": "cpu"}
+    assert res.env["ddp"] == {"world": 2, "backend": "gloo", "device": "cpu"}
     cdir = tmp_path / "ddp" / "cells" / cell.id
     assert sorted(p.name for p in cdir.iterdir()) == [
         "config.json",
@@ -163,19 +170,19 @@ def test_ddp_cell_completes_writes_once_and_matches_single_process(tmp_path):
     assert (cdir / "log.txt").read_text().count(f"cell {cell.id} attempt") == 1  # rank 0 only
     rows = _rows(tmp_path / "ddp", cell)
     assert [r["epoch"] for r in rows] == list(range(6))  # one row per epoch, rank 0 only
-    assert abs(res.metrics["top1"] - ref["metrics"]["top1"]) <= 4.0, (res.metrics, ref["metrics"])
+    assert abs(res.metrics["top1"] - ref.metrics["top1"]) <= 4.0, (res.metrics, ref.metrics)
 
 
 _KILLABLE = """
 import sys
 from pathlib import Path
-from kdbench.cells import Cell
-from kdbench.engine.cell import run_cell
+from kdbench.cells import Cell, Job
+from kdbench.engine.run import run_job
 import json
 
 if __name__ == "__main__":
     cell = Cell.from_dict(json.loads(Path(sys.argv[1]).read_text()))
-    run_cell(cell, Path(sys.argv[2]))
+    run_job(Job((cell,), (1,), sys.argv[2]))
 """
 
 
@@ -205,11 +212,9 @@ def test_killed_launcher_resumes_from_the_checkpoint(tmp_path):
     """SIGKILL the launcher after a checkpoint exists: its ranks die with it; a rerun loads the
     checkpoint on every rank and completes. With sync_bn the DDP numbers equal the
     single-process run's (same global batch statistics): top-1 within 0.5 points."""
-    from kdbench.engine.cell import run_cell
-
     extra = ", gpus_per_cell: 2, sync_bn: true"
     single = _cell(tmp_path, "single", epochs=8)
-    ref = run_cell(single, tmp_path / "single")
+    ref = run_one(single, tmp_path / "single")
     cell = _cell(tmp_path, "ddp", extra, epochs=8)
     run = tmp_path / "ddp"
     script, cfg = tmp_path / "launch.py", tmp_path / "cell.json"
@@ -234,13 +239,13 @@ def test_killed_launcher_resumes_from_the_checkpoint(tmp_path):
     done_before = len(_rows(run, cell))
     assert done_before < 8
 
-    res = run_cell(cell, run)
+    res = run_one(cell, run)
     assert res.status == "done", res.error
     rows = _rows(run, cell)
     assert [r["epoch"] for r in rows] == list(range(8))
     assert not ckpt.exists()
-    assert abs(res.metrics["top1"] - ref["metrics"]["top1"]) <= 0.5, (res.metrics, ref["metrics"])
-    assert abs(res.metrics["nll"] - ref["metrics"]["nll"]) <= 0.02
+    assert abs(res.metrics["top1"] - ref.metrics["top1"]) <= 0.5, (res.metrics, ref.metrics)
+    assert abs(res.metrics["nll"] - ref.metrics["nll"]) <= 0.02
 
 
 _TERMINABLE = """
@@ -260,10 +265,8 @@ def test_sigterm_stops_every_rank_at_the_same_step_and_resumes(tmp_path):
     """SIGTERM to the launcher (what Slurm sends): it forwards it to the ranks, they agree to
     stop before the same step, rank 0 saves a mid-epoch checkpoint, exit 143; the rerun
     continues there and ends where the single-process run ends (sync_bn, as above)."""
-    from kdbench.engine.cell import run_cell
-
     single = _cell(tmp_path, "single", epochs=8)
-    ref = run_cell(single, tmp_path / "single")
+    ref = run_one(single, tmp_path / "single")
     cell = _cell(tmp_path, "ddp", ", gpus_per_cell: 2, sync_bn: true", epochs=8)
     run = tmp_path / "ddp"
     script, cfg = tmp_path / "launch.py", tmp_path / "cell.json"
@@ -283,10 +286,10 @@ def test_sigterm_stops_every_rank_at_the_same_step_and_resumes(tmp_path):
     assert len(state["trainer"]["hooks"]["ddp"]["rng"]) == 2  # both ranks' RNG states
     assert not (run / "cells" / cell.id / "result.json").exists()
 
-    res = run_cell(cell, run)
+    res = run_one(cell, run)
     assert res.status == "done", res.error
     assert [r["epoch"] for r in _rows(run, cell)] == list(range(8))
-    assert abs(res.metrics["top1"] - ref["metrics"]["top1"]) <= 0.5, (res.metrics, ref["metrics"])
+    assert abs(res.metrics["top1"] - ref.metrics["top1"]) <= 0.5, (res.metrics, ref.metrics)
 
 
 def test_a_global_batch_the_ranks_cannot_share_is_a_grid_error(tmp_path):
@@ -308,8 +311,6 @@ def test_a_dead_rank_fails_the_cell_with_its_reason_and_nothing_hangs(tmp_path):
     records the cell as failed naming the dead rank, and returns."""
     import threading
 
-    from kdbench.engine.cell import run_cell
-
     cell = _cell(tmp_path, "ddp", ", gpus_per_cell: 2", epochs=40)
     run = tmp_path / "ddp"
     ckpt = run / "cells" / cell.id / "checkpoint.pt"
@@ -324,7 +325,7 @@ def test_a_dead_rank_fails_the_cell_with_its_reason_and_nothing_hangs(tmp_path):
     t = threading.Thread(target=kill_rank1)
     t.start()
     t0 = time.time()
-    res = run_cell(cell, run)
+    res = run_one(cell, run)
     t.join()
     assert res.status == "failed"
     assert "rank 1" in res.error and "SIGKILL" in res.error, res.error

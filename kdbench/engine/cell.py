@@ -429,6 +429,11 @@ def run_cell_steps(
 ) -> Generator[StepPos, None, CellResult]:
     """:func:`run_cell` as a generator yielding ``(stage, epoch, step)`` before each training
     step; ``teachers`` (a ``kdbench.engine.lockstep.SharedTeachers``) lends the teacher."""
+    if ranks.world_size(cell.train) > 1 and ranks.current() is None:
+        raise KdbenchError(
+            f"cell {cell.id} is a DDP cell (gpus_per_cell x nodes > 1): run it through "
+            "kdbench.engine.run.run_job, which starts its ranks"
+        )
     cdir = Path(run_dir) / "cells" / cell.id
     cdir.mkdir(parents=True, exist_ok=True)
     writer = ranks.is_writer()  # DDP: only rank 0 writes the cell's files
