@@ -34,6 +34,13 @@ test-all: install
 bench: install
 	$(BIN)/kdbench bench --quick
 
+# the GPU check (benchmarks/gpu_check.py): kernel tests + opcheck, kernel benchmarks, grid
+# throughput at fp32 / bf16 / bf16+channels_last, a 2-GPU DDP cell; DEVICE=cpu is the dry run
+DEVICE ?= cuda
+.PHONY: gpu-check
+gpu-check: install
+	$(BIN)/python benchmarks/gpu_check.py --device $(DEVICE)
+
 lint: install
 	$(BIN)/ruff check kdbench tests benchmarks
 
