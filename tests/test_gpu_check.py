@@ -3,6 +3,7 @@ in its own process and the summary has a pass or skip row for each, none failed.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -13,8 +14,9 @@ import pytest
 
 from tests.conftest import ROOT
 
-sys.path.insert(0, str(ROOT / "benchmarks"))
-import gpu_check  # noqa: E402
+_spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks" / "gpu_check.py")
+gpu_check = sys.modules.setdefault("gpu_check", importlib.util.module_from_spec(_spec))
+_spec.loader.exec_module(gpu_check)
 
 
 @pytest.mark.slow
