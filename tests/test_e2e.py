@@ -191,7 +191,7 @@ def test_parallel_local_workers_match_inline(tiny_grid, tmp_path):
     assert inline.returncode == 0
     par = json.loads(kdbench_cli("report", str(tmp_path / "par"), "--format", "json").stdout)
     seq = json.loads(kdbench_cli("report", str(tmp_path / "seq"), "--format", "json").stdout)
-    top1 = lambda recs: {r["method"]: r.metrics["top1"]["mean"] for r in recs}  # noqa: E731
+    top1 = lambda recs: {r["method"]: r["metrics"]["top1"]["mean"] for r in recs}  # noqa: E731
     assert top1(par) == top1(seq)  # same cells, same numbers, whichever process ran them
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from unittest.mock import patch
 
 import pytest
 import torch
@@ -82,7 +81,9 @@ def test_default_evaluates_the_final_model_only(tmp_path):
     assert engine.load_dataset(cell.dataset) is engine.load_dataset(cell.dataset)
 
 
-def test_method_views_apply_unless_the_grid_sets_them(tmp_path):
+def test_method_views_stack_on_the_grid_and_a_missing_one_is_an_error(tmp_path):
+    from kdbench.engine import views
+    from kdbench.errors import ConfigError
     from kdbench.methods.base import Distiller
 
     class Consistent(Distiller):
@@ -90,21 +91,17 @@ def test_method_views_apply_unless_the_grid_sets_them(tmp_path):
         teacher_view = "clean"
 
     cell = _cell(tmp_path, "{batch_size: 500}")  # train.views is {}
-    assert engine._student_view(cell, Distiller) == cell.augment  # no opinion: the grid's
-    log = logging.getLogger("test.views")
-    with patch.object(log, "warning") as warn:
-        assert engine._student_view(cell, Consistent, log) == cell.augment  # the grid opted out
-    assert "train.views lacks" in warn.call_args[0][0]
+    assert views.student_view(cell, Distiller) is None  # no opinion: the grid's augment alone
+    with pytest.raises(ConfigError, match="the view 'strong', which train.views lacks"):
+        views.student_view(cell, Consistent)  # no silent fallback to the grid's augment
     strong = cell.model_copy(update={"views": {"strong": PluginKey(name="randaugment", params={"n": 2})}})
-    assert engine._student_view(strong, Consistent).params == {"n": 2}  # the named view
-    assert (
-        engine._teacher_view(cell, Consistent) == "clean"
-        and engine._teacher_view(cell, Distiller) == "student"
-    )
-    grid_set = cell.model_copy(update={"augment": cell.augment.model_copy(update={"name": "flip_crop"})})
-    assert engine._student_view(grid_set, Consistent).name == "flip_crop"
+    assert views.student_view(strong, Consistent).params == {"n": 2}  # the named view
+    assert views.teacher_view(cell, Consistent) == "clean"
+    assert views.teacher_view(cell, Distiller) == "student"
+    flip = strong.model_copy(update={"augment": strong.augment.model_copy(update={"name": "flip_crop"})})
+    assert views.describe(flip, Consistent) == {"student": "flip_crop + randaugment", "teacher": "flip_crop"}
     Consistent.student_view = "flip_crop"  # an augmenter name works too
-    assert engine._student_view(cell, Consistent) == {"name": "flip_crop", "params": {}}
+    assert views.student_view(cell, Consistent) == {"name": "flip_crop", "params": {}}
 
 
 def test_run_cell_leaves_no_open_descriptor(tmp_path):
