@@ -19,12 +19,15 @@
 #include <ATen/Parallel.h>
 #include <c10/core/GradMode.h>
 #include <c10/util/Exception.h>
+#include <torch/library.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdlib>
 #include <limits>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "gram_cpu.h"
@@ -60,23 +63,109 @@ bool cpu_path(const at::Tensor& x) {
   return x.device().is_cpu() && !generic;
 }
 
-bool use_avx2_gram(const at::Tensor& x) {
-  static const bool cpu_ok = kGramAvx2Built && [] {
+// --- which kernel computes the float32 Grams on CPU: decided once per process ----------
+
+enum class GramImpl { kAvx2, kBlas };
+
+struct GramChoice {
+  GramImpl impl;
+  std::string reason;
+};
+
+bool cpu_has_avx2() {
+  static const bool ok = kGramAvx2Built && [] {
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 #else
     return false;
 #endif
   }();
-  return cpu_ok && cpu_path(x) && x.scalar_type() == at::kFloat;
+  return ok;
 }
 
-// Writes the upper triangle (i <= j) of the centred Gram of one layer into g ([n, n]
-// contiguous); entries below the diagonal are unspecified. `work` is scratch space.
-void centred_gram_upper(const at::Tensor& act, at::Tensor g, std::vector<float>& work) {
-  const int64_t n = act.size(0);
-  const at::Tensor x = act.reshape({n, -1}).contiguous();
-  if (use_avx2_gram(x)) {
+// Intel CPUs with AVX-512, where MKL's GEMM runs 512-bit FMAs (on most, two per cycle):
+// there a GEMM over the upper-triangle tiles beats the 256-bit rank-k kernel. AMD CPUs
+// (MKL takes its AVX2 paths there; Zen 4 splits 512-bit operations) and AVX2-only CPUs run
+// GEMM at the AVX2 rate, where the rank-k kernel's half of the FLOPs wins.
+bool intel_avx512() {
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+  return __builtin_cpu_is("intel") && __builtin_cpu_supports("avx512f");
+#else
+  return false;
+#endif
+}
+
+void centred_gram_upper_impl(const at::Tensor& x, at::Tensor g, std::vector<float>& work,
+                             GramImpl impl);
+
+// Seconds (best of `repeats`) for the centred Gram of a [n, d] float32 input with `impl`,
+// each thread of the pool timing its own copy at once (the load of the real op); the
+// slowest thread's time.
+double time_gram(int64_t n, int64_t d, GramImpl impl, int64_t repeats) {
+  const int64_t T = std::max<int64_t>(1, at::get_num_threads());
+  std::vector<double> best(static_cast<size_t>(T), std::numeric_limits<double>::infinity());
+  // fixed pseudo-random data (no draw from torch's generator: the probe changes no state)
+  const at::Tensor xs = at::arange(T * n * d, at::TensorOptions().dtype(at::kDouble))
+                            .mul_(0.6180339887498949)
+                            .frac_()
+                            .to(at::kFloat)
+                            .view({T, n, d});
+  at::parallel_for(0, T, 1, [&](int64_t begin, int64_t end) {
+    c10::AutoGradMode no_grad(false);
+    at::Tensor g = at::empty({n, n}, xs.options());
+    std::vector<float> work;
+    for (int64_t t = begin; t < end; ++t) {
+      for (int64_t r = 0; r < repeats; ++r) {
+        const auto t0 = std::chrono::steady_clock::now();
+        centred_gram_upper_impl(xs[t], g, work, impl);
+        const std::chrono::duration<double> dt = std::chrono::steady_clock::now() - t0;
+        best[t] = std::min(best[t], dt.count());
+      }
+    }
+  });
+  return *std::max_element(best.begin(), best.end());
+}
+
+constexpr int64_t kProbeN = 256, kProbeD = 2048, kProbeRepeats = 5;
+
+GramChoice decide_gram() {
+  const char* env = std::getenv("KDBENCH_GRAM");
+  const std::string want = env == nullptr ? "" : env;
+  TORCH_CHECK(want.empty() || want == "avx2" || want == "blas" || want == "measure",
+              "kdbench: KDBENCH_GRAM must be avx2, blas or measure, got '", want, "'");
+  if (want == "blas") return {GramImpl::kBlas, "KDBENCH_GRAM=blas"};
+  if (!cpu_has_avx2()) return {GramImpl::kBlas, "the CPU (or build) has no AVX2 + FMA"};
+  if (want == "avx2") return {GramImpl::kAvx2, "KDBENCH_GRAM=avx2"};
+  if (want == "measure") {
+    const double a = time_gram(kProbeN, kProbeD, GramImpl::kAvx2, kProbeRepeats);
+    const double b = time_gram(kProbeN, kProbeD, GramImpl::kBlas, kProbeRepeats);
+    const std::string times = "KDBENCH_GRAM=measure: 256x2048 Gram avx2 " +
+                              std::to_string(a * 1e3) + " ms, blas " + std::to_string(b * 1e3) +
+                              " ms";
+    return {a <= b ? GramImpl::kAvx2 : GramImpl::kBlas, times};
+  }
+  if (intel_avx512()) {
+    return {GramImpl::kBlas, "Intel CPU with AVX-512: BLAS GEMM on upper-triangle tiles"};
+  }
+  return {GramImpl::kAvx2, "AVX2 CPU (BLAS GEMM at the AVX2 rate): AVX2 rank-k kernel"};
+}
+
+const GramChoice& gram_choice() {
+  static const GramChoice choice = decide_gram();
+  return choice;
+}
+
+GramImpl gram_impl_for(const at::Tensor& x) {
+  if (!cpu_path(x) || x.scalar_type() != at::kFloat) return GramImpl::kBlas;
+  return gram_choice().impl;
+}
+
+// Writes the upper triangle (i <= j) of the centred Gram of x ([n, d] contiguous) into g
+// ([n, n] contiguous); entries below the diagonal are unspecified. `work` is scratch space.
+void centred_gram_upper_impl(const at::Tensor& x, at::Tensor g, std::vector<float>& work,
+                             GramImpl impl) {
+  const int64_t n = x.size(0);
+  if (impl == GramImpl::kAvx2) {
     const int64_t d = x.size(1);
     work.resize(static_cast<size_t>(gram_upper_avx2_workspace(n, d)));
     gram_upper_avx2(x.data_ptr<float>(), n, d, g.data_ptr<float>(), work.data());
@@ -94,6 +183,11 @@ void centred_gram_upper(const at::Tensor& act, at::Tensor g, std::vector<float>&
     at::Tensor out = g.narrow(0, r, rows).narrow(1, r, n - r);
     at::mm_out(out, xc.narrow(0, r, rows), xc.narrow(0, r, n - r).t());
   }
+}
+
+void centred_gram_upper(const at::Tensor& act, at::Tensor g, std::vector<float>& work,
+                        GramImpl impl) {
+  centred_gram_upper_impl(act.reshape({act.size(0), -1}).contiguous(), g, work, impl);
 }
 
 // Copies the upper triangle of g ([n, n]) row by row into p ([n(n+1)/2]), off-diagonal
@@ -140,6 +234,7 @@ at::Tensor packed_grams(at::TensorList acts, bool unbiased, const Triangle& tri)
   const auto L = static_cast<int64_t>(acts.size());
   const at::TensorOptions opts = acts[0].options();
   at::Tensor p;
+  const GramImpl impl = gram_impl_for(acts[0]);  // decided here, outside the parallel region
   if (cpu_path(acts[0])) {
     p = at::empty({L, n * (n + 1) / 2}, opts);
     const double off = unbiased ? 1.0 : std::sqrt(2.0);
@@ -148,7 +243,7 @@ at::Tensor packed_grams(at::TensorList acts, bool unbiased, const Triangle& tri)
       at::Tensor g = at::empty({n, n}, opts);
       std::vector<float> work;
       for (int64_t l = begin; l < end; ++l) {
-        centred_gram_upper(acts[l], g, work);
+        centred_gram_upper(acts[l], g, work, impl);
         pack_upper_cpu(g, p[l], off);
       }
     });
@@ -156,7 +251,7 @@ at::Tensor packed_grams(at::TensorList acts, bool unbiased, const Triangle& tri)
   } else {
     at::Tensor grams = at::empty({L, n, n}, opts);
     std::vector<float> work;
-    for (int64_t l = 0; l < L; ++l) centred_gram_upper(acts[l], grams[l], work);
+    for (int64_t l = 0; l < L; ++l) centred_gram_upper(acts[l], grams[l], work, impl);
     p = grams.view({L, n * n}).index_select(1, tri.flat);
     if (!unbiased) return p.mul_(tri.weight);
   }
@@ -313,6 +408,30 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> cka_matrix_bwd(
     dys = grams_backward(dky, ys, unbiased, tri);
   }
   return {dxs, dys};
+}
+
+namespace {
+
+// ("avx2" or "blas", why): the kernel of the float32 CPU Grams in this process.
+std::tuple<std::string, std::string> gram_backend() {
+  const GramChoice& c = gram_choice();
+  return {c.impl == GramImpl::kAvx2 ? "avx2" : "blas", c.reason};
+}
+
+// [avx2 seconds (NaN without AVX2), blas seconds]: the best of `repeats` centred float32
+// [n, d] Grams with each kernel, every thread of the pool timing its own at once.
+std::vector<double> gram_probe(int64_t n, int64_t d, int64_t repeats) {
+  TORCH_CHECK(n >= 1 && d >= 1 && repeats >= 1, "kdbench: gram_probe needs n, d, repeats >= 1");
+  const double avx2 = cpu_has_avx2() ? time_gram(n, d, GramImpl::kAvx2, repeats)
+                                     : std::numeric_limits<double>::quiet_NaN();
+  return {avx2, time_gram(n, d, GramImpl::kBlas, repeats)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(kdbench, m) {
+  m.def("gram_backend() -> (str, str)", &gram_backend);
+  m.def("gram_probe(int n, int d, int repeats) -> float[]", &gram_probe);
 }
 
 }  // namespace kdbench
