@@ -1,6 +1,14 @@
 // Linear CKA between every pair of layer activations. Device-generic ATen code (CPU BLAS,
 // cuBLAS), with an AVX2 kernel for the float32 Grams on CPU.
 //
+// Which kernel computes the float32 CPU Grams is decided once per process (gram_choice):
+// the AVX2 rank-k kernel where BLAS runs GEMM at the AVX2 rate (AMD, AVX2-only CPUs), GEMMs
+// through ATen's BLAS on the upper-triangle tiles on Intel CPUs with AVX-512, whose 512-bit
+// GEMM outruns a 256-bit kernel doing half the FLOPs. The choice is by CPU, not by a timing,
+// so that every process on a machine computes the same bits; KDBENCH_GRAM=avx2|blas forces
+// one, KDBENCH_GRAM=measure times both at first use. torch.ops.kdbench.gram_backend()
+// says which runs and why.
+//
 // Forward, per layer: the features are centred (Xc = X - 1 mean^T) and only the upper
 // triangle of the Gram Xc Xc^T is computed (a symmetric rank-k update: half a GEMM's
 // FLOPs); for the biased HSIC that Gram is already the doubly centred one. The unbiased
@@ -160,6 +168,32 @@ GramImpl gram_impl_for(const at::Tensor& x) {
   return gram_choice().impl;
 }
 
+// CPU BLAS: the features in chunks of kBlasKc columns; each chunk is centred into a small
+// buffer (it stays in cache, X is read from memory once more for the means only) and its
+// row blocks right of the diagonal are added by GEMM (5/8 of a full GEMM's FLOPs, n = 256).
+void gram_upper_blas(const at::Tensor& x, at::Tensor g) {
+  constexpr int64_t kBlasKc = 256;
+  constexpr int64_t kBlock = 64;
+  const int64_t n = x.size(0), d = x.size(1);
+  const at::Tensor buf = at::empty({n, std::min(kBlasKc, d)}, x.options());
+  for (int64_t k0 = 0; k0 < d; k0 += kBlasKc) {
+    const int64_t kc = std::min(kBlasKc, d - k0);
+    const at::Tensor chunk = x.narrow(1, k0, kc);
+    at::Tensor xc = buf.narrow(1, 0, kc);
+    at::sub_out(xc, chunk, chunk.mean(0));
+    for (int64_t r = 0; r < n; r += kBlock) {
+      const int64_t rows = std::min(kBlock, n - r);
+      at::Tensor out = g.narrow(0, r, rows).narrow(1, r, n - r);
+      const at::Tensor a = xc.narrow(0, r, rows), b = xc.narrow(0, r, n - r).t();
+      if (k0 == 0) {
+        at::mm_out(out, a, b);
+      } else {
+        out.addmm_(a, b);
+      }
+    }
+  }
+}
+
 // Writes the upper triangle (i <= j) of the centred Gram of x ([n, d] contiguous) into g
 // ([n, n] contiguous); entries below the diagonal are unspecified. `work` is scratch space.
 void centred_gram_upper_impl(const at::Tensor& x, at::Tensor g, std::vector<float>& work,
@@ -171,18 +205,12 @@ void centred_gram_upper_impl(const at::Tensor& x, at::Tensor g, std::vector<floa
     gram_upper_avx2(x.data_ptr<float>(), n, d, g.data_ptr<float>(), work.data());
     return;
   }
-  const at::Tensor xc = x - x.mean(0);
   if (!cpu_path(x)) {
+    const at::Tensor xc = x - x.mean(0);
     at::mm_out(g, xc, xc.t());
     return;
   }
-  // CPU BLAS: one GEMM per block of rows, right of the diagonal only (5/8 of the FLOPs).
-  constexpr int64_t kBlock = 64;
-  for (int64_t r = 0; r < n; r += kBlock) {
-    const int64_t rows = std::min(kBlock, n - r);
-    at::Tensor out = g.narrow(0, r, rows).narrow(1, r, n - r);
-    at::mm_out(out, xc.narrow(0, r, rows), xc.narrow(0, r, n - r).t());
-  }
+  gram_upper_blas(x, g);
 }
 
 void centred_gram_upper(const at::Tensor& act, at::Tensor g, std::vector<float>& work,
