@@ -201,6 +201,29 @@ def cka_case(n: int, L: int, d: int, forward_only: bool = False) -> Case:
     )
 
 
+# --- where it ran -------------------------------------------------------------------------
+
+
+def bench_environment() -> dict:
+    """Where the numbers come from: the environment recorded with every result
+    (kdbench.engine.cell.environment: CPU model and capability, BLAS, torch, threads, git
+    sha, ...) plus the CKA Gram kernel chosen for this process."""
+    from kdbench.engine.cell import environment
+
+    return {**environment(), "cka_gram": K.gram_backend()}
+
+
+def format_environment(env: dict) -> str:
+    """One line naming the machine and software the numbers were measured with."""
+    sha = (env.get("git_sha") or "unknown")[:12]
+    gram = env.get("cka_gram") or {}
+    return (
+        f"cpu={env.get('cpu')} capability={env.get('cpu_capability')} blas={env.get('blas')} "
+        f"torch={env.get('torch')} threads={env.get('threads')} git={sha} "
+        f"kernels={env.get('kernels')} cka_gram={gram.get('gram')} ({gram.get('reason')})"
+    )
+
+
 # --- timing --------------------------------------------------------------------------------
 
 
@@ -254,7 +277,8 @@ def run_bench(
     on_case: Callable[[list[dict]], None] | None = None,
 ) -> list[dict]:
     """Runs every case (at each thread count in ``threads``; default: the current one) and
-    returns one row per (case, threads, implementation); also writes JSON. ``only``
+    returns one row per (case, threads, implementation), each with the ``environment`` it
+    ran in (:func:`bench_environment`); also writes them as JSON. ``only``
     keeps the cases of one op ("kd", "dkd", "cka"); ``on_case`` gets each case's rows as
     soon as it is timed."""
     repeats = 5 if quick else 20
@@ -276,6 +300,7 @@ def run_bench(
         ]
     cases = [make for op, make in cases if only is None or op == only.lower()]
     previous_threads = torch.get_num_threads()
+    env = bench_environment()
     bandwidth = measure_bandwidth(64 * 2**20 if quick else 256 * 2**20)
     rows: list[dict] = []
     try:
@@ -284,7 +309,9 @@ def run_bench(
             for make in cases:
                 case = make()
                 times = time_steps(case.steps, repeats)
-                case_rows = _rows(case, times, bandwidth)
+                case_rows = [
+                    {**r, "environment": {**env, "threads": n_threads}} for r in _rows(case, times, bandwidth)
+                ]
                 rows.extend(case_rows)
                 if on_case is not None:
                     on_case(case_rows)
@@ -382,8 +409,10 @@ def bench_command(
     console = Console()
     console.print(
         f"kdbench bench: backend={K.backend()}, torch threads={threads or torch.get_num_threads()}"
-        + (" (quick)" if quick else "")
+        + (" (quick)" if quick else ""),
+        highlight=False,
     )
+    console.print(format_environment(bench_environment()), highlight=False, markup=False, soft_wrap=True)
 
     def show(case_rows: list[dict]) -> None:  # one table per case, printed as it finishes
         print(format_table(case_rows), flush=True)

@@ -20,6 +20,7 @@ al.'s unbiased HSIC) over large shapes and edge cases. Performance lives in benc
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -741,3 +742,63 @@ def test_cka_layers_run_on_several_threads_with_the_single_thread_numbers():
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
     want = reference.cka_matrix([x.detach() for x in xs], [y.detach() for y in ys])
     torch.testing.assert_close(out[1][0], want)
+
+
+@pytest.mark.skipif(K.backend() != "native", reason="the native extension is not built")
+@pytest.mark.parametrize("gram", ["avx2", "blas"])
+def test_cka_gram_kernels_match_the_reference(gram):
+    """Both kernels of the float32 CPU Grams (chosen once per process, KDBENCH_GRAM forces
+    one) give the reference's values and gradients, over several feature chunks and row
+    blocks and with a mean far from zero."""
+    code = (
+        "import torch, kdbench.kernels as K\n"
+        "from kdbench.kernels import reference\n"
+        "info = K.gram_backend()\n"
+        f"assert info['gram'] in ({gram!r}, 'blas') and info['reason'], info\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "for unbiased in (False, True):\n"
+        "    xs = [torch.randn(150, 600, generator=g) + 3, torch.randn(150, 7, 9, generator=g)]\n"
+        "    ys = [torch.randn(150, 300, generator=g)]\n"
+        "    ys[0][:, :20] += xs[0][:, :20]\n"
+        "    xs = [x.requires_grad_(True) for x in xs]\n"
+        "    got = K.cka_matrix(xs, ys, unbiased)\n"
+        "    gg = torch.autograd.grad(got.sum(), xs)\n"
+        "    dx = [x.detach().double().requires_grad_(True) for x in xs]\n"
+        "    want = reference.cka_matrix(dx, [y.double() for y in ys], unbiased)\n"
+        "    wg = torch.autograd.grad(want.sum(), dx)\n"
+        "    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)\n"
+        "    for a, b in zip(gg, wg):\n"
+        "        torch.testing.assert_close(a.double(), b, rtol=1e-3, atol=1e-6)\n"
+        "print('gram ok', info['gram'])\n"
+    )
+    env = {**os.environ, "KDBENCH_GRAM": gram}
+    env.pop("KDBENCH_KERNELS", None)
+    out = subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True, text=True)
+    assert "gram ok" in out.stdout
+
+
+def test_gram_backend_is_recorded(backend):
+    info = K.gram_backend()
+    assert set(info) == {"gram", "reason"} and info["reason"]
+    assert info["gram"] in (("avx2", "blas") if backend == "native" else ("reference",))
+
+
+def test_bench_says_where_it_ran(tmp_path, capsys):
+    """Every `kdbench bench` output names the machine and software: the text header and
+    each JSON row (CPU model and capability, BLAS, torch, threads, git sha, Gram kernel)."""
+    from kdbench import bench
+
+    out = tmp_path / "bench.json"
+    bench.bench_command(quick=True, json=out, threads="1", only="cka")
+    text = capsys.readouterr().out
+    for key in ("cpu=", "capability=", "blas=", "torch=", "threads=", "git=", "cka_gram="):
+        assert key in text, (key, text)
+    assert torch.__version__ in text and str(torch.backends.cpu.get_cpu_capability()) in text
+    rows = json.loads(out.read_text())
+    assert rows
+    for row in rows:
+        env = row["environment"]
+        for key in ("cpu", "cpu_capability", "blas", "torch", "threads", "git_sha", "kernels"):
+            assert key in env, key
+        assert env["threads"] == row["threads"] == 1
+        assert env["torch"] == torch.__version__ and env["cka_gram"]["gram"]

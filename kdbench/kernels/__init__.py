@@ -19,7 +19,7 @@ from torch import Tensor
 from kdbench.errors import KdbenchError
 from kdbench.kernels import ops, reference
 
-__all__ = ["KernelInputError", "backend", "cka_matrix", "dkd_loss", "kd_loss"]
+__all__ = ["KernelInputError", "backend", "cka_matrix", "dkd_loss", "gram_backend", "kd_loss"]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -35,6 +35,16 @@ def _forced_reference() -> bool:
 def backend() -> str:
     """ "native" when the compiled extension is in use, else "reference"."""
     return "native" if ops.AVAILABLE and not _forced_reference() else "reference"
+
+
+def gram_backend() -> dict[str, str]:
+    """Which kernel computes the float32 CPU Grams of :func:`cka_matrix` in this process:
+    ``{"gram": "avx2" | "blas" | "reference", "reason": ...}``. Chosen once per process by
+    CPU (``KDBENCH_GRAM=avx2|blas|measure`` overrides); see csrc/cka.cpp."""
+    if backend() != "native":
+        return {"gram": "reference", "reason": "the pure-PyTorch backend is in use"}
+    name, reason = torch.ops.kdbench.gram_backend()
+    return {"gram": name, "reason": reason}
 
 
 def _use_native(x: Tensor) -> bool:
