@@ -6,19 +6,22 @@
 Each round times forward (no grad) and forward + backward (grad w.r.t. xs) of both
 implementations back to back, so load from other processes hits both sides alike. Prints
 median and best wall times and the ratio six-line / native (> 1: native is faster); at one
-thread also the ratio of thread CPU times, which is robust to a shared machine.
+thread also the ratio of thread CPU times, which is robust to a shared machine. The first
+lines say where it ran (CPU, capability, BLAS, torch, git sha) and which kernel computed
+the Grams; ``--gram avx2|blas`` forces one (KDBENCH_GRAM, read once per process).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
 import torch
 
 import kdbench.kernels as K
-from kdbench.bench import sixline_cka
+from kdbench.bench import bench_environment, format_environment, sixline_cka
 
 
 def main() -> None:
@@ -28,7 +31,10 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=256)
     ap.add_argument("--layers", type=int, default=16)
     ap.add_argument("--d", type=int, default=4096)
+    ap.add_argument("--gram", choices=["avx2", "blas", "measure"], default=None)
     a = ap.parse_args()
+    if a.gram:
+        os.environ["KDBENCH_GRAM"] = a.gram
     torch.set_num_threads(a.threads)
     g = torch.Generator().manual_seed(0)
     xs = [torch.randn(a.n, a.d, generator=g).requires_grad_(True) for _ in range(a.layers)]
@@ -66,6 +72,7 @@ def main() -> None:
             step()
             wall[k].append(time.perf_counter() - w)
             cpu[k].append(time.thread_time() - c)
+    print(format_environment({**bench_environment(), "threads": a.threads}))
     print(
         f"backend={K.backend()} threads={a.threads} n={a.n} L={a.layers}+{a.layers} d={a.d} rounds={a.rounds}"
     )

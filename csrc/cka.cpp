@@ -163,8 +163,14 @@ const GramChoice& gram_choice() {
   return choice;
 }
 
+// The kernel for the Grams of activations like x ([n, ...]). Small Grams take the AVX2
+// kernel whatever the choice (where the CPU has it): a GEMM per tile and chunk costs more in
+// calls than it saves there. Same shape, same kernel: the choice stays deterministic.
 GramImpl gram_impl_for(const at::Tensor& x) {
   if (!cpu_path(x) || x.scalar_type() != at::kFloat) return GramImpl::kBlas;
+  const int64_t n = x.size(0), d = x.numel() / std::max<int64_t>(n, 1);
+  const bool small = n < 128 || d < 256;
+  if (small && cpu_has_avx2() && std::getenv("KDBENCH_GRAM") == nullptr) return GramImpl::kAvx2;
   return gram_choice().impl;
 }
 
@@ -403,7 +409,9 @@ std::vector<at::Tensor> grams_backward(const at::Tensor& dp, at::TensorList acts
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cka_matrix_fwd(
     at::TensorList xs, at::TensorList ys, bool unbiased) {
   check_inputs(xs, ys, unbiased);
-  const Triangle tri = triangle(xs[0].size(0), xs[0].options());
+  // the index tensors are only needed by the device-generic code and for U-centring
+  const bool need_tri = unbiased || !cpu_path(xs[0]);
+  const Triangle tri = need_tri ? triangle(xs[0].size(0), xs[0].options()) : Triangle{};
   at::Tensor kx = packed_grams(xs, unbiased, tri);
   at::Tensor ky = packed_grams(ys, unbiased, tri);
   const at::Tensor hsic = at::mm(kx, ky.t());
@@ -420,7 +428,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> cka_matrix_bwd(
     bool unbiased, bool need_x, bool need_y) {
   const double eps = tiny(cka);
   const at::Tensor g = grad.to(cka.scalar_type());
-  const Triangle tri = triangle(xs[0].size(0), kx.options());
+  const Triangle tri = cpu_path(kx) ? Triangle{} : triangle(xs[0].size(0), kx.options());
   // cka = hsic / (nx ny^T): d/dhsic = g / (nx ny^T), d/dnx_i = -sum_j g_ij cka_ij / nx_i.
   const at::Tensor gh = g / (nx.unsqueeze(1) * ny.unsqueeze(0)).clamp_min(eps);
   const at::Tensor gc = g * cka;
