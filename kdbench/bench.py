@@ -412,7 +412,8 @@ def bench_command(
         + (" (quick)" if quick else ""),
         highlight=False,
     )
-    console.print(format_environment(bench_environment()), highlight=False, markup=False, soft_wrap=True)
+    env = {**bench_environment(), "threads": threads or torch.get_num_threads()}
+    console.print(format_environment(env), highlight=False, markup=False, soft_wrap=True)
 
     def show(case_rows: list[dict]) -> None:  # one table per case, printed as it finishes
         print(format_table(case_rows), flush=True)
