@@ -138,7 +138,7 @@ constexpr int64_t kProbeN = 256, kProbeD = 2048, kProbeRepeats = 5;
 
 GramChoice decide_gram() {
   const char* env = std::getenv("KDBENCH_GRAM");
-  const std::string want = env == nullptr ? "" : env;
+  const std::string want = env == nullptr ? "" : env;  // unset or empty: by CPU
   TORCH_CHECK(want.empty() || want == "avx2" || want == "blas" || want == "measure",
               "kdbench: KDBENCH_GRAM must be avx2, blas or measure, got '", want, "'");
   if (want == "blas") return {GramImpl::kBlas, "KDBENCH_GRAM=blas"};
@@ -170,7 +170,11 @@ GramImpl gram_impl_for(const at::Tensor& x) {
   if (!cpu_path(x) || x.scalar_type() != at::kFloat) return GramImpl::kBlas;
   const int64_t n = x.size(0), d = x.numel() / std::max<int64_t>(n, 1);
   const bool small = n < 128 || d < 256;
-  if (small && cpu_has_avx2() && std::getenv("KDBENCH_GRAM") == nullptr) return GramImpl::kAvx2;
+  static const bool forced = [] {
+    const char* env = std::getenv("KDBENCH_GRAM");
+    return env != nullptr && (std::string(env) == "avx2" || std::string(env) == "blas");
+  }();
+  if (small && cpu_has_avx2() && !forced) return GramImpl::kAvx2;
   return gram_choice().impl;
 }
 

@@ -125,8 +125,9 @@ def cka_matrix(xs: Sequence[Tensor], ys: Sequence[Tensor], unbiased: bool = Fals
     biased one. Differentiable w.r.t. xs and ys, so it can serve as a training loss.
     float16 / bfloat16 activations are computed in float32 (the result is float32).
 
-    The native CPU op computes each centred Gram as a symmetric rank-k update (upper
-    triangle only) and runs the layers in parallel over torch's threads; see csrc/cka.cpp.
+    The native CPU op computes only the upper triangle of each centred Gram (an AVX2 rank-k
+    kernel or BLAS GEMM tiles, chosen once per process: :func:`gram_backend`) and runs the
+    layers in parallel over torch's threads; see csrc/cka.cpp.
     """
     xs, ys = list(xs), list(ys)
     if not xs or not ys:
