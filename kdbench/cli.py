@@ -71,6 +71,7 @@ def run(
         f"done {counts['done']}, skipped {counts['skipped']}, failed {counts['failed']} "
         + (f"submitted {counts['submitted']} " if counts.get("submitted") else "")
         + (f"still running {counts['running']} " if counts.get("running") else "")
+        + _forwards_saved(counts)
         + f"in {time.perf_counter() - t0:.1f} s"
     )
     if detach:
@@ -78,6 +79,14 @@ def run(
     out.print(report(p.run_dir), markup=False, highlight=False, soft_wrap=True)
     if counts["failed"]:
         raise typer.Exit(1)
+
+
+def _forwards_saved(counts: dict) -> str:
+    """ "(teacher forwards: 40 reused of 60) " when cells shared a teacher, else ""."""
+    reused, computed = counts.get("teacher_forwards_reused", 0), counts.get("teacher_forwards_computed", 0)
+    if not reused:
+        return ""
+    return f"(teacher forwards: {reused} reused of {reused + computed}) "
 
 
 def _print_plan(p) -> None:

@@ -116,7 +116,7 @@ class ExecutorConfig(BaseModel):
     threads: int = Field(1, ge=1)
     #: run the cells that feed one teacher the same batches side by side in one process, the
     #: teacher's forward computed once per batch (kdbench/engine/lockstep.py); same numbers
-    share_teacher: bool = False
+    share_teacher: bool = True
     #: wall time one attempt of a cell may take (seconds, or "90s", "30m", "2h", "1:30:00");
     #: past it the cell checkpoints at its next step and fails as retryable (under any executor)
     time_limit: float | None = None

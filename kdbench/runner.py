@@ -194,8 +194,10 @@ def fit_threads(p: Plan, ex: Executor, console: Console) -> int:
         )
         threads = budget
     said = ex.fit(budget, threads)
-    if said:
-        console.print(f"[yellow]warning:[/yellow] {said}")
+    if said and said.startswith("warning: "):
+        console.print(f"[yellow]warning:[/yellow] {escape(said.removeprefix('warning: '))}")
+    elif said:
+        console.print(f"[dim]{escape(said)}[/dim]")
     return threads
 
 
@@ -360,6 +362,11 @@ class _Sweep:
             )
             return
         self.counts[result.status] += 1
+        shared = result.env.get("teacher_forwards") or {}
+        for k in ("computed", "reused"):
+            self.counts[f"teacher_forwards_{k}"] = self.counts.get(f"teacher_forwards_{k}", 0) + shared.get(
+                k, 0
+            )
         if bar is not None:
             bar.advance(self.overall)
         if result.status == "failed":

@@ -116,6 +116,7 @@ CI_SLOW = {
     "tests/test_config_aug_e2e.py::test_kd_with_config_runs_rounds_and_replaces_them",
     "tests/test_ddp.py::test_ddp_cell_completes_writes_once_and_matches_single_process",
     "tests/test_analysis.py::test_tolerant_teacher_recipe_is_its_own_teacher_and_less_confident",
+    "tests/test_gpu_check.py::test_cpu_dry_run_passes_every_step",
 }
 
 

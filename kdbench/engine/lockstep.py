@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from torch.nn.parameter import is_lazy
 
 from kdbench import registry
+from kdbench.artifacts import write_json_atomic
 from kdbench.cells import Cell, CellResult
 from kdbench.engine.train import Progress, StepPos, StopRequested
 from kdbench.features import FeatureReader, Features, TapSpec, probe_features
@@ -356,6 +357,9 @@ class _Slot:
     pos: StepPos | None = None
     result: CellResult | None = None
     stopped: bool = False
+    #: the teacher forwards this cell's steps computed and those it reused from a neighbour
+    computed: int = 0
+    reused: int = 0
 
     def rank(self) -> tuple[int, int, int]:
         assert self.pos is not None
@@ -413,7 +417,7 @@ class _Group:
     def __init__(self, cells, run_dir, progress, attempts, on_result, teachers) -> None:
         from kdbench.engine.cell import run_cell_steps
 
-        self.cells, self.on_result = cells, on_result
+        self.cells, self.on_result, self.run_dir = cells, on_result, run_dir
         self.teachers = teachers if teachers is not None else SharedTeachers()
         self.start = _rng_state()
         self.slots = []
@@ -466,14 +470,20 @@ class _Group:
         finally:
             kind = "setup_s" if setup else "steps_s" if s.pos is not None else "finish_s"
             self.clock[kind] += time.perf_counter() - t0
+            after = self.teachers.stats
+            s.computed += int(after["misses"] - before["misses"])
+            s.reused += int(after["hits"] - before["hits"])
             if kind == "steps_s":
-                after = self.teachers.stats
                 self.clock["step_calls"] += 1
                 self.clock["teacher_steps_s"] += after["teacher_s"] - before["teacher_s"]
                 self.clock["teacher_step_forwards"] += after["misses"] - before["misses"]
 
     def _finish(self, s: _Slot) -> None:
         assert s.result is not None
+        if s.result.status == "done":  # what sharing saved, in the result's env (and result.json)
+            shared = {"computed": s.computed, "reused": s.reused, "group": len(self.cells)}
+            s.result = s.result.model_copy(update={"env": {**s.result.env, "teacher_forwards": shared}})
+            write_json_atomic(self.run_dir / "cells" / s.cell.id / "result.json", s.result)
         self.results[s.cell.id] = s.result
         if self.on_result is not None:
             self.on_result(s.result)

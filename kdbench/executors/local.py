@@ -1,8 +1,11 @@
 """The default executor: jobs inline in the driver (one worker), or on N local worker processes.
 
-``workers: auto`` (the default) runs as many workers as the CPUs this process may use allow at
-``executor.threads`` each; ``--workers 1`` runs inline. The pool (kdbench/executors/pool.py) spawns
-workers that die with the driver; a hard worker death fails only its cells.
+``workers: auto`` (the default) uses the machine: one worker per visible GPU on a GPU machine,
+else the CPUs this process may use divided by ``executor.threads``, capped by the memory
+available (:data:`WORKER_GIB` per worker). Each cell's intra-op threads stay fixed, so the numbers
+are bitwise those of an inline run. ``--workers 1`` runs inline. The pool
+(kdbench/executors/pool.py) spawns workers that die with the driver; a hard worker death fails
+only its cells.
 """
 
 from __future__ import annotations
@@ -14,13 +17,41 @@ from kdbench.cells import Job
 from kdbench.errors import ConfigError
 from kdbench.executors.base import Events, Executor, RetryPolicy
 
+#: memory one worker is expected to need at its peak: a torch process with its copy of an
+#: in-memory dataset and CIFAR-size models (an estimate with headroom; see the run's note)
+WORKER_GIB = 1.5
+
+
+def available_gib(meminfo: str = "/proc/meminfo") -> float | None:
+    """GiB of memory available to new processes (``MemAvailable``), or None when unknown."""
+    try:
+        with open(meminfo) as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) / 2**20
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def visible_gpus() -> int:
+    """CUDA devices this process sees (0 without CUDA)."""
+    try:
+        import torch
+
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except Exception:  # noqa: BLE001 - no CUDA runtime at all
+        return 0
+
 
 class LocalExecutor(Executor):
     """``workers`` processes on this machine (1: inline; "auto": what the CPUs allow); ``gpus``
     pins worker i to gpus[i % len]; ``retries``: how often a cell whose worker died or that hit
     ``executor.time_limit`` runs again (from its checkpoint)."""
 
-    def __init__(self, workers: int | Literal["auto"] = 1, gpus: list[int] | None = None, retries: int = 0):
+    def __init__(
+        self, workers: int | Literal["auto"] = "auto", gpus: list[int] | None = None, retries: int = 0
+    ):
         if workers != "auto" and (not isinstance(workers, int) or workers < 1):
             raise ConfigError(f"executor.workers must be at least 1 or 'auto', got {workers!r}")
         if retries < 0:
@@ -35,15 +66,29 @@ class LocalExecutor(Executor):
     def fit(self, cpus: int, threads: int) -> str | None:
         fit = max(1, cpus // threads)
         if self.workers == "auto":
-            self.workers = fit
-            return None
+            self.workers, why = self._auto(fit, cpus, threads)
+            return f"executor.workers auto: {self.workers} worker(s) ({why}); --workers 1 runs inline"
         if self.workers * threads <= cpus:
             return None
         asked, self.workers = self.workers, fit
         return (
-            f"{asked} workers x {threads} thread(s) would oversubscribe the {cpus} CPU(s) this process "
-            f"may use; running {fit} worker(s)"
+            f"warning: {asked} workers x {threads} thread(s) would oversubscribe the {cpus} CPU(s) this "
+            f"process may use; running {fit} worker(s)"
         )
+
+    def _auto(self, fit: int, cpus: int, threads: int) -> tuple[int, str]:
+        """Workers for ``workers: auto`` and the reason, in words."""
+        gpus = len(self.gpus) if self.gpus else visible_gpus()
+        if gpus:
+            return gpus, f"one per visible GPU, {gpus} GPU(s)"
+        why = f"{cpus} CPU(s) / {threads} thread(s) per cell"
+        gib = available_gib()
+        by_memory = int(gib // WORKER_GIB) if gib is not None else fit
+        if by_memory < fit:
+            return max(
+                1, by_memory
+            ), f"{why}, capped by {gib:.1f} GiB available at {WORKER_GIB} GiB per worker"
+        return fit, why if gib is None else f"{why}; {gib:.0f} GiB available"
 
     def run(self, jobs: list[Job], events: Events, policy: RetryPolicy) -> None:
         policy.track(jobs)
