@@ -222,13 +222,14 @@ def _warn_thread_change(store: Store, threads: int, cells: list[Cell], console: 
     store.set_meta("threads", str(threads))
 
 
-def make_jobs(p: Plan, todo: list[Cell], attempts: dict[str, int], threads: int) -> list[Job]:
-    """One job per cell, or with ``executor.share_teacher`` one per lockstep group."""
+def make_jobs(p: Plan, todo: list[Cell], attempts: dict[str, int], threads: int, slots: int = 1) -> list[Job]:
+    """One job per cell, or with ``executor.share_teacher`` one per lockstep group, groups cut
+    where ``slots`` workers would otherwise wait on one big group."""
     ex = p.grid.config.executor
     if ex.share_teacher:
-        from kdbench.engine.lockstep import plan_groups
+        from kdbench.engine.lockstep import balance_groups, plan_groups
 
-        groups = plan_groups(todo)
+        groups = balance_groups(plan_groups(todo), slots)
     else:
         groups = [[c] for c in todo]
     return [
@@ -302,7 +303,7 @@ class _Sweep:
             )
         attempts = {c.id: before[c.id]["attempts"] + 1 for c in todo}
         todo = self._not_running(_fail_incompatible(p, self.rd, store, todo, attempts, self.tally))
-        jobs = make_jobs(p, todo, attempts, threads)
+        jobs = make_jobs(p, todo, attempts, threads, self.ex.slots())
         if detach:
             self._submit(jobs, attempts)
         elif jobs:

@@ -41,6 +41,24 @@ def test_mnist5k_splits_are_stratified_normalised_tensor_datasets(mnist5k: MNIST
     assert (mnist5k.num_classes, mnist5k.in_channels, mnist5k.image_size) == (10, 1, 28)
 
 
+def test_packaged_arrays_are_decoded_once_and_a_bad_cache_is_rebuilt(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("KDBENCH_CACHE", str(tmp_path))
+    parsed = []
+    raw = MNIST5k._raw
+    monkeypatch.setattr(MNIST5k, "_raw", lambda self: parsed.append(1) or raw(self))
+    first = MNIST5k()._decoded()
+    (entry,) = (tmp_path / "arrays").glob("mnist5k-*.npz")
+    again = MNIST5k()._decoded()
+    assert len(parsed) == 1  # the second process-like load read the cached arrays
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    assert first[0].dtype == torch.uint8 and first[1].dtype == torch.int64
+    entry.write_bytes(b"not an npz")  # a cut-short or foreign file: parsed again, replaced
+    rebuilt = MNIST5k()._decoded()
+    assert len(parsed) == 2 and all(torch.equal(a, b) for a, b in zip(first, rebuilt, strict=True))
+    cached = MNIST5k()._decoded()
+    assert all(torch.equal(a, b) for a, b in zip(first, cached, strict=True)) and len(parsed) == 2
+
+
 def test_mnist5k_split_is_fixed_and_limit_keeps_classes_mixed(mnist5k: MNIST5k) -> None:
     again = MNIST5k(limit=50)
     small = again.split("train")

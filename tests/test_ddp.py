@@ -35,6 +35,7 @@ def run_one(cell, run_dir: Path):
     (result,) = run_job(Job((cell,), (1,), str(run_dir)))
     return result
 
+
 GRID = """
 name: ddp
 output: {out}

@@ -11,7 +11,7 @@ import torch
 
 from kdbench.config import load_grid
 from kdbench.engine.cell import run_cell
-from kdbench.engine.lockstep import SharedTeachers, group_key, plan_groups, run_group
+from kdbench.engine.lockstep import SharedTeachers, balance_groups, group_key, plan_groups, run_group
 from kdbench.engine.train import StopRequested, Trainer, clear_stop, request_stop
 from kdbench.features import TapSpec
 from kdbench.runner import plan
@@ -83,6 +83,24 @@ def test_groups_split_on_what_the_teacher_sees(tiny_grid):
     assert group_key(by_method["consistency"]) != group_key(by_method["kd"])  # clean teacher view
     sizes = sorted(len(g) for g in plan_groups(cells))
     assert sizes == [1, 1, 3]
+
+
+def test_groups_are_cut_so_workers_do_not_wait_on_one_group(tiny_grid):
+    cells = _cells(tiny_grid, "[ce, kd, dkd, dist, fitnet]")
+    groups = plan_groups(cells)
+    assert sorted(len(g) for g in groups) == [1, 4]
+    # one worker: nothing to gain, the group stays whole
+    assert balance_groups(groups, 1) == groups
+    # two workers: ce beside a group of four would leave one idle for most of the run
+    cut = balance_groups(groups, 2)
+    assert sorted(len(g) for g in cut) == [1, 2, 2]
+    assert sorted(c.id for g in cut for c in g) == sorted(c.id for c in cells)
+    assert all(len({group_key(c) for c in g}) == 1 for g in cut)  # each part still one group
+    # many workers: every cell its own job
+    assert sorted(len(g) for g in balance_groups(groups, 8)) == [1, 1, 1, 1, 1]
+    # quickstart-like: two equal groups and two lone cells on two workers stay whole
+    two = plan_groups(plan(load_grid(tiny_grid(methods="[ce, kd, dkd, fitnet]", seeds="[0, 1]"))).cells)
+    assert sorted(len(g) for g in two) == [1, 1, 3, 3] and balance_groups(two, 2) == two
 
 
 @pytest.mark.slow

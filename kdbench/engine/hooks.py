@@ -8,6 +8,7 @@ from typing import Any
 #: a :class:`kdbench.engine.train.Trainer` (not imported: the trainer imports this module)
 Trainer = Any
 
+
 class Hook:
     """Called around a stage's epochs; its ``state_dict`` is saved in every checkpoint."""
 

@@ -105,6 +105,38 @@ def plan_groups(cells: Iterable[Cell]) -> list[list[Cell]]:
     return out
 
 
+def balance_groups(groups: list[list[Cell]], slots: int, teacher_cost: float = 1.0) -> list[list[Cell]]:
+    """``groups`` cut so that ``slots`` workers finish soonest. A lockstep group runs in one
+    worker, so one big group beside a few lone cells would leave workers idle: the largest group
+    is halved while that shortens the busiest worker's share, or costs it nothing while workers
+    would idle (cost model: one unit per cell, plus ``teacher_cost`` per group with a teacher,
+    jobs dealt longest first). A group's numbers
+    are bitwise those of its cells run alone, so the cut changes no number, only the time."""
+
+    def cost(g: list[Cell]) -> float:
+        return len(g) + (teacher_cost if group_key(g[0]) is not None else 0.0)
+
+    def makespan(gs: list[list[Cell]]) -> float:
+        loads = [0.0] * max(1, slots)
+        for c in sorted((cost(g) for g in gs), reverse=True):
+            loads[loads.index(min(loads))] += c
+        return max(loads)
+
+    out = [list(g) for g in groups]
+    while slots > 1 and out:
+        big = max(range(len(out)), key=lambda i: len(out[i]))
+        g = out[big]
+        if len(g) < 2:
+            break
+        half = (len(g) + 1) // 2
+        trial = out[:big] + [g[:half], g[half:]] + out[big + 1 :]
+        before, after = makespan(out), makespan(trial)
+        if after > before or (after == before and len(out) >= slots):  # idle workers cut for free
+            break
+        out = trial
+    return out
+
+
 # ------------------------------------------------------------------------- shared teacher
 
 

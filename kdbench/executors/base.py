@@ -108,6 +108,11 @@ class Executor:
         per cell; a line saying what was reduced, or None. (Remote executors: nothing to fit.)"""
         return None
 
+    def slots(self) -> int:
+        """How many jobs run at once, after ``fit`` (lockstep groups are cut to keep them busy);
+        1 where unknown, which keeps every group whole."""
+        return 1
+
     def submit(self, jobs: list[Job]) -> dict[str, str]:
         """Submit and return {cell id: external job id}; only when ``detachable``."""
         raise NotImplementedError(f"{type(self).__name__} cannot detach; run without --detach")

@@ -90,6 +90,9 @@ class LocalExecutor(Executor):
             ), f"{why}, capped by {gib:.1f} GiB available at {WORKER_GIB} GiB per worker"
         return fit, why if gib is None else f"{why}; {gib:.0f} GiB available"
 
+    def slots(self) -> int:
+        return 1 if self.workers == "auto" else self.workers
+
     def run(self, jobs: list[Job], events: Events, policy: RetryPolicy) -> None:
         policy.track(jobs)
         n = 1 if self.workers == "auto" else self.workers
