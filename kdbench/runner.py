@@ -194,10 +194,10 @@ def fit_threads(p: Plan, ex: Executor, console: Console) -> int:
         )
         threads = budget
     said = ex.fit(budget, threads)
-    if said and said.startswith("warning: "):
-        console.print(f"[yellow]warning:[/yellow] {escape(said.removeprefix('warning: '))}")
-    elif said:
-        console.print(f"[dim]{escape(said)}[/dim]")
+    if said:
+        console.print(f"[yellow]warning:[/yellow] {escape(said)}")
+    if ex.chose():
+        console.print(f"[dim]{escape(ex.chose())}[/dim]")
     return threads
 
 

@@ -108,6 +108,10 @@ class Executor:
         per cell; a line saying what was reduced, or None. (Remote executors: nothing to fit.)"""
         return None
 
+    def chose(self) -> str | None:
+        """A line on what ``fit`` chose by itself (``workers: auto``), shown dim; or None."""
+        return None
+
     def slots(self) -> int:
         """How many jobs run at once, after ``fit`` (lockstep groups are cut to keep them busy);
         1 where unknown, which keeps every group whole."""

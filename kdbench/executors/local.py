@@ -18,7 +18,7 @@ from kdbench.errors import ConfigError
 from kdbench.executors.base import Events, Executor, RetryPolicy
 
 #: memory one worker is expected to need at its peak: a torch process with its copy of an
-#: in-memory dataset and CIFAR-size models (an estimate with headroom; see the run's note)
+#: in-memory dataset and CIFAR-size models (an estimate with headroom, not yet measured per worker)
 WORKER_GIB = 1.5
 
 
@@ -59,6 +59,7 @@ class LocalExecutor(Executor):
         self.workers = workers
         self.gpus = list(gpus) if gpus else None
         self.retries = retries
+        self._chose: str | None = None
 
     def describe(self) -> dict[str, Any]:
         return {"kind": "local", "workers": self.workers, "gpus": self.gpus, "retries": self.retries}
@@ -67,12 +68,13 @@ class LocalExecutor(Executor):
         fit = max(1, cpus // threads)
         if self.workers == "auto":
             self.workers, why = self._auto(fit, cpus, threads)
-            return f"executor.workers auto: {self.workers} worker(s) ({why}); --workers 1 runs inline"
+            self._chose = f"executor.workers auto: {self.workers} worker(s) ({why}); --workers 1 runs inline"
+            return None
         if self.workers * threads <= cpus:
             return None
         asked, self.workers = self.workers, fit
         return (
-            f"warning: {asked} workers x {threads} thread(s) would oversubscribe the {cpus} CPU(s) this "
+            f"{asked} workers x {threads} thread(s) would oversubscribe the {cpus} CPU(s) this "
             f"process may use; running {fit} worker(s)"
         )
 
@@ -90,12 +92,15 @@ class LocalExecutor(Executor):
             ), f"{why}, capped by {gib:.1f} GiB available at {WORKER_GIB} GiB per worker"
         return fit, why if gib is None else f"{why}; {gib:.0f} GiB available"
 
+    def chose(self) -> str | None:
+        return self._chose
+
     def slots(self) -> int:
         return 1 if self.workers == "auto" else self.workers
 
     def run(self, jobs: list[Job], events: Events, policy: RetryPolicy) -> None:
         policy.track(jobs)
-        n = 1 if self.workers == "auto" else self.workers
+        n = self.slots()
         if n == 1 or len(jobs) <= 1:
             _run_inline(jobs, events, policy)
             return
