@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import inspect
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal, get_type_hints
+from typing import Any, Literal, NamedTuple, get_type_hints
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
@@ -251,14 +251,32 @@ def _fmt_path(path: tuple[Any, ...]) -> str:
 
 
 class Problems:
-    """Collects every problem with its location; raises them all at once."""
+    """Collects every problem with its location; raises them all at once.
 
-    def __init__(self, file: str, root: yaml.Node | None):
+    A problem under a key set from the command line (``--set KEY=VALUE``, see
+    :func:`apply_overrides`) names that override instead of a line of the file.
+    """
+
+    def __init__(self, file: str, root: yaml.Node | None, overrides: Sequence[Override] = ()):
         self.file = file
         self.root = root
+        self.overrides = list(overrides)
         self.items: list[str] = []
 
+    def _override(self, path: tuple[Any, ...]) -> Override | None:
+        """The last override whose key covers ``path`` (or lies under it)."""
+        for ov in reversed(self.overrides):
+            n = min(len(ov.path), len(path))
+            if ov.path[:n] == path[:n]:
+                return ov
+        return None
+
     def add(self, path: tuple[Any, ...], msg: str) -> None:
+        ov = self._override(path)
+        if ov is not None:
+            where = "" if path == ov.path else f"{_fmt_path(path)}: "
+            self.items.append(f"--set {ov.text}: {where}{msg}")
+            return
         node = _node_at(self.root, path)
         line = f":{node.start_mark.line + 1}" if node is not None else ""
         self.items.append(f"{self.file}{line}: {_fmt_path(path)}: {msg}")
@@ -266,14 +284,111 @@ class Problems:
     def raise_if_any(self) -> None:
         if self.items:
             n = len(self.items)
-            head = f"{n} problem{'s' if n > 1 else ''} in {self.file}:"
+            sets = " with " + " ".join(f"--set {o.text}" for o in self.overrides) if self.overrides else ""
+            head = f"{n} problem{'s' if n > 1 else ''} in {self.file}{sets}:"
             raise ConfigError(head + "\n  " + "\n  ".join(self.items), self.items)
 
 
-def _pydantic_msg(err: dict) -> str:
+class Override(NamedTuple):
+    """One ``--set KEY=VALUE`` from the command line: the dotted key split, the YAML value parsed."""
+
+    text: str
+    path: tuple[str | int, ...]
+    value: Any
+
+
+def parse_override(text: str) -> Override:
+    """``train.epochs=2`` -> Override(path=("train", "epochs"), value=2); ``methods.1=...`` indexes a list."""
+    key, sep, raw = text.partition("=")
+    parts = key.strip().split(".")
+    if not sep or any(not p.strip() for p in parts):
+        raise ConfigError(
+            f"--set {text}: expected KEY=VALUE with a dotted key, e.g. --set train.epochs=2 "
+            "or --set 'methods=[kd, {dkd: {beta: 2}}]'"
+        )
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(
+            f"--set {text}: the value is not YAML ({getattr(e, 'problem', e)}); quote it for the shell, "
+            "e.g. --set 'seeds=[0, 1]'"
+        ) from None
+    path = tuple(int(p) if p.strip().isdigit() else p.strip() for p in parts)
+    return Override(text, path, value)
+
+
+def apply_overrides(data: Any, overrides: Sequence[Override], file: str) -> Any:
+    """A copy of the grid's ``data`` with each override set in turn (later ones win).
+
+    Missing mappings on the way are created; a list is indexed by a number within it; anything
+    else on the way (a scalar, a list without that index) is an error naming the override.
+    """
+    import copy
+
+    data = copy.deepcopy(data) if data is not None else {}
+    for ov in overrides:
+        if not isinstance(data, dict):
+            raise ConfigError(f"--set {ov.text}: {file} is not a mapping of keys, so there is nothing to set")
+        node: Any = data
+        for i, part in enumerate(ov.path):
+            last = i == len(ov.path) - 1
+            here = _fmt_path(ov.path[:i]) if i else "the grid"
+            if isinstance(node, dict):
+                key = str(part)
+                if last:
+                    node[key] = ov.value
+                elif isinstance(node.get(key), dict | list):
+                    node = node[key]
+                elif node.get(key) is None:
+                    node[key] = {}
+                    node = node[key]
+                else:
+                    raise ConfigError(
+                        f"--set {ov.text}: {_fmt_path(ov.path[: i + 1])} is {node[key]!r}, not a mapping; "
+                        f"set it whole (--set {_fmt_path(ov.path[: i + 1])}=...)"
+                    )
+            elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+                if last:
+                    node[part] = ov.value
+                else:
+                    node = node[part]
+            else:
+                what = f"a list of {len(node)}" if isinstance(node, list) else repr(node)
+                raise ConfigError(f"--set {ov.text}: {here} is {what}; it has no entry {part!r}")
+    return data
+
+
+def _model_at(model: Any, loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model that validates the value at ``loc`` under ``model`` (None: not a model)."""
+    import typing
+
+    for part in loc:
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return None
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        if field is None:
+            return None
+        model = field.annotation
+        # Optional[...] / X | None / list[X] / dict[str, X]: look inside for the model
+        while typing.get_origin(model) is not None:
+            args = [a for a in typing.get_args(model) if a is not type(None)]
+            models = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
+            model = models[0] if models else (args[-1] if args else None)
+            if model is None:
+                return None
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+
+
+def _pydantic_msg(err: dict, model: Any = None) -> str:
     t = err["type"]
     if t == "extra_forbidden":
-        return "unknown key"
+        key = err["loc"][-1] if err["loc"] else ""
+        parent = _model_at(model, tuple(err["loc"][:-1])) if model is not None else None
+        if parent is None:
+            return f"unknown key {key!r}"
+        known = [n for n, f in parent.model_fields.items() if not n.startswith("_")]
+        known += [f.alias for f in parent.model_fields.values() if f.alias]
+        return f"unknown key {key!r}" + registry.did_you_mean(str(key), known)
     if t == "missing":
         return "required key is missing"
     got = err.get("input")
@@ -306,10 +421,13 @@ class PluginRef(BaseModel):
     def method_params(self) -> dict[str, Any]:
         """A method's constructor arguments as they enter the cell.
 
-        A method's own ``weights`` parameter (ckakd) is included only when the grid sets it,
-        so cells of grids that leave it at its default keep their format-1 ids.
+        A method's own ``weights`` parameter (ckakd), and the parameters a method added after
+        its first release (its class's ``added_params``, e.g. kd's ``standardize``), are included
+        only when the grid sets them, so cells of grids that leave them at their defaults keep
+        their format-1 ids.
         """
-        return {k: v for k, v in self.params.items() if k != "weights" or k in self.given}
+        late = {"weights", *getattr(registry.load("losses", self.name), "added_params", ())}
+        return {k: v for k, v in self.params.items() if k not in late or k in self.given}
 
 
 def parse_ref(raw: Any, kind: str, path: tuple, problems: Problems) -> PluginRef | None:
@@ -388,7 +506,7 @@ def validate_params(ref: PluginRef, path: tuple, problems: Problems, reserved: t
         validated = model.model_validate(params)
     except ValidationError as e:
         for err in e.errors():
-            problems.add(path + tuple(err["loc"]), _pydantic_msg(err))
+            problems.add(path + tuple(err["loc"]), _pydantic_msg(err, model))
         return
     resolved = validated.model_dump(mode="json")
     ref.params = {**resolved, **{k: ref.params[k] for k in reserved if k in ref.params}}
@@ -588,9 +706,27 @@ class Grid(BaseModel):
     #: per pair (aligned with ``pairs``): the teacher's own dataset, or None for the cell's
     teacher_datasets: list[PluginRef | None] = Field(default_factory=list)
 
+    #: the ``--set KEY=VALUE`` overrides applied to the file, in order
+    overrides: list[str] = Field(default_factory=list)
+    #: the grid as resolved: the file's text, or with overrides the merged grid as YAML (what
+    #: the run directory records as ``grid.yaml``)
+    text: str = ""
+
     @property
     def run_dir(self) -> Path:
         return Path(self.config.output) / self.config.name
+
+    def problems(self, root: yaml.Node | None) -> Problems:
+        """A Problems locating keys in this grid's file, or naming the override that set them."""
+        return Problems(self.file, root, [parse_override(o) for o in self.overrides])
+
+
+def resolved_text(path: Path, sets: Sequence[Override], data: Any) -> str:
+    """The file's text; with overrides, the merged grid as YAML under a header naming them."""
+    if not sets:
+        return _read_grid_text(path)
+    head = f"# {path} as resolved with:\n" + "".join(f"#   --set {o.text}\n" for o in sets)
+    return head + yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
 
 
 def _teacher_method(raw: Any, path: tuple, problems: Problems) -> dict[str, Any] | None:
@@ -621,7 +757,7 @@ def _pair_teacher_train(data: dict, override: dict, path: tuple, problems: Probl
         tc = TrainConfig.model_validate(merged)
     except ValidationError as e:
         for err in e.errors():
-            problems.add(path + tuple(err["loc"]), _pydantic_msg(err))
+            problems.add(path + tuple(err["loc"]), _pydantic_msg(err, TrainConfig))
         return None
     if tc.method is not None:
         tc.method = _teacher_method(tc.method, path + ("method",), problems)
@@ -642,11 +778,19 @@ def executor_ref(ex: ExecutorConfig, problems: Problems | None = None, kind: str
     return ref
 
 
-def load_grid(path: str | Path) -> Grid:
-    """Read, validate and resolve a grid file; raise ConfigError listing every problem."""
+def load_grid(path: str | Path, overrides: Sequence[str] = ()) -> Grid:
+    """Read, validate and resolve a grid file; raise ConfigError listing every problem.
+
+    ``overrides`` are ``KEY=VALUE`` strings from the command line (``--set train.epochs=2``):
+    applied to the file's data before validation, checked exactly like the file, and kept in
+    :attr:`Grid.text` (the grid as resolved, which the run directory records).
+    """
     path = Path(path)
     data, root = load_yaml(path)
-    problems = Problems(str(path), root)
+    sets = [parse_override(o) for o in overrides]
+    if sets:
+        data = apply_overrides(data, sets, str(path))
+    problems = Problems(str(path), root, sets)
     if not isinstance(data, dict):
         problems.add((), "a grid must be a mapping with keys name, datasets, pairs, methods, ...")
         problems.raise_if_any()
@@ -671,6 +815,8 @@ def load_grid(path: str | Path) -> Grid:
     problems.raise_if_any()
     return Grid(
         file=str(path),
+        overrides=[o.text for o in sets],
+        text=resolved_text(path, sets, data),
         config=cfg,
         datasets=datasets,
         pairs=pairs,
@@ -699,7 +845,7 @@ def _validate_grid(data: dict, problems: Problems) -> GridConfig:
         return GridConfig.model_validate(data)
     except ValidationError as e:
         for err in e.errors():
-            problems.add(tuple(err["loc"]), _pydantic_msg(err))
+            problems.add(tuple(err["loc"]), _pydantic_msg(err, GridConfig))
     _check_plugins_only(data, problems)
     problems.raise_if_any()
     raise AssertionError("unreachable: a grid that failed validation has problems")
@@ -813,7 +959,7 @@ def _split_train(ref: PluginRef, path: tuple, problems: Problems) -> None:
         TrainConfig.model_validate({k: v for k, v in raw.items() if k not in bad})
     except ValidationError as e:
         for err in e.errors():
-            problems.add(where + tuple(err["loc"]), _pydantic_msg(err))
+            problems.add(where + tuple(err["loc"]), _pydantic_msg(err, TrainConfig))
         return
     if "augment" in raw:
         a = parse_ref(raw["augment"], "augmenters", where + ("augment",), problems)

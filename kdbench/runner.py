@@ -22,7 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from kdbench import registry
 from kdbench.cells import Cell, CellResult, Job, TeacherSpec, changed_entries
-from kdbench.config import Grid, PluginRef, Problems, executor_ref, load_yaml
+from kdbench.config import Grid, PluginRef, executor_ref, load_yaml
 from kdbench.errors import ConfigError, KdbenchError
 from kdbench.executors.base import Events, Executor, RetryPolicy
 from kdbench.grid import expand
@@ -55,7 +55,7 @@ def plan(grid: Grid, out: Path | None = None, executor: str | None = None) -> Pl
     from kdbench.engine.cell import load_dataset
 
     _, root = load_yaml(Path(grid.file))
-    problems = Problems(grid.file, root)
+    problems = grid.problems(root)
     ds_fp: list[dict] = []
     instances: list[Any] = []
     for i, ref in enumerate(grid.datasets):
@@ -99,7 +99,7 @@ def _incompatible(grid: Grid, cells: list[Cell], misfits: dict, root: Any) -> di
     for (d_i, p_i, m_i, _), c in zip(coords, cells, strict=True):
         if (d_i, p_i, m_i) in misfits:
             where, msg = misfits[d_i, p_i, m_i]
-            located = Problems(grid.file, root)
+            located = grid.problems(root)
             located.add(where, msg)
             out[c.id] = located.items[0]
     return out
@@ -126,7 +126,7 @@ def _incompatible(grid: Grid, cells: list[Cell], misfits: dict, root: Any) -> di
     for (d_i, p_i, m_i, _), c in zip(coords, cells, strict=True):
         if (d_i, p_i, m_i) in misfits:
             where, msg = misfits[d_i, p_i, m_i]
-            located = Problems(grid.file, root)
+            located = grid.problems(root)
             located.add(where, msg)
             out[c.id] = located.items[0]
     return out
@@ -248,7 +248,7 @@ def execute(
     """
     console = console or Console(stderr=True)
     rd = RunDir(p.run_dir)
-    grid_text = Path(p.grid.file).read_bytes()
+    grid_text = p.grid.text.encode() if p.grid.text else Path(p.grid.file).read_bytes()
     ids_text = (json.dumps([c.id for c in p.cells], indent=2) + "\n").encode()
     n, ids = len(p.cells), {c.id for c in p.cells}
     # all done and all in the store: nothing to write (results finished by detached jobs are

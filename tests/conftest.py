@@ -117,6 +117,7 @@ CI_SLOW = {
     "tests/test_ddp.py::test_ddp_cell_completes_writes_once_and_matches_single_process",
     "tests/test_analysis.py::test_tolerant_teacher_recipe_is_its_own_teacher_and_less_confident",
     "tests/test_gpu_check.py::test_cpu_dry_run_passes_every_step",
+    "tests/test_cli.py::test_a_set_run_equals_the_grid_written_out_and_records_the_resolved_grid",
 }
 
 

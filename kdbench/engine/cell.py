@@ -61,10 +61,10 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def environment() -> dict[str, Any]:
-    """Versions and host facts recorded with every result (what the numbers depend on)."""
+def git_sha() -> str | None:
+    """The commit of the checkout kdbench runs from (None: not a git checkout, or no git)."""
     try:
-        sha = (
+        return (
             subprocess.run(
                 ["git", "rev-parse", "HEAD"],
                 capture_output=True,
@@ -75,7 +75,12 @@ def environment() -> dict[str, Any]:
             or None
         )
     except Exception:
-        sha = None
+        return None
+
+
+def environment() -> dict[str, Any]:
+    """Versions and host facts recorded with every result (what the numbers depend on)."""
+    sha = git_sha()
     from kdbench import kernels
 
     return {

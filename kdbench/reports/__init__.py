@@ -20,20 +20,10 @@ from typing import Any
 
 from kdbench.errors import KdbenchError
 from kdbench.metric_defs import metric_info, split_metric
+from kdbench.report_choices import FORMATS, KINDS, SELECTS, SPREADS
 from kdbench.reports.render import render_report
 from kdbench.store import read_epoch_rows
 
-#: report kind -> module holding ``build(run: RunData, args: ReportArgs) -> Report``
-KINDS: dict[str, str] = {
-    "leaderboard": "kdbench.reports.leaderboard",
-    "groups": "kdbench.reports.groups",
-    "shift": "kdbench.reports.shift",
-    "corruptions": "kdbench.reports.corruptions",
-    "status": "kdbench.status",
-}
-FORMATS = ("github", "latex", "csv", "json")
-SELECTS = ("last", "best_val", "best_test")
-SPREADS = ("std", "sem", "ci95")
 OPTIMISTIC = "optimistic: selected on the test set"
 
 
@@ -60,7 +50,12 @@ class ReportArgs:
             ("--kind", self.kind, tuple(KINDS)),
         ):
             if value not in allowed:
-                raise KdbenchError(f"unknown {name} {value!r}; choose one of {', '.join(allowed)}")
+                from kdbench.registry import did_you_mean
+
+                raise KdbenchError(
+                    f"unknown {name} {value!r}{did_you_mean(value, list(allowed))}; "
+                    f"choose one of {', '.join(allowed)}"
+                )
 
 
 @dataclass
