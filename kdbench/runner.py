@@ -115,47 +115,6 @@ def _warn_changed(p: Plan, done_configs: list[dict], console: Console) -> None:
         )
 
 
-def _incompatible(grid: Grid, cells: list[Cell], misfits: dict, root: Any) -> dict[str, str]:
-    """Cell id -> located message for the cells of (dataset, pair, method) misfits."""
-    if not misfits:
-        return {}
-    coords = itertools.product(
-        range(len(grid.datasets)), range(len(grid.pairs)), range(len(grid.methods)), grid.config.seeds
-    )
-    out = {}
-    for (d_i, p_i, m_i, _), c in zip(coords, cells, strict=True):
-        if (d_i, p_i, m_i) in misfits:
-            where, msg = misfits[d_i, p_i, m_i]
-            located = grid.problems(root)
-            located.add(where, msg)
-            out[c.id] = located.items[0]
-    return out
-
-
-def _warn_changed(p: Plan, done_configs: list[dict], console: Console) -> None:
-    """Say why finished cells of this run directory run again: same grid entries, new ids."""
-    for what, old in changed_entries(p.cells, done_configs).items():
-        console.print(
-            f"[yellow]{len(old)} finished cell(s) of this run directory run again under new ids: "
-            f"their {escape(what)} changed[/yellow] (the old results stay in the store; "
-            "`kdbench report RUN --all` shows them)"
-        )
-
-
-def _fail_incompatible(
-    p: Plan, store: Store, todo: list[Cell], attempts: dict, counts: dict, console: Console
-) -> list[Cell]:
-    """Record the plan's incompatible cells as failed at once; the rest of ``todo`` runs."""
-    for c in todo:
-        if c.id in p.incompatible:
-            error = f"ConfigError: {p.incompatible[c.id]}"
-            result = {"cell": c, "status": "failed", "error": error, "attempt": attempts[c.id], "wall_s": 0.0}
-            store.record(result)
-            counts["failed"] += 1
-            console.print(f"[red]failed[/red] {escape(c.describe)}: {escape(error)}")
-    return [c for c in todo if c.id not in p.incompatible]
-
-
 def _fail_incompatible(
     p: Plan, rd: RunDir, store: Store, todo: list[Cell], attempts: dict, tally: Any
 ) -> list[Cell]:
