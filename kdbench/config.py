@@ -421,13 +421,18 @@ class PluginRef(BaseModel):
     def method_params(self) -> dict[str, Any]:
         """A method's constructor arguments as they enter the cell.
 
-        A method's own ``weights`` parameter (ckakd), and the parameters a method added after
-        its first release (its class's ``added_params``, e.g. kd's ``standardize``), are included
-        only when the grid sets them, so cells of grids that leave them at their defaults keep
-        their format-1 ids.
+        A method's own ``weights`` parameter (ckakd) is included only when the grid sets it, and
+        the parameters a method added after its first release (its class's ``added_params``,
+        e.g. kd's ``standardize`` and ``base_T``) only when the grid sets one of them, so cells of
+        grids that leave them at their defaults keep their format-1 ids.
         """
-        late = {"weights", *getattr(registry.load("losses", self.name), "added_params", ())}
-        return {k: v for k, v in self.params.items() if k not in late or k in self.given}
+        added = set(getattr(registry.load("losses", self.name), "added_params", ()))
+        uses_added = not added.isdisjoint(self.given)
+        return {
+            k: v
+            for k, v in self.params.items()
+            if k in self.given or (k != "weights" and (k not in added or uses_added))
+        }
 
 
 def parse_ref(raw: Any, kind: str, path: tuple, problems: Problems) -> PluginRef | None:

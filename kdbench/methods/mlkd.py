@@ -25,11 +25,18 @@ Reference: Jin-Ying/Multi-Level-Logit-Distillation ``mdistiller/distillers/KD_ou
 ``mdistiller/engine/cfg.py``: T0 = 4, CE weight 0.1 (weak and strong), KD weight 0.9 (on every
 distillation term). If the engine supplies no strong view, the weak view stands in for it
 (the strong-view terms then repeat the weak-view ones).
+
+``standardize: true`` is logit standardization (Sun et al., CVPR 2024; see
+:mod:`kdbench.methods._standardize`), as the authors' ``mdistiller/distillers/MLKD.py``
+(sunshangquan/logit-standardization-KD, commit f6e5aa5) applies it: only the ``kd`` terms see
+z-scored logits; ``cc``, ``bc`` and the confidence masks keep the raw logits. T0 becomes
+``base_T`` (default 2; the other temperatures stay 2, 3, 5, 6) and the kd, cc and bc weights 9
+(``tools/train.py --logit-stand --base-temp 2 --kd-weight 9``; CE weights stay 0.1).
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +44,7 @@ from torch import Tensor
 
 from kdbench.features import Features
 from kdbench.kernels import kd_loss
+from kdbench.methods._standardize import BASE_T, KD_WEIGHT, check_base_temperature, zscore
 from kdbench.methods.base import Batch, Distiller, MethodContext, Taps
 
 # besides T0, fixed in the reference; its "strong" KD sum runs T0, 3, 5 on the strong view
@@ -74,10 +82,21 @@ class MLKD(Distiller):
         "bc": 0.9,
     }
     views: ClassVar[tuple[str, ...]] = ("strong",)
+    #: parameters added after the first release: recorded in a cell only when a grid sets them
+    added_params: ClassVar[frozenset[str]] = frozenset({"standardize", "base_T"})
 
-    def __init__(self, ctx: MethodContext, T: float = 4.0):
+    @classmethod
+    def weights_for(cls, standardize: bool = False, **_params: Any) -> dict[str, float]:
+        weights = dict(cls.default_weights)
+        if standardize:
+            weights.update(kd=KD_WEIGHT, cc=KD_WEIGHT, bc=KD_WEIGHT)
+        return weights
+
+    def __init__(self, ctx: MethodContext, T: float = 4.0, standardize: bool = False, base_T: float = BASE_T):
         super().__init__(ctx)
-        self.T = T
+        check_base_temperature("mlkd", standardize, T, 4.0)
+        self.T = base_T if standardize else T
+        self.standardize = standardize
 
     def forward(self, s: Features, t: Features, batch: Batch) -> dict[str, Tensor]:
         zs_w, zt_w = s.logits, t.logits.detach()
@@ -88,9 +107,13 @@ class MLKD(Distiller):
         c = median_mask_fraction(p_t.sum(0)).to(zs_w.dtype)
         strong_temps = (self.T, *_STRONG_TEMPERATURES)
         temps = strong_temps + _WEAK_TEMPERATURES
-        kd = sum(m * kd_loss(zs_w, zt_w, T) for T in temps)
-        kd = kd + sum(kd_loss(zs_s, zt_s, T) for T in strong_temps)
-        kd = kd + sum(kd_loss(zs_w, zt_w, T) for T in _WEAK_TEMPERATURES)
+        # logit standardization applies to the KL terms only, as in the reference
+        ks_w, kt_w, ks_s, kt_s = zs_w, zt_w, zs_s, zt_s
+        if self.standardize:
+            ks_w, kt_w, ks_s, kt_s = (zscore(z) for z in (zs_w, zt_w, zs_s, zt_s))
+        kd = sum(m * kd_loss(ks_w, kt_w, T) for T in temps)
+        kd = kd + sum(kd_loss(ks_s, kt_s, T) for T in strong_temps)
+        kd = kd + sum(kd_loss(ks_w, kt_w, T) for T in _WEAK_TEMPERATURES)
         cc = sum(c * class_consistency(zs_w, zt_w, T) for T in temps)
         bc = sum(m * batch_consistency(zs_w, zt_w, T) for T in temps)
         return {"ce_strong": F.cross_entropy(zs_s, batch.y), "kd": kd, "cc": cc, "bc": bc}
