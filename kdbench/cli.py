@@ -338,7 +338,7 @@ def list_cmd(
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
 ) -> None:
-    """List registered plugins and the distribution providing each (nothing is imported)."""
+    """List registered plugins, the paper each cites and the distribution providing it (none imported)."""
     kinds = [kind] if kind else registry.kinds()
     for k in kinds:
         if k not in registry.GROUPS:
@@ -353,12 +353,13 @@ def list_cmd(
         for i in registry.claimants(k, n)
     ]
     if as_json:
-        out.print_json(json.dumps([{**i.to_dict(), "conflict": clash} for i, clash in infos]))
+        rows = [{**i.to_dict(), "paper": registry.paper(i.value), "conflict": clash} for i, clash in infos]
+        out.print_json(json.dumps(rows))
         return
-    table = Table("kind", "name", "provided by", "object")
+    table = Table("kind", "name", "paper", "provided by", "object")
     for i, clash in infos:
         name = f"{i.name} (CONFLICT)" if clash else i.name
-        table.add_row(i.kind, name, f"{i.dist} {i.version}", i.value)
+        table.add_row(i.kind, name, escape(registry.paper(i.value) or "-"), f"{i.dist} {i.version}", i.value)
     out.print(table)
     clashes = sorted({(i.kind, i.name) for i, clash in infos if clash})
     for k, n in clashes:

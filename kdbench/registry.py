@@ -12,6 +12,7 @@ import difflib
 import importlib.metadata as md
 from dataclasses import dataclass
 from functools import cache, lru_cache
+from pathlib import Path
 from typing import Any
 
 from kdbench.errors import PluginError
@@ -129,6 +130,49 @@ def clear_cache() -> None:
     """Forget the scan (after installing a plugin in the same process, e.g. in tests)."""
     _scan.cache_clear()
     _load.cache_clear()
+
+
+@cache
+def paper(value: str) -> str | None:
+    """The reference a plugin's docstring cites, read from its source without importing it:
+    the first parenthesis with a year in the first paragraph of the object's docstring, else of
+    its module's (``kdbench.methods.dist:DIST`` -> ``"Huang et al., NeurIPS 2022"``). None when
+    there is none (or the source cannot be read)."""
+    import ast
+    import importlib.util
+    import re
+
+    module, _, attr = value.partition(":")
+    top, *subs = module.split(".")
+    try:
+        spec = importlib.util.find_spec(top)  # a top-level name is located, not imported
+        if spec is None:
+            return None
+        origin, dirs = spec.origin, list(spec.submodule_search_locations or [])
+        for part in subs:  # walk the package directories instead of importing the packages
+            found = [Path(d) / part for d in dirs if (Path(d) / part / "__init__.py").exists()]
+            if found:
+                origin, dirs = str(found[0] / "__init__.py"), [str(found[0])]
+                continue
+            files = [Path(d) / f"{part}.py" for d in dirs if (Path(d) / f"{part}.py").exists()]
+            if not files:
+                return None
+            origin, dirs = str(files[0]), []
+        if not origin or not origin.endswith(".py"):
+            return None
+        tree = ast.parse(Path(origin).read_text(encoding="utf-8"))
+    except (ImportError, ValueError, OSError, SyntaxError):
+        return None
+    docs = [ast.get_docstring(tree)]
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef | ast.FunctionDef) and node.name == attr.split(".")[0]:
+            docs.insert(0, ast.get_docstring(node))
+    for doc in docs:
+        first = " ".join((doc or "").split("\n\n")[0].split())
+        m = re.search(r"\(([^()]*?\b(?:19|20)\d\d)\b", first)
+        if m:
+            return m.group(1).strip()
+    return None
 
 
 def kinds() -> list[str]:

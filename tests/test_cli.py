@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -234,3 +235,22 @@ def test_every_report_format_to_a_file(capsys, tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"board.{f}" for f in FORMATS)  # no temp left
     code, text = call(capsys, "report", str(tmp_path), "-o", str(tmp_path / "board.csv" / "f"))
     assert code == 2 and "cannot write" in text and "Traceback" not in text
+
+
+def test_list_names_each_methods_paper_from_source_without_importing_it():
+    code = (
+        "import sys, json; from kdbench import registry; "
+        "rows = {n: registry.paper(i.value) for n, i in registry.scan()['losses'].items()}; "
+        "print(json.dumps(rows)); print('torch' in sys.modules)"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    rows_text, torch_loaded = r.stdout.strip().splitlines()
+    rows = json.loads(rows_text)
+    assert torch_loaded == "False"  # read from the source files, nothing imported
+    assert rows["dist"] == "Huang et al., NeurIPS 2022"
+    assert rows["dkd"] == "Zhao et al., CVPR 2022"
+    assert rows["ce"] is None  # no citation: shown as "-"
+    r = kdbench_cli("list", "losses", "--json")
+    assert r.returncode == 0, r.stderr
+    listed = {row["name"]: row["paper"] for row in json.loads(r.stdout)}
+    assert listed["kd"].startswith("Hinton") and listed["kd"].endswith("2015")
