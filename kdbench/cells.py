@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar, Literal
 
 from pydantic import (
@@ -146,12 +146,70 @@ def check_swa(cfg: Any) -> dict[str, Any] | None:
     return {**SWA_DEFAULTS, **cfg}
 
 
+#: the defaults of ``teacher_outputs: replay`` and of its ``ferkd:`` calibration (the rule:
+#: kdbench/engine/softlabels.py)
+REPLAY_DEFAULTS: dict[str, Any] = {"mode": "replay", "store": "topk", "top_k": 10, "ferkd": None}
+FERKD_DEFAULTS: dict[str, Any] = {"relabel_below": 0.1, "drop_above": 0.5, "smoothing": 0.1}
+
+
+def check_teacher_outputs(cfg: Any) -> Any:
+    """A ``teacher_outputs:`` setting as "compute" or the replay bank's full options."""
+    if cfg is None or cfg == "compute" or (isinstance(cfg, dict) and cfg == {"mode": "compute"}):
+        return "compute"
+    if cfg == "replay":
+        cfg = {}
+    if not isinstance(cfg, dict):
+        raise ConfigError(
+            f"teacher_outputs: expected compute, replay or a mapping {{mode: replay, store: topk | exact, "
+            f"top_k, ferkd}}, got {cfg!r}"
+        )
+    unknown = set(cfg) - set(REPLAY_DEFAULTS)
+    if unknown:
+        raise ConfigError(
+            f"teacher_outputs: unknown key(s) {', '.join(sorted(unknown))}; use mode, store, top_k, ferkd"
+        )
+    out = {**REPLAY_DEFAULTS, **cfg}
+    if out["mode"] != "replay":
+        raise ConfigError(f"teacher_outputs.mode is compute or replay, got {out['mode']!r}")
+    if out["store"] not in ("topk", "exact"):
+        raise ConfigError(
+            f"teacher_outputs.store is topk (fp16 top-k) or exact (fp32 logits), got {out['store']!r}"
+        )
+    if isinstance(out["top_k"], bool) or not isinstance(out["top_k"], int) or out["top_k"] < 1:
+        raise ConfigError(f"teacher_outputs.top_k must be an integer >= 1, got {out['top_k']!r}")
+    out["ferkd"] = _check_ferkd(out["ferkd"])
+    return out
+
+
+def _check_ferkd(cfg: Any) -> dict[str, Any] | None:
+    if cfg is None or cfg is False:
+        return None
+    if cfg is True:
+        return dict(FERKD_DEFAULTS)
+    if not isinstance(cfg, dict):
+        raise ConfigError(
+            "teacher_outputs.ferkd: expected true or a mapping {relabel_below, drop_above, smoothing}, "
+            f"got {cfg!r}"
+        )
+    unknown = set(cfg) - set(FERKD_DEFAULTS)
+    if unknown:
+        raise ConfigError(
+            f"teacher_outputs.ferkd: unknown key(s) {', '.join(sorted(unknown))}; "
+            "use relabel_below, drop_above, smoothing"
+        )
+    out = {**FERKD_DEFAULTS, **cfg}
+    for k in ("relabel_below", "drop_above", "smoothing"):
+        if not isinstance(out[k], int | float) or isinstance(out[k], bool) or not 0 <= out[k] <= 1:
+            raise ConfigError(f"teacher_outputs.ferkd.{k} is a probability in [0, 1], got {out[k]!r}")
+    return {k: float(v) for k, v in out.items()}
+
+
 class TrainRecipe(Record):
     """How a model is trained (the student's ``train``, the teacher's ``teacher_train``)."""
 
     OMIT_IF_DEFAULT: ClassVar[frozenset[str]] = frozenset(
         {"teacher_view", "precision", "channels_last", "compile", "sampler", "swa", "method"}
-        | {"gpus_per_cell", "nodes", "sync_bn"}
+        | {"gpus_per_cell", "nodes", "sync_bn", "objective", "jtt", "teacher_outputs"}
     )
 
     preset: Literal["repdistiller", "mdistiller", "quick"] | None = None
@@ -193,6 +251,15 @@ class TrainRecipe(Record):
     #: teacher_train only: a teacher-free ``kdbench.losses`` plugin the teacher trains with instead of
     #: plain cross-entropy, resolved to {name, params} (e.g. the tolerant teacher); None: CE
     method: Any = None
+    #: the student's cross-entropy term replaced by a group objective (kdbench/methods/groupdro.py):
+    #: "groupdro" or {groupdro: {step_size, adjustment}}, stored as {name, params}; None: CE
+    objective: Any = None
+    #: Just Train Twice (kdbench/robustness/jtt.py): {epochs: T, lambda_up, seed}, the error set of
+    #: a T-epoch ERM model upsampled lambda_up times; None: off
+    jtt: dict[str, Any] | None = None
+    #: the teacher's outputs while distilling: "compute" (its forward every step) or a soft-label bank
+    #: replayed (kdbench/engine/softlabels.py), stored with every key: {mode: replay, store, top_k, ferkd}
+    teacher_outputs: Any = "compute"
 
     @model_validator(mode="after")
     def _global_batch_divides(self) -> TrainRecipe:
@@ -202,7 +269,38 @@ class TrainRecipe(Record):
                 f"batch_size {self.batch_size} is the global batch of gpus_per_cell x nodes = {ranks} "
                 f"ranks and must be a multiple of {ranks}"
             )
+        if self.objective is not None and ranks > 1:
+            raise ValueError(
+                "objective groupdro weights groups by the losses of the whole batch, and under DDP each "
+                "rank sees only its shard; run it with gpus_per_cell: 1 and nodes: 1"
+            )
         return self
+
+    @field_validator("objective", mode="before")
+    @classmethod
+    def _check_objective(cls, v: Any) -> Any:
+        if v is None:
+            return v
+        from kdbench.methods.groupdro import check_objective
+
+        return check_objective(v)
+
+    @field_validator("jtt", mode="before")
+    @classmethod
+    def _check_jtt(cls, v: Any) -> Any:
+        if v is None:
+            return v
+        from kdbench.robustness.jtt import check_jtt
+
+        return check_jtt(v)
+
+    @field_validator("teacher_outputs", mode="before")
+    @classmethod
+    def _check_teacher_outputs(cls, v: Any) -> Any:
+        try:
+            return check_teacher_outputs(v)
+        except KdbenchError as e:
+            raise ValueError(str(e)) from None
 
     @field_validator("swa", mode="before")
     @classmethod
@@ -478,13 +576,15 @@ def changed_entries(planned: list[Cell], stored: list[dict[str, Any]]) -> dict[s
 class Job:
     """What an executor runs at once: one cell, or a lockstep group of cells sharing a teacher
     (``executor.share_teacher``), with the attempt number of each, the run directory, the
-    intra-op threads and the wall-time limit of an attempt (``executor.time_limit``)."""
+    intra-op threads, the wall-time limit of an attempt (``executor.time_limit``) and the grid's
+    ``loggers`` (None: the defaults; presentation, so not part of any cell)."""
 
     cells: tuple[Cell, ...]
     attempts: tuple[int, ...]
     run_dir: str
     threads: int = 1
     time_limit: float | None = None
+    loggers: tuple[PluginKey, ...] | None = None
 
     @property
     def ids(self) -> list[str]:
@@ -500,4 +600,4 @@ class Job:
     def only(self, cell_ids: set[str], attempts: dict[str, int]) -> Job:
         """The same job for some of its cells, at their ``attempts`` (a retry)."""
         cells = tuple(c for c in self.cells if c.id in cell_ids)
-        return Job(cells, tuple(attempts[c.id] for c in cells), self.run_dir, self.threads, self.time_limit)
+        return replace(self, cells=cells, attempts=tuple(attempts[c.id] for c in cells))

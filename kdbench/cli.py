@@ -248,7 +248,9 @@ def report_cmd(
     fmt: Annotated[
         str,
         typer.Option(
-            "--format", help="github | latex | csv | json", autocompletion=_complete_choices(*FORMATS)
+            "--format",
+            help="github | latex | csv | json | html (a self-contained page, by default RUN_DIR/report.html)",
+            autocompletion=_complete_choices(*FORMATS),
         ),
     ] = "github",
     metric: Annotated[
@@ -315,6 +317,8 @@ def report_cmd(
         kind=kind,
         plot=plot,
     )
+    if output is None and fmt == "html":  # a page is a file to open, not text for the terminal
+        output = run_dir / "report.html"
     if output is None:
         out.print(text, markup=False, highlight=False, soft_wrap=True)
         return
@@ -455,6 +459,33 @@ def plot_cmd(
 
     for f in plot(run_dir, out_dir, metric):
         out.print(str(f))
+
+
+@app.command("softlabels")
+def softlabels_cmd(
+    grid: Annotated[
+        Path, typer.Argument(metavar="GRID", help="the grid YAML file", autocompletion=_complete_grids)
+    ],
+    out_dir: Annotated[
+        Path | None, typer.Option("--out", help="run directory (default: output/name)")
+    ] = None,
+    sets: Annotated[
+        list[str] | None,
+        typer.Option("--set", metavar="KEY=VALUE", help="override a grid key, as for `kdbench run`"),
+    ] = None,
+) -> None:
+    """Build the soft-label banks of the grid's replaying cells (teacher_outputs), ahead of `kdbench run`."""
+    from kdbench.config import load_grid
+    from kdbench.runner import build_softlabels, plan
+
+    p = plan(load_grid(grid, sets or ()), out_dir)
+    banks = build_softlabels(p)
+    if not banks:
+        err.print(
+            "no cell of this grid replays soft labels (train: {teacher_outputs: ...}); nothing to build"
+        )
+    for b in banks:
+        out.print(str(b), highlight=False)
 
 
 @app.command("new")

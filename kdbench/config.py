@@ -87,6 +87,8 @@ PAIR_DEFAULTS: dict[str, dict[str, list[tuple[frozenset[tuple[str, str]] | None,
         "reviewkd": [(None, {"loss_weights": {"reviewkd": 5.0}})],
         # hunto/DIST_KD: the DIST term has loss weight 2 in every CIFAR-100 and ImageNet config
         "dist": [(None, {"loss_weights": {"dist": 2.0}})],
+        # shicaiwei123/SDD-CVPR2024 README / train scripts: M = [1, 2] for these pairs, [1, 2, 4] else
+        "sdd": [(frozenset({("resnet32x4", "resnet8x4"), ("vgg13", "vgg8")}), {"scales": [1, 2]})],
     },
 }
 
@@ -191,6 +193,10 @@ class GridConfig(_Strict):
     #: method label -> {"teacher->student" or column label: number | ReferenceValue, "source": text};
     #: `kdbench report` adds a "paper" column (see kdbench/reports/leaderboard.py)
     reference: dict[str, dict[str, float | ReferenceValue | str]] = Field(default_factory=dict)
+    #: where cells report their training (``kdbench.loggers`` plugins: ``[tensorboard, {wandb:
+    #: {project: p}}, {mlflow: {tracking_uri: u}}]``); unset: TensorBoard when installed. Not part
+    #: of any cell id (presentation, like ``executor``)
+    loggers: list[Any] | None = None
 
     def recipes(self) -> dict[str, TrainConfig]:
         """The student recipe and the teacher recipe, by their keys."""
@@ -668,6 +674,8 @@ INERT_KEYS: dict[str, dict[str, str]] = {
         "gpus_per_cell": "a teacher trains on one process before its cells; DDP is for `train`",
         "nodes": "a teacher trains on one process before its cells; DDP is for `train`",
         "sync_bn": "a teacher trains on one process before its cells; DDP is for `train`",
+        "jtt": "JTT upsamples the students' training split; set it in `train` (or use the method jtt)",
+        "teacher_outputs": "teachers train on labels; replaying a teacher's soft labels belongs to `train`",
     },
 }
 
@@ -706,6 +714,8 @@ class Grid(BaseModel):
     train_given: list[str] = Field(default_factory=list)
     #: the executor plugin and its validated parameters (``executor:`` minus ``kind`` and ``threads``)
     executor: PluginRef | None = None
+    #: the loggers and their validated parameters (None: the defaults, kdbench/loggers/base.py)
+    loggers: list[PluginRef] | None = None
     #: per pair (aligned with ``pairs``): its own teacher recipe, or None for the grid's ``teacher_train``
     teacher_trains: list[TrainConfig | None] = Field(default_factory=list)
     #: per pair (aligned with ``pairs``): the teacher's own dataset, or None for the cell's
@@ -812,6 +822,7 @@ def load_grid(path: str | Path, overrides: Sequence[str] = ()) -> Grid:
         if v is not None:
             views[view] = v
     executor = executor_ref(cfg.executor, problems)
+    loggers = None if cfg.loggers is None else _refs(cfg.loggers, "loggers", ("loggers",), problems)
     if cfg.teacher_train.method is not None:
         resolved = _teacher_method(cfg.teacher_train.method, ("teacher_train", "method"), problems)
         cfg.teacher_train.method = resolved
@@ -829,6 +840,7 @@ def load_grid(path: str | Path, overrides: Sequence[str] = ()) -> Grid:
         train_augment=augs["train"],
         teacher_augment=augs["teacher_train"],
         executor=executor,
+        loggers=loggers,
         teacher_trains=teacher_trains,
         views=views,
         train_given=train_given,
@@ -1002,7 +1014,7 @@ def _refs(
 
 
 def _check_plugins_only(data: dict, problems: Problems) -> None:
-    for key, kind in (("datasets", "datasets"), ("methods", "losses")):
+    for key, kind in (("datasets", "datasets"), ("methods", "losses"), ("loggers", "loggers")):
         raws = data.get(key)
         if isinstance(raws, list):
             _refs(raws, kind, (key,), problems)

@@ -113,7 +113,7 @@ def method_fit(
                 problems.append((("pairs", p_i), f"the pair fails on a probe batch ({where}): {e!r}"))
                 continue
             for m_i, m in enumerate(grid.methods):
-                msg = _build_method(m, student, teacher, tspec, s_probe, t_probe, num_classes, grid)
+                msg = _build_method(m, student, teacher, tspec, s_probe, t_probe, num_classes, grid, sspec)
                 if not msg:
                     aug = m.train_augment or grid.train_augment.key()
                     shape3 = (num_classes, in_channels, size)
@@ -141,6 +141,10 @@ def _augmenter_misfit(aug: dict[str, Any], has_teacher: bool, shape: tuple, s_pr
     return None
 
 
+def _classifier(model, spec) -> Any:
+    return model.get_submodule(spec.classifier) if spec is not None and spec.classifier else None
+
+
 def _instantiate(ref: PluginRef) -> Any:
     try:
         return registry.load("datasets", ref.name)(**ref.params)
@@ -148,7 +152,9 @@ def _instantiate(ref: PluginRef) -> Any:
         return None  # the runner's plan reports dataset problems itself
 
 
-def _build_method(m, student, teacher, tspec, s_probe, t_probe, num_classes, grid: Grid) -> str | None:
+def _build_method(
+    m, student, teacher, tspec, s_probe, t_probe, num_classes, grid: Grid, sspec=None
+) -> str | None:
     from kdbench.grid import uses_teacher
     from kdbench.methods.base import MethodContext
 
@@ -169,6 +175,7 @@ def _build_method(m, student, teacher, tspec, s_probe, t_probe, num_classes, gri
         student_probe=s_probe,
         teacher_probe=t_probe if needs else None,
         teacher_classifier=classifier,
+        student_classifier=_classifier(student, sspec),
         train_targets=torch.arange(n_train) % num_classes,
     )
     cls = registry.load("losses", m.name)

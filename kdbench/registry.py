@@ -25,6 +25,7 @@ GROUPS: dict[str, str] = {
     "augmenters": "kdbench.augmenters",
     "datasets": "kdbench.datasets",
     "executors": "kdbench.executors",
+    "loggers": "kdbench.loggers",
 }
 
 
@@ -63,6 +64,7 @@ SINGULAR: dict[str, str] = {
     "augmenters": "augmenter",
     "datasets": "dataset",
     "executors": "executor",
+    "loggers": "logger",
 }
 
 

@@ -10,6 +10,6 @@ KINDS: dict[str, str] = {
     "corruptions": "kdbench.reports.corruptions",
     "status": "kdbench.status",
 }
-FORMATS = ("github", "latex", "csv", "json")
+FORMATS = ("github", "latex", "csv", "json", "html")
 SELECTS = ("last", "best_val", "best_test")
 SPREADS = ("std", "sem", "ci95")

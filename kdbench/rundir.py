@@ -8,6 +8,7 @@
     <run dir>/.kdbench.lock             one driver at a time
     <run dir>/cells/<id>/               config.json, result.json, log.txt, metrics.jsonl, ...
     <run dir>/teachers/<id>.pt          trained teachers (+ .sha256), shared by the cells
+    <run dir>/softlabels/<id>/          soft-label banks replayed by cells (kdbench/engine/softlabels.py)
 
 Workers only write their own cell directory (and the teacher cache, under its lock); the driver
 imports what they wrote into the store. Every write is atomic (temp file + fsync + rename).
@@ -109,6 +110,10 @@ class RunDir:
     @property
     def teachers(self) -> Path:
         return self.path / "teachers"
+
+    @property
+    def softlabels(self) -> Path:
+        return self.path / "softlabels"
 
     # ---------------------------------------------------------------- discipline
     def lock(self) -> RunLock:

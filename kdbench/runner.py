@@ -21,7 +21,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from kdbench import registry
-from kdbench.cells import Cell, CellResult, Job, TeacherSpec, changed_entries
+from kdbench.cells import Cell, CellResult, Job, PluginKey, TeacherSpec, changed_entries
 from kdbench.config import Grid, PluginRef, executor_ref, load_yaml
 from kdbench.errors import ConfigError, KdbenchError
 from kdbench.executors.base import Events, Executor, RetryPolicy
@@ -76,7 +76,9 @@ def plan(grid: Grid, out: Path | None = None, executor: str | None = None) -> Pl
     # mismatch and the like are config problems here, not failures after the teacher trained
     tds_fp, tds_problems = teacher_datasets(grid, instances)
     pair_problems, misfits = method_fit(grid, instances)
-    for where, msg in tds_problems + pair_problems:
+    from kdbench.engine.softlabels import replay_problems  # methods that cannot replay soft labels
+
+    for where, msg in tds_problems + pair_problems + replay_problems(grid):
         problems.add(where, msg)
     problems.raise_if_any()
     cells = expand(grid, ds_fp, src_fp, tds_fp)
@@ -181,18 +183,34 @@ def _warn_thread_change(store: Store, threads: int, cells: list[Cell], console: 
     store.set_meta("threads", str(threads))
 
 
+def build_softlabels(p: Plan) -> list[Path]:
+    """Train the teachers and build the soft-label banks of every cell of ``p`` that replays them
+    (``teacher_outputs: replay``), in this process, ahead of ``kdbench run``; the banks' directories.
+    Cells sharing a bank (same teacher, data, seed, crop recipe, epochs) build it once."""
+    from kdbench.engine.cell import prepare_softlabels
+
+    banks = {prepare_softlabels(c, p.run_dir) for c in p.cells}
+    return sorted(b for b in banks if b is not None)
+
+
 def make_jobs(p: Plan, todo: list[Cell], attempts: dict[str, int], threads: int, slots: int = 1) -> list[Job]:
     """One job per cell, or with ``executor.share_teacher`` one per lockstep group, groups cut
     where ``slots`` workers would otherwise wait on one big group."""
     ex = p.grid.config.executor
     if ex.share_teacher:
         from kdbench.engine.lockstep import balance_groups, plan_groups
+        from kdbench.engine.softlabels import is_replay
 
-        groups = balance_groups(plan_groups(todo), slots)
+        # a cell replaying soft labels runs no teacher forward to share: it runs alone
+        alone = [[c] for c in todo if is_replay(c.train.teacher_outputs)]
+        groups = balance_groups(plan_groups(c for c in todo if not is_replay(c.train.teacher_outputs)), slots)
+        groups += alone
     else:
         groups = [[c] for c in todo]
+    loggers = p.grid.loggers  # presentation: handed to the engine with the job, not in the cells
+    keys = None if loggers is None else tuple(PluginKey(name=r.name, params=r.params) for r in loggers)
     return [
-        Job(tuple(g), tuple(attempts[c.id] for c in g), str(p.run_dir), threads, ex.time_limit)
+        Job(tuple(g), tuple(attempts[c.id] for c in g), str(p.run_dir), threads, ex.time_limit, keys)
         for g in groups
     ]
 
@@ -246,6 +264,7 @@ class _Sweep:
     def __init__(self, p: Plan, rd: RunDir, store: Store, ex: Executor, console: Console):
         self.p, self.rd, self.store, self.ex, self.console = p, rd, store, ex, console
         self.counts: dict[str, int] = {"total": len(p.cells), "skipped": 0, "done": 0, "failed": 0}
+        self.warned: set[str] = set()  # logger problems already printed (each once per sweep)
 
     def run(self, threads: int, detach: bool) -> dict[str, Any]:
         p, store = self.p, self.store
@@ -329,6 +348,11 @@ class _Sweep:
             )
         if bar is not None:
             bar.advance(self.overall)
+        for problem in result.env.get("logger_problems", ()):
+            if problem not in self.warned:
+                self.warned.add(problem)
+                where = self.p.run_dir / "cells" / result.id / "log.txt"
+                console.print(f"[yellow]warning:[/yellow] {escape(problem)} (first in {where})")
         if result.status == "failed":
             console.print(f"[red]failed[/red] {desc}: {err}")
         else:

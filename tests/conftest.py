@@ -115,9 +115,12 @@ CI_SLOW = {
     "tests/test_groups_reports.py::test_spurious_grid_end_to_end",
     "tests/test_config_aug_e2e.py::test_kd_with_config_runs_rounds_and_replaces_them",
     "tests/test_ddp.py::test_ddp_cell_completes_writes_once_and_matches_single_process",
+    "tests/test_loggers.py::test_a_ddp_cell_logs_one_run_from_rank_0",
+    "tests/test_group_objectives.py::test_groupdro_and_jtt_train_end_to_end_on_spurious",
     "tests/test_analysis.py::test_tolerant_teacher_recipe_is_its_own_teacher_and_less_confident",
     "tests/test_gpu_check.py::test_cpu_dry_run_passes_every_step",
     "tests/test_cli.py::test_a_set_run_equals_the_grid_written_out_and_records_the_resolved_grid",
+    "tests/test_report_html.py::test_real_shrunk_example_runs_pass_the_browser_checks",
 }
 
 

@@ -65,34 +65,6 @@ def test_tolerant_teacher_is_less_confident_at_equal_epochs():
     assert tolerant < strict - 0.05, (strict, tolerant)
 
 
-def test_tensorboard_events_read_back(tmp_path):
-    pytest.importorskip("tensorboard")
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    from kdbench.engine import tensorboard as tb
-
-    for e in range(3):
-        tb.log_row(
-            tmp_path,
-            {
-                "stage": "train",
-                "epoch": e,
-                "lr": 0.1 / (e + 1),
-                "loss_kd": 1.0 - e * 0.1,
-                "test/top1": 50.0 + e,
-                "note": "text is skipped",
-            },
-        )
-    tb.close(tmp_path)
-    acc = EventAccumulator(str(tmp_path / "tb"))
-    acc.Reload()
-    tags = set(acc.Tags()["scalars"])
-    assert {"train/lr", "train/loss/kd", "train/test/top1"} <= tags
-    top1 = acc.Scalars("train/test/top1")
-    assert [s.step for s in top1] == [1, 2, 3]
-    assert [s.value for s in top1] == [50.0, 51.0, 52.0]
-
-
 ANALYSIS_GRID = """
 name: ana
 output: {out}

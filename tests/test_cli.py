@@ -48,6 +48,7 @@ WALK = {
     "rank-students": (["grid.yaml"], ["rank-students", "grid.yaml", "--probe", "1"], "--probe"),
     "plot": (["runs/x"], ["plot", "runs/no-such-run"], "no results store"),
     "new": (["method", "x"], ["new", "methd", "mine"], "did you mean 'method'"),
+    "softlabels": (["grid.yaml"], ["softlabels", "no-such-grid.yaml"], "file not found"),
 }
 
 
@@ -203,7 +204,7 @@ def test_completion_of_subcommands_plugins_and_run_dirs(tmp_path):
     assert complete("kdbench run g.yaml --executor ") == ["local", "ray", "submitit"]
     assert {"dist", "dkd"} <= set(complete("kdbench report r --baseline d"))
     assert complete("kdbench report r --format j") == ["json"]
-    assert complete("kdbench list lo") == ["losses"]
+    assert complete("kdbench list los") == ["losses"]
     (tmp_path / "runs" / "quick").mkdir(parents=True)
     (tmp_path / "runs" / "quick" / "results.sqlite").write_bytes(b"")
     (tmp_path / "runs" / "empty").mkdir()

@@ -344,7 +344,7 @@ def test_the_engine_entry_hands_a_ddp_cell_to_the_launcher(tmp_path, monkeypatch
     cell = _cell(tmp_path, "ddp", ", gpus_per_cell: 2")
     calls = []
 
-    def fake(c, run_dir, progress=None, attempt=1):
+    def fake(c, run_dir, progress=None, attempt=1, loggers=None):
         calls.append(c.id)
         return CellResult(cell=c, status="done", metrics={"top1": 1.0}, attempt=attempt)
 

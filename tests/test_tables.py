@@ -20,6 +20,9 @@ from kdbench.reports import FORMATS, ReportArgs, RunData, load
 from tests.conftest import store_row
 
 GOLDEN = Path(__file__).parent / "fixtures" / "reports"
+#: the text formats compared byte for byte; html embeds matplotlib SVG that changes with the
+#: matplotlib version, so its page is checked in a browser instead (tests/test_report_html.py)
+TEXT_FORMATS = tuple(f for f in FORMATS if f != "html")
 ENV = {"threads": 2, "torch": "2.5.1", "kernels": "cpp", "cuda": False}
 NOISE = [0.3, -0.2, 0.1, -0.4, 0.25]
 
@@ -168,7 +171,7 @@ def render_case(name: str, fmt: str, run_dir: Path) -> str:
     return load(args.kind)(build(run_dir), args)
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("fmt", TEXT_FORMATS)
 @pytest.mark.parametrize("name", list(CASES))
 def test_report_output_matches_its_golden_file(name: str, fmt: str, tmp_path: Path):
     out = render_case(name, fmt, tmp_path)
@@ -222,7 +225,7 @@ def test_status_output_matches_its_golden_file(tmp_path: Path):
     assert out == golden.read_bytes().decode()
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("fmt", TEXT_FORMATS)
 def test_status_is_a_report_kind_in_every_format(fmt: str, tmp_path: Path):
     from kdbench.report import report
     from kdbench.status import status_table

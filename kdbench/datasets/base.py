@@ -14,7 +14,9 @@ Optional, all with safe defaults:
   (``Batch.meta``) and evaluation sets to metric families.
 * ``group_info()``: a :class:`GroupInfo` when the data has groups.
 * ``eval_splits()``: extra named test sets (e.g. ``"test_reversed"``), evaluated like
-  ``test``; their metadata via ``meta(name)``.
+  ``test``; their metadata via ``meta(name)``. A set whose metadata has ``"spurious_only"``
+  holds images that show only a class's spurious feature (labelled with that class): it gets
+  the spurious mAUC against ``test`` instead of accuracy (``robustness/spurious_auc.py``).
 * a ``"val"`` entry in ``splits``: a validation split of the dataset's own, used instead of
   a held-out part of ``train`` when the grid asks for validation (``eval.val_fraction``).
 """

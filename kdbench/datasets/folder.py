@@ -6,6 +6,16 @@ one and ``val/`` otherwise (ImageNet's labelled evaluation split is ``val``). Wi
 when the grid asks for validation (``eval.val_fraction``) instead of holding out training
 images. Class indices come from the sorted class directories of ``train/`` and are used for
 every split, so a split that lacks a class does not shift the labels of the others.
+
+Spurious-only images (the spurious ImageNet protocol, Neuhaus et al. 2023): a folder
+``<root>/spurious_images/<class name>/<image>`` beside the splits holds, per class, images that
+show only a feature the class is spuriously associated with. They form the extra evaluation set
+``spurious`` (labels: the class whose feature they show; metadata ``spurious_only``), from
+which :mod:`kdbench.robustness.spurious_auc` computes the spurious mAUC against ``test``. A
+sub-folder may instead be named as in the Spurious ImageNet release, whose reader takes the
+class index from the third ``_``-separated field and the feature's component from the last
+(several components of one class are one class here); indices are those of the sorted
+``train/`` classes, i.e. torchvision's ImageNet indices when ``train/`` holds the 1000 wnids.
 """
 
 from __future__ import annotations
@@ -27,6 +37,8 @@ from kdbench.errors import DataError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+SPURIOUS_DIR = "spurious_images"
+SPURIOUS_SET = "spurious"
 
 
 class _ClassFolder(ImageFolder):
@@ -120,23 +132,85 @@ class ImageFolderDataset(KDDataset):
             self._folders[name] = folder
         return self._folders[name]
 
+    def _spurious_dir(self) -> Path | None:
+        assert self.root is not None
+        d = self.root / SPURIOUS_DIR
+        return d if d.is_dir() else None
+
+    def _spurious_classes(self, directory: Path) -> dict[str, int]:
+        """Sub-folder name -> class index: a class of ``train/`` or the release's naming."""
+        out, unknown = {}, []
+        for e in sorted(directory.iterdir()):
+            if not e.is_dir() or e.name.startswith("."):
+                continue
+            parts = e.name.split("_")
+            if e.name in self.class_to_idx:
+                out[e.name] = self.class_to_idx[e.name]
+            elif len(parts) >= 4 and parts[2].isdigit() and parts[-1].isdigit():
+                if int(parts[2]) >= self.num_classes:
+                    raise DataError(
+                        f"{e}: class index {parts[2]} is out of range (train/ has {self.num_classes} classes)"
+                    )
+                out[e.name] = int(parts[2])
+            else:
+                unknown.append(e.name)
+        if unknown:
+            raise DataError(
+                f"{directory} has folders that name no class of train/: {', '.join(unknown[:5])}"
+                f"{' ...' if len(unknown) > 5 else ''}; expected {directory}/<class name>/<image>"
+            )
+        if not out:
+            raise DataError(
+                f"{directory} has no class subdirectories; expected {directory}/<class name>/<image>"
+            )
+        return out
+
+    def _spurious(self) -> ImageFolder:
+        if SPURIOUS_SET not in self._folders:
+            directory = self._spurious_dir()
+            assert directory is not None
+            folder = _ClassFolder(directory, self._spurious_classes(directory), self.transform)
+            if not folder.samples:
+                raise DataError(f"{directory} holds no images (extensions: {', '.join(IMG_EXTENSIONS)})")
+            self._folders[SPURIOUS_SET] = folder
+        return self._folders[SPURIOUS_SET]
+
+    def eval_splits(self) -> dict[str, Dataset]:
+        """``spurious``: the images of ``<root>/spurious_images/`` when that folder exists."""
+        return {SPURIOUS_SET: self._spurious()} if self._spurious_dir() is not None else {}
+
+    def meta(self, split: str) -> dict[str, torch.Tensor]:
+        if split == SPURIOUS_SET and self._spurious_dir() is not None:
+            return {"spurious_only": torch.ones(len(self._spurious()), dtype=torch.bool)}
+        return {}
+
     def fingerprint(self) -> dict:
-        """Root, params, classes, sizes and a digest of each split's files: path, class, size, mtime."""
+        """Root, params, classes, sizes and a digest of each split's files: path, class, size, mtime
+        (and of the spurious-only images, when there are any)."""
         digests, sizes = {}, {}
         for name in self.splits:
             folder = self.split(name)
             assert isinstance(folder, ImageFolder)
-            h = hashlib.sha1()
-            for path, label in folder.samples:
-                st = os.stat(path)
-                rel = Path(path).relative_to(folder.root)
-                h.update(f"{rel}\t{label}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
-            digests[name] = h.hexdigest()[:16]
+            digests[name] = _files_digest(folder)
             sizes[name] = len(folder)
-        return {
+        out = {
             **super().fingerprint(),
             "params": {"image_size": self.image_size, "resize": self.resize},
             "classes": len(self.classes),
             "sizes": sizes,
             "files": digests,
         }
+        if self._spurious_dir() is not None:
+            folder = self._spurious()
+            out[SPURIOUS_SET] = {"size": len(folder), "files": _files_digest(folder)}
+        return out
+
+
+def _files_digest(folder: ImageFolder) -> str:
+    """sha1 of every sample's relative path, class, size and mtime (first 16 hex digits)."""
+    h = hashlib.sha1()
+    for path, label in folder.samples:
+        st = os.stat(path)
+        rel = Path(path).relative_to(folder.root)
+        h.update(f"{rel}\t{label}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]

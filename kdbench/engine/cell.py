@@ -19,9 +19,9 @@ import subprocess
 import time
 import traceback
 from collections import OrderedDict
-from collections.abc import Generator, Iterator
+from collections.abc import Generator, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,13 +41,15 @@ from kdbench.artifacts import (
 )
 from kdbench.cells import Cell, CellResult, PluginKey, TeacherSpec
 from kdbench.engine import evaluation as ev
-from kdbench.engine import ranks, views
+from kdbench.engine import ranks, softlabels, views
 from kdbench.engine.build import build_augmenter, build_dataset, build_model, resolve_device
 from kdbench.engine.data import Batches, holdout
 from kdbench.engine.train import Progress, StepPos, TrainSetup, clean, drain, train, train_steps
 from kdbench.engine.train import time_limit as _time_limit
 from kdbench.errors import ConfigError, KdbenchError
 from kdbench.features import FeatureReader, TapSpec, probe_features
+from kdbench.loggers import ARTIFACTS as LOGGED_FILES
+from kdbench.loggers import CellLoggers, RunInfo, cell_loggers
 from kdbench.methods.base import Distiller, MethodContext
 
 PROBE_SIZE = 256
@@ -169,9 +171,6 @@ def cell_logger(path: Path) -> Iterator[logging.Logger]:
     finally:
         log.removeHandler(h)
         h.close()
-        from kdbench.engine import tensorboard
-
-        tensorboard.close_all()
 
 
 # ------------------------------------------------------------------------------------ data
@@ -292,13 +291,15 @@ def obtain_teacher(
     eval_batch_size: int = 512,
     ece_bins: int = 15,
     progress: Progress | None = None,
+    cache: str = "teachers",
 ) -> tuple[nn.Module, TapSpec]:
     """The trained teacher for ``spec`` and its taps, from the cache or obtained now (once, under a lock).
 
     The teacher trains on its own dataset spec (``spec.dataset``, which may differ from the
     student's) less the same validation hold-out as its cells (``spec.val_fraction``).
+    ``cache`` is the run directory's folder it lives in (JTT's stage-1 models: "jtt").
     """
-    tdir = run_dir / "teachers"
+    tdir = run_dir / cache
     weights = tdir / f"{spec.id}.pt"
     data = cell_data(spec.dataset, spec.train.batch_size, eval_batch_size, spec.val_fraction)
     with file_lock(tdir / f"{spec.id}.lock"):
@@ -329,6 +330,19 @@ def prepare_teacher(cell: Cell, run_dir: Path) -> None:
         return
     device = resolve_device(cell.train.device)
     obtain_teacher(cell.teacher, Path(run_dir), device, cell.eval.batch_size, cell.eval.ece_bins)
+
+
+def prepare_softlabels(cell: Cell, run_dir: Path) -> Path | None:
+    """Obtain the teacher and build the soft-label bank ``cell`` replays (``teacher_outputs: replay``),
+    as ``run_cell`` would; the bank's directory, or None when the cell replays nothing."""
+    if not cell.uses_teacher or not softlabels.is_replay(cell.train.teacher_outputs):
+        return None
+    parts = _build(cell, Path(run_dir), None, None)
+    try:
+        setup = _setup(cell, parts, None, None, logging.getLogger("kdbench"))  # type: ignore[arg-type]
+        return softlabels.obtain(cell, setup, Path(run_dir), setup.log).dir
+    finally:
+        parts.close()
 
 
 def _teacher_loss(spec: TeacherSpec, data: CellData, device: torch.device):
@@ -383,7 +397,15 @@ def _make_teacher(
             workdir=work,
             progress=(lambda r: progress({**r, "stage": "teacher"})) if progress else None,
         )
-        return train(setup)
+        # a teacher is shared by cells and grids: it reports to the default loggers (its events
+        # in <teacher dir>/tb), not to a grid's runs
+        run = RunInfo(
+            spec.id, f"teacher {spec.id}", tdir.parent.name, work, tdir.parent, config=spec.to_dict()
+        )
+        with cell_loggers(None, run) as tracking:
+            row = train(replace(setup, loggers=tracking))
+            tracking.finish("done")
+        return row
 
     source.obtain(model, recipe)
     model.eval()
@@ -414,15 +436,17 @@ def run_cell(
     progress: Progress | None = None,
     attempt: int = 1,
     time_limit: float | None = None,
+    loggers: Sequence[PluginKey] | None = None,
 ) -> CellResult:
     """Run one cell in this process (or as this process's DDP rank) and write its ``result.json``.
 
     Failures are recorded (status "failed" with the traceback in ``log.txt``) rather than
     raised, so one broken cell never stops a sweep. ``time_limit`` (seconds of wall time): past
-    it the cell checkpoints at its next step and fails, ``retryable``.
+    it the cell checkpoints at its next step and fails, ``retryable``. ``loggers``: where its
+    training is reported (the grid's ``loggers``; None: the defaults, kdbench/loggers).
     """
     with _time_limit(time_limit):
-        return drain(run_cell_steps(cell, run_dir, progress, attempt))
+        return drain(run_cell_steps(cell, run_dir, progress, attempt, loggers=loggers))
 
 
 def run_cell_steps(
@@ -431,9 +455,11 @@ def run_cell_steps(
     progress: Progress | None = None,
     attempt: int = 1,
     teachers: Any = None,
+    loggers: Sequence[PluginKey] | None = None,
 ) -> Generator[StepPos, None, CellResult]:
     """:func:`run_cell` as a generator yielding ``(stage, epoch, step)`` before each training
-    step; ``teachers`` (a ``kdbench.engine.lockstep.SharedTeachers``) lends the teacher."""
+    step; ``teachers`` (a ``kdbench.engine.lockstep.SharedTeachers``) lends the teacher. The
+    cell's loggers run on the writing rank only: one run per cell, in a lockstep group too."""
     if ranks.world_size(cell.train) > 1 and ranks.current() is None:
         raise KdbenchError(
             f"cell {cell.id} is a DDP cell (gpus_per_cell x nodes > 1): run it through "
@@ -446,12 +472,16 @@ def run_cell_steps(
         write_json_atomic(cdir / "config.json", cell.to_dict())
         (cdir / "result.json").unlink(missing_ok=True)  # an earlier attempt's outcome is stale now
     env = environment()
-    with cell_logger(cdir / "log.txt" if writer else Path(os.devnull)) as log:
+    run_info = RunInfo.of_cell(cell, cdir) if writer else None
+    with (
+        cell_logger(cdir / "log.txt" if writer else Path(os.devnull)) as log,
+        cell_loggers(loggers, run_info, log) as tracking,
+    ):
         log.info("cell %s attempt %d: %s", cell.id, attempt, cell.describe)
         t0 = time.perf_counter()
         try:
             env["views"] = views.describe(cell)
-            metrics, summary = yield from _run(cell, Path(run_dir), cdir, progress, log, teachers)
+            metrics, summary = yield from _run(cell, Path(run_dir), cdir, progress, log, teachers, tracking)
             wall = time.perf_counter() - t0
             result = CellResult(
                 cell=cell, status="done", metrics={**metrics, "wall_s": wall}, summary=summary,
@@ -465,9 +495,12 @@ def run_cell_steps(
                 cell, attempt, f"{type(e).__name__}: {e}", bool(getattr(e, "retryable", False)),
                 time.perf_counter() - t0,
             ).model_copy(update={"env": env})  # fmt: skip
+        if tracking.problems:  # the driver prints each distinct problem once for the sweep
+            result = result.model_copy(update={"env": {**result.env, "logger_problems": tracking.problems}})
         if writer:
             write_json_atomic(cdir / "result.json", result)
         log.info("%s in %.1f s", result.status, result.wall_s)
+        tracking.finish(result.status, result.metrics, [cdir / name for name in LOGGED_FILES])
     return result
 
 
@@ -485,6 +518,8 @@ class _Parts:
     sets: dict[str, ev.EvalSet]
     ctx: ev.EvalContext
     setup: TrainSetup | None = None
+    #: what the cell's recipe adds to its summary (JTT's error set)
+    notes: dict[str, Any] = field(default_factory=dict)
 
     def student_logits(self, x: Tensor) -> Tensor:
         return self.distiller.predict(self.student_reader.read(x))
@@ -501,10 +536,18 @@ class _Parts:
 
 
 def _run(
-    cell: Cell, run_dir: Path, cdir: Path, progress: Progress | None, log: logging.Logger, teachers: Any
+    cell: Cell,
+    run_dir: Path,
+    cdir: Path,
+    progress: Progress | None,
+    log: logging.Logger,
+    teachers: Any,
+    tracking: CellLoggers | None = None,
 ) -> Generator[StepPos, None, tuple[dict, dict]]:
     parts = _build(cell, run_dir, teachers, progress)
-    parts.setup = _setup(cell, parts, cdir, progress, log)
+    parts.setup = replace(_setup(cell, parts, cdir, progress, log), loggers=tracking)
+    if parts.teacher_reader is not None and softlabels.is_replay(cell.train.teacher_outputs):
+        parts.setup.replay = softlabels.obtain(cell, parts.setup, run_dir, log)  # built once, under a lock
     t_train = time.perf_counter()
     yield from train_steps(parts.setup)
     train_s = time.perf_counter() - t_train
@@ -517,7 +560,10 @@ def _run(
     save_atomic(parts.student.state_dict(), cdir / "student.pt")
     log.info("metrics %s", json.dumps(metrics))
     parts.close()
-    return metrics, parts.distiller.summary()
+    summary = {**parts.distiller.summary(), **parts.notes}
+    if parts.setup.objective is not None:  # the group weights it ended with
+        summary["objective_q"] = [round(float(v), 6) for v in parts.setup.objective.q]
+    return metrics, summary
 
 
 def _build(cell: Cell, run_dir: Path, teachers: Any, progress: Progress | None) -> _Parts:
@@ -527,6 +573,13 @@ def _build(cell: Cell, run_dir: Path, teachers: Any, progress: Progress | None) 
     data = cell_data(cell.dataset, tr.batch_size, evc.batch_size, evc.val_fraction)
     method_cls: type[Distiller] = registry.load("losses", cell.method.name)
     params = dict(cell.method.params)
+    jtt = method_train(cell, method_cls).jtt
+    notes = {}
+    if jtt is not None:  # JTT: stage 1 (cached like a teacher), its error set upsampled in data.train
+        from kdbench.robustness.jtt import upsample
+
+        log = logging.getLogger(f"kdbench.cell.{cell.id}")
+        notes["jtt"] = upsample(cell, jtt, data.train, run_dir, device, log)
     teacher = tspec = None
     if cell.uses_teacher:
         get = teachers.obtain if teachers is not None else obtain_teacher
@@ -551,6 +604,7 @@ def _build(cell: Cell, run_dir: Path, teachers: Any, progress: Progress | None) 
         student_probe=s_probe,
         teacher_probe=t_probe,
         teacher_classifier=_classifier(teacher, tspec),
+        student_classifier=_classifier(student, sspec),
         train_targets=data.train.targets().to(device),
         device=device,
     )  # fmt: skip
@@ -562,8 +616,25 @@ def _build(cell: Cell, run_dir: Path, teachers: Any, progress: Progress | None) 
         teacher_reader = new_reader(teacher, tspec, taps.teacher or ("logits",))
     return _Parts(
         device, data, student, sspec, distiller, FeatureReader(student, sspec, taps.student or ("logits",)),
-        teacher_reader, data.eval_sets(cell, run_dir / "cache"), data.context(evc.ece_bins),
+        teacher_reader, data.eval_sets(cell, run_dir / "cache"), data.context(evc.ece_bins), notes=notes,
     )  # fmt: skip
+
+
+def method_train(cell: Cell, method_cls: Any) -> Any:
+    """The cell's train recipe with the fields its method sets (``train_for(**params)``: the
+    ``groupdro`` method's objective, ``jtt``'s setting); a conflicting grid value is an error."""
+    implied = getattr(method_cls, "train_for", None)
+    if implied is None:
+        return cell.train
+    fields = implied(**cell.method.params)
+    for k, v in fields.items():
+        own = getattr(cell.train, k)
+        if own is not None and own != v:
+            raise ConfigError(
+                f"method {cell.method.name} sets train.{k} itself ({v}); the grid's {own} contradicts "
+                f"it: remove train.{k} from this row or use {cell.method.name}'s parameters"
+            )
+    return cell.train.model_copy(update=fields)
 
 
 def _classifier(teacher: nn.Module | None, tspec: TapSpec | None) -> nn.Module | None:
@@ -589,7 +660,7 @@ def _setup(
     return TrainSetup(
         student=parts.student,
         student_reader=parts.student_reader,
-        recipe=cell.train,
+        recipe=method_train(cell, method_cls),
         train_data=data.train,
         device=parts.device,
         seed=cell.seed,

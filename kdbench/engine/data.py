@@ -157,6 +157,9 @@ class Batches:
         #: (rank, world) of a DDP cell: shuffled epochs yield this rank's share of every global
         #: batch (:func:`shard_order`); None: the whole split
         self.shard: tuple[int, int] | None = None
+        #: (positions, copies): each shuffled epoch draws those positions ``copies`` more times
+        #: (JTT's upsampled error set, kdbench/robustness/jtt.py); None: every sample once
+        self.upweight: tuple[Tensor, int] | None = None
 
     def __len__(self) -> int:
         return self.n_base + (0 if self.extra_y is None else len(self.extra_y))
@@ -211,12 +214,20 @@ class Batches:
         n = len(self)
         if generator is None:
             return torch.arange(n)
+        if self.upweight is not None:
+            if sampler == "group_balanced":
+                raise ConfigError(
+                    "train.jtt upsamples its error set on shuffled batches; use sampler: shuffle with it"
+                )
+            pos, copies = self.upweight
+            pool = torch.cat([torch.arange(n), pos.long().repeat(copies)])
+            return pool[torch.randperm(len(pool), generator=generator)]
         if sampler == "group_balanced":
             g = self.meta.get("group")
             if g is None:
                 raise ConfigError(
                     "train.sampler group_balanced needs a dataset with groups (meta 'group'); "
-                    "use a group dataset (spurious, waterbirds, celeba) or sampler: shuffle"
+                    "use a group dataset (spurious, waterbirds, celeba, spuco_birds) or sampler: shuffle"
                 )
             counts = torch.bincount(g.clamp_min(0))
             weights = 1.0 / counts[g.clamp_min(0)].double()

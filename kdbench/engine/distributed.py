@@ -46,7 +46,7 @@ import socket
 import sys
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -55,7 +55,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from kdbench.cells import Cell, CellResult
+from kdbench.cells import Cell, CellResult, PluginKey
 from kdbench.engine import ranks
 from kdbench.engine.ranks import RankInfo
 from kdbench.errors import ConfigError
@@ -365,15 +365,21 @@ def _free_port() -> int:
 
 
 def launch_cell(
-    cell: Cell, run_dir: Path, progress: Callable | None = None, attempt: int = 1
+    cell: Cell,
+    run_dir: Path,
+    progress: Callable | None = None,
+    attempt: int = 1,
+    loggers: Sequence[PluginKey] | None = None,
 ) -> CellResult | None:
     """Run a DDP cell: as this environment's rank (torchrun/Slurm tasks), else N local ranks.
-    Rank 0's result (None on the other ranks of an outside launcher)."""
-    out = _launch(cell, run_dir, progress, attempt)
+    Rank 0's result (None on the other ranks of an outside launcher); rank 0 alone logs."""
+    out = _launch(cell, run_dir, progress, attempt, loggers)
     return out if out is None or isinstance(out, CellResult) else CellResult.from_dict(out)
 
 
-def _launch(cell: Cell, run_dir: Path, progress: Callable | None, attempt: int) -> Any:
+def _launch(
+    cell: Cell, run_dir: Path, progress: Callable | None, attempt: int, loggers: Sequence[PluginKey] | None
+) -> Any:
     from kdbench.engine.cell import run_cell
 
     run_dir = Path(run_dir)
@@ -393,7 +399,7 @@ def _launch(cell: Cell, run_dir: Path, progress: Callable | None, attempt: int) 
 
         prepare_teacher(cell, run_dir)  # before joining: a teacher trains on one process
         with rank_context(rank, world, local, cell.train.device):
-            result = run_cell(cell, run_dir, progress if rank == 0 else None, attempt)
+            result = run_cell(cell, run_dir, progress if rank == 0 else None, attempt, loggers=loggers)
         return result if rank == 0 else None
     if int(getattr(cell.train, "nodes", 1)) > 1:
         return _failed(
@@ -403,7 +409,7 @@ def _launch(cell: Cell, run_dir: Path, progress: Callable | None, attempt: int) 
             "ConfigError: train.nodes > 1 needs a multi-node launcher (Slurm through the submitit "
             "executor with tasks_per_node=gpus_per_cell, or torchrun); locally use nodes: 1",
         )
-    return _spawn(cell, run_dir, progress, attempt, world)
+    return _spawn(cell, run_dir, progress, attempt, world, loggers)
 
 
 def _failed(cell: Any, run_dir: Path, attempt: int, error: str) -> dict:
@@ -416,13 +422,20 @@ def _failed(cell: Any, run_dir: Path, attempt: int, error: str) -> dict:
     return result
 
 
-def _spawn(cell: Any, run_dir: Path, progress: Callable | None, attempt: int, world: int) -> dict:
+def _spawn(
+    cell: Any,
+    run_dir: Path,
+    progress: Callable | None,
+    attempt: int,
+    world: int,
+    loggers: Sequence[PluginKey] | None = None,
+) -> dict:
     """Run ``cell`` on ``world`` spawned rank processes and return rank 0's result (or why not)."""
     t0 = time.perf_counter()
     problem = _cannot_launch(cell, run_dir, world)
     if problem is not None:
         return _failed(cell, run_dir, attempt, problem)
-    ranks = _Ranks(cell, run_dir, attempt, world)
+    ranks = _Ranks(cell, run_dir, attempt, world, loggers)
     ranks.watch(progress)
     return ranks.outcome(t0)
 
@@ -450,22 +463,22 @@ def _cannot_launch(cell: Any, run_dir: Path, world: int) -> str | None:
 class _Ranks:
     """The rank processes of one DDP cell, what they said, and how they ended."""
 
-    def __init__(self, cell: Any, run_dir: Path, attempt: int, world: int):
+    def __init__(
+        self, cell: Any, run_dir: Path, attempt: int, world: int, loggers: Sequence[PluginKey] | None = None
+    ):
         import multiprocessing as mp
 
         self.cell, self.run_dir, self.attempt = cell, run_dir, attempt
         ctx = mp.get_context("spawn")
         port = _free_port()
         threads = torch.get_num_threads()
+        keys = None if loggers is None else [k.to_dict() for k in loggers]  # the grid's, for rank 0
         self.procs: list[Any] = []
         self.conns: list[Any] = []
         for r in range(world):
             recv, send = ctx.Pipe(duplex=False)
-            p = ctx.Process(
-                target=_rank_main,
-                args=(cell.to_dict(), str(run_dir), attempt, r, world, port, threads, os.getpid(), send),
-                name=f"kdbench-rank{r}",
-            )
+            args = (cell.to_dict(), str(run_dir), attempt, r, world, port, threads, os.getpid(), send, keys)
+            p = ctx.Process(target=_rank_main, args=args, name=f"kdbench-rank{r}")
             p.start()
             send.close()
             self.procs.append(p)
@@ -603,6 +616,7 @@ def _rank_main(
     threads: int,
     parent_pid: int,
     conn: Any,
+    loggers: list[dict] | None = None,
 ) -> None:
     """A spawned rank: join the group, run the cell as this rank, report to the launcher."""
     from kdbench.procs import die_with_parent
@@ -625,7 +639,8 @@ def _rank_main(
     code = 0
     try:
         with rank_context(rank, world, rank, cell.train.device):
-            result = run_cell(cell, Path(run_dir), progress if rank == 0 else None, attempt)
+            keys = None if loggers is None else [PluginKey.model_validate(k) for k in loggers]
+            result = run_cell(cell, Path(run_dir), progress if rank == 0 else None, attempt, loggers=keys)
         conn.send(("result", result.to_dict()))
     except StopRequested:
         conn.send(("stopped", None))

@@ -68,6 +68,9 @@ class EvalContext:
     #: metadata of the training split (e.g. group proportions for a train-weighted average)
     train_meta: dict[str, Tensor] = field(default_factory=dict)
     train_targets: Tensor | None = None
+    #: the test set's (logits, labels, teacher logits or None), once it is evaluated: for
+    #: families that compare another set with it (spurious mAUC)
+    test_outputs: tuple[Tensor, Tensor, Tensor | None] | None = None
 
 
 Family = Callable[[Tensor, Tensor, dict[str, Tensor], "Tensor | None", EvalContext], dict[str, float]]
@@ -81,6 +84,8 @@ def classification_family(
     logits: Tensor, y: Tensor, meta: dict[str, Tensor], teacher_logits: Tensor | None, ctx: EvalContext
 ) -> dict[str, float]:
     """top1/top5, NLL, ECE and teacher agreement; top1 and NLL only when ``ctx.cheap``."""
+    if "spurious_only" in (meta or {}):
+        return {}  # the images do not show their label's object: no accuracy (robustness/spurious_auc.py)
     if ctx.cheap:
         m = classification_metrics(logits, y, ctx.ece_bins, None)
         return {"top1": m["top1"], "nll": m["nll"]}
@@ -91,7 +96,11 @@ FAMILIES: list[Family] = [classification_family]
 SET_PROVIDERS: list[SetProvider] = []
 AGGREGATES: list[Aggregate] = []
 #: modules imported before a cell evaluates, so their registrations take effect (absent ones skipped)
-EXTENSIONS: list[str] = ["kdbench.engine.groups", "kdbench.datasets.cifar_c"]
+EXTENSIONS: list[str] = [
+    "kdbench.engine.groups",
+    "kdbench.datasets.cifar_c",
+    "kdbench.robustness.spurious_auc",
+]
 _loaded: set[str] = set()
 
 
@@ -245,9 +254,14 @@ def evaluate(
     teacher: TeacherLogits | None = None,
     cheap: bool = False,
 ) -> dict[str, dict[str, float]]:
-    """Run ``fn`` once over each set and every family over its logits: ``{set: {metric: v}}``."""
+    """Run ``fn`` once over each set and every family over its logits: ``{set: {metric: v}}``.
+
+    ``test`` goes first; families of the later sets see its outputs (``ctx.test_outputs``).
+    """
     per_set: dict[str, dict[str, float]] = {}
-    for name, s in sets.items():
+    test_outputs = None
+    for name in sorted(sets, key=lambda n: n != "test"):
+        s = sets[name]
         logits = predict(fn, s.batches, device)
         t_logits = teacher(s) if teacher is not None else None
         ctx = EvalContext(
@@ -257,8 +271,11 @@ def evaluate(
             group_info=base_ctx.group_info,
             train_meta=base_ctx.train_meta,
             train_targets=base_ctx.train_targets,
+            test_outputs=test_outputs,
         )
         per_set[name] = set_metrics(logits, s.targets(), s.meta, t_logits, ctx)
+        if name == "test":
+            test_outputs = (logits, s.targets(), t_logits)
     return per_set
 
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 import json
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,7 +42,7 @@ from torch.nn.parameter import is_lazy
 
 from kdbench import registry
 from kdbench.artifacts import write_json_atomic
-from kdbench.cells import Cell, CellResult
+from kdbench.cells import Cell, CellResult, PluginKey
 from kdbench.engine.train import Progress, StepPos, StopRequested
 from kdbench.features import FeatureReader, Features, TapSpec, probe_features
 
@@ -69,6 +69,7 @@ def group_key(cell: Cell) -> str | None:
         "seed": cell.seed,
         "batch_size": tr.batch_size,
         "sampler": dict(tr).get("sampler"),
+        "jtt": dict(tr).get("jtt"),  # its upsampled error set changes the batches
         "augment": cell.augment.model_dump(mode="json"),
         "teacher_view": tv,
         "device": tr.device,
@@ -421,6 +422,7 @@ def run_group(
     on_result: Callable[[CellResult], None] | None = None,
     teachers: SharedTeachers | None = None,
     timings: dict[str, float] | None = None,
+    loggers: Sequence[PluginKey] | None = None,
 ) -> list[CellResult]:
     """Run ``cells`` (one :func:`group_key`) side by side, sharing their teacher; their results.
 
@@ -431,9 +433,9 @@ def run_group(
     cells up (``setup_s``), in steps that left a cell at its next step (``steps_s``, over
     ``step_calls`` of them; the teacher's forwards in them: ``teacher_step_forwards`` taking
     ``teacher_steps_s``) and in each cell's last call (``finish_s``: its last step, evaluation
-    and result).
+    and result). ``loggers``: the grid's (None: the defaults); each cell logs to its own runs.
     """
-    group = _Group(list(cells), Path(run_dir), progress, attempts or {}, on_result, teachers)
+    group = _Group(list(cells), Path(run_dir), progress, attempts or {}, on_result, teachers, loggers)
     try:
         group.run()
     finally:
@@ -446,7 +448,7 @@ def run_group(
 class _Group:
     """The cells of one lockstep group, each a generator of steps, advanced one step at a time."""
 
-    def __init__(self, cells, run_dir, progress, attempts, on_result, teachers) -> None:
+    def __init__(self, cells, run_dir, progress, attempts, on_result, teachers, loggers=None) -> None:
         from kdbench.engine.cell import run_cell_steps
 
         self.cells, self.on_result, self.run_dir = cells, on_result, run_dir
@@ -455,7 +457,7 @@ class _Group:
         self.slots = []
         for c in cells:
             steps = run_cell_steps(
-                c, run_dir, progress(c) if progress else None, attempts.get(c.id, 1), self.teachers
+                c, run_dir, progress(c) if progress else None, attempts.get(c.id, 1), self.teachers, loggers
             )
             self.slots.append(_Slot(c, steps, self.start))
         self.results: dict[str, CellResult] = {}

@@ -34,17 +34,17 @@ def run_job(
 
         attempts = dict(zip(job.ids, job.attempts, strict=True))
         with time_limit(job.time_limit):
-            return run_group(job.cells, run_dir, progress, attempts, on_result)
+            return run_group(job.cells, run_dir, progress, attempts, on_result, loggers=job.loggers)
     cell, attempt = job.first, job.attempts[0]
     mine = progress(cell) if progress is not None else None
     if ranks.world_size(cell.train) > 1 and ranks.current() is None:
         from kdbench.engine.distributed import launch_cell  # N rank processes (or this one's rank)
 
-        result = launch_cell(cell, run_dir, mine, attempt)
+        result = launch_cell(cell, run_dir, mine, attempt, job.loggers)
     else:
         from kdbench.engine.cell import run_cell
 
-        result = run_cell(cell, run_dir, mine, attempt, job.time_limit)
+        result = run_cell(cell, run_dir, mine, attempt, job.time_limit, job.loggers)
     if result is None:  # a rank other than 0 of an outside launcher: rank 0 speaks for the cell
         return []
     if on_result is not None:

@@ -36,6 +36,7 @@ from kdbench.engine.data import Batches, DatasetAugmentContext, ExtraSamples
 from kdbench.engine.hooks import Hook
 from kdbench.engine.precision import Amp, keep_on_device, prepare_model
 from kdbench.features import FeatureReader, Features
+from kdbench.loggers import CellLoggers
 from kdbench.methods.base import Batch, Distiller
 
 Progress = Callable[[dict[str, Any]], None]
@@ -137,6 +138,15 @@ class TrainSetup:
     eval_every: int = 0
     dataset_augmenters: list[Any] = field(default_factory=list)
     log: logging.Logger | None = None
+    #: where each epoch's row is reported besides ``metrics.jsonl`` (the cell's TensorBoard,
+    #: W&B, MLflow runs: kdbench/loggers); None: nowhere else
+    loggers: CellLoggers | None = None
+    #: the module replacing the CE term (``recipe.objective``, e.g. group DRO), built by
+    #: :func:`train_steps`; its state (group weights) is checkpointed
+    objective: nn.Module | None = None
+    #: teacher outputs read from a soft-label bank instead of the teacher's forward (a
+    #: kdbench.engine.softlabels.Replay; ``teacher_outputs: replay``); None: computed
+    replay: Any = None
 
 
 def make_optimizer(params: list[nn.Parameter], r: TrainRecipe) -> torch.optim.Optimizer:
@@ -199,7 +209,7 @@ class Trainer:
         self.hooks = hooks
         self.opt = make_optimizer(stage.params, stage.recipe)
         self.data_gen = torch.Generator().manual_seed(stage.data_seed)
-        self.aug_gen = torch.Generator(device="cpu").manual_seed(setup.seed * 7919 + 17)
+        self.aug_gen = torch.Generator(device="cpu").manual_seed(aug_seed(setup.seed))
         self.sampler = stage.recipe.sampler
         self.amp = Amp(stage.recipe, setup.device)  # precision, GradScaler, channels_last inputs
         #: a mid-epoch checkpoint's position: batches of the epoch already done and their loss sums
@@ -377,21 +387,18 @@ class EpochEval(Hook):
 
 
 class MetricsLog(Hook):
-    """Appends each epoch's row to ``metrics.jsonl``."""
+    """Appends each epoch's row to ``metrics.jsonl`` and hands it to the cell's loggers."""
 
     name = "metrics"
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, path: Path, loggers: CellLoggers | None = None):
+        self.path, self.loggers = path, loggers
 
     def after_epoch(self, trainer: Trainer, epoch: int, row: dict[str, Any]) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
-        from kdbench.engine import tensorboard  # event files too, when tensorboard is installed
-
-        tensorboard.log_row(self.path.parent, row)
-        if epoch + 1 >= trainer.stage.epochs:
-            tensorboard.close(self.path.parent)
+        if self.loggers is not None:
+            self.loggers.log_row(row)
 
 
 class DatasetAugment(Hook):
@@ -485,6 +492,7 @@ class Checkpoint(Hook):
             "epoch": epoch,  # epochs done; with trainer.partial.step, the epoch under way
             "student": s.student.state_dict(),
             "distiller": s.distiller.state_dict() if s.distiller is not None else None,
+            **({"objective": s.objective.state_dict()} if s.objective is not None else {}),
             "trainer": trainer_state,
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
@@ -580,7 +588,7 @@ def distill_loss(setup: TrainSetup) -> LossFn:
         xs, xt = _views(setup, inp)
         s = setup.student_reader.read(xs)
         if d is None:
-            return {"ce": F.cross_entropy(s.logits, inp.y)}
+            return {"ce": _ce(setup, s.logits, inp)}
         t = _teacher_features(setup, xt)
         views = {}
         for name in d.views:
@@ -588,10 +596,17 @@ def distill_loss(setup: TrainSetup) -> LossFn:
             views[name] = (setup.student_reader.read(xv), _teacher_features(setup, xv))
         terms = dict(d(s, t, _batch(inp, xs, views)))
         if w.get("ce", 0.0) != 0.0:
-            terms["ce"] = F.cross_entropy(d.predict(s), inp.y)
+            terms["ce"] = _ce(setup, d.predict(s), inp)
         return _weighted(terms, w)
 
     return loss
+
+
+def _ce(setup: TrainSetup, logits: Tensor, inp: StepInput) -> Tensor:
+    """The student's CE term: cross-entropy, or the recipe's objective over the batch's groups."""
+    if setup.objective is None:
+        return F.cross_entropy(logits, inp.y)
+    return setup.objective(logits, inp.y, inp.meta["group"])
 
 
 def init_loss(setup: TrainSetup) -> LossFn:
@@ -608,6 +623,16 @@ def init_loss(setup: TrainSetup) -> LossFn:
     return loss
 
 
+def aug_seed(seed: int) -> int:
+    """Seed of a trainer's augmentation generator (a soft-label bank draws the same crops)."""
+    return seed * 7919 + 17
+
+
+def train_data_seed(seed: int) -> int:
+    """Seed of the train stage's data order (a soft-label bank draws the same order)."""
+    return seed * 1000003
+
+
 def stages(setup: TrainSetup) -> list[Stage]:
     """The init stage (methods that have one), then the train stage."""
     d, r = setup.distiller, setup.recipe
@@ -615,7 +640,8 @@ def stages(setup: TrainSetup) -> list[Stage]:
     if d is not None and d.init_epochs > 0:
         init = r.model_copy(update={"epochs": d.init_epochs, "lr": r.init_lr or r.lr})
         out.append(Stage("init", d.init_epochs, [], init_loss(setup), init, setup.seed * 1000003 + 1))
-    out.append(Stage("train", r.epochs, [], distill_loss(setup), r, setup.seed * 1000003))
+    loss = distill_loss(setup) if setup.replay is None else setup.replay.loss(setup)
+    out.append(Stage("train", r.epochs, [], loss, r, train_data_seed(setup.seed)))
     return out
 
 
@@ -638,7 +664,7 @@ def _hooks(setup: TrainSetup, stage: Stage, ckpt: Path | None) -> list[Hook]:
     if stage.name == "train" and setup.epoch_eval is not None and setup.eval_every:
         hooks.append(EpochEval(setup.epoch_eval, setup.eval_every))
     if setup.workdir is not None:
-        hooks.append(MetricsLog(setup.workdir / "metrics.jsonl"))
+        hooks.append(MetricsLog(setup.workdir / "metrics.jsonl", setup.loggers))
     if ckpt is not None:
         hooks.append(Checkpoint(setup, ckpt, setup.recipe.checkpoint_every))
     if setup.progress is not None:
@@ -685,6 +711,13 @@ def train_steps(setup: TrainSetup) -> Generator[StepPos, None, dict[str, Any]]:
         prepare_model(m, setup.recipe)  # channels_last, compile (engine/precision.py)
     if not setup.dataset_augmenters:
         keep_on_device(setup.train_data, setup.device)
+    if setup.objective is None and getattr(setup.recipe, "objective", None) is not None:
+        from kdbench.methods.groupdro import build_objective
+
+        groups = setup.train_data.meta.get("group")
+        n = setup.train_data.n_base  # the split's own samples: its group counts
+        setup.objective = build_objective(setup.recipe.objective, None if groups is None else groups[:n])
+        setup.objective.to(setup.device)
     ckpt_path = setup.workdir / "checkpoint.pt" if setup.workdir else None
     resume = None
     if ckpt_path is not None:
@@ -699,6 +732,8 @@ def train_steps(setup: TrainSetup) -> Generator[StepPos, None, dict[str, Any]]:
         setup.student.load_state_dict(resume["student"])
         if setup.distiller is not None and resume.get("distiller") is not None:
             setup.distiller.load_state_dict(resume["distiller"])
+        if setup.objective is not None and resume.get("objective") is not None:
+            setup.objective.load_state_dict(resume["objective"])
         torch.set_rng_state(resume["torch_rng"])
         if resume.get("cuda_rng") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(resume["cuda_rng"])

@@ -13,7 +13,7 @@ import os
 import platform
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -148,7 +148,7 @@ def run_in_worker(job: Job) -> list[CellResult]:
         attempts.append(this_attempt(cdir, a))
         if os.environ.get("RANK", "0") == "0" and ranks.current() is None:  # a DDP cell's rank 0 speaks
             _write_worker(cdir, attempts[-1])
-    job = Job(job.cells, tuple(attempts), job.run_dir, job.threads, job.time_limit)
+    job = replace(job, attempts=tuple(attempts))
     with _graceful_preemption():
         return run_job(job)
 

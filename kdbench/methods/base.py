@@ -73,7 +73,9 @@ class MethodContext:
     that fit something to the models before training (CKA grouping).
     ``teacher_classifier`` is the teacher's final linear layer, frozen; do not register
     it as a submodule (store it in a tuple or with ``object.__setattr__``) or the
-    optimiser would see it.
+    optimiser would see it. ``student_classifier`` is the student's own final linear layer
+    (trained with the student; keep it out of the module tree too), for methods that apply
+    it to other features (SDD's region logits).
     """
 
     num_classes: int
@@ -85,6 +87,7 @@ class MethodContext:
     student_probe: Features | None = None
     teacher_probe: Features | None = None
     teacher_classifier: nn.Module | None = None
+    student_classifier: nn.Module | None = None
     train_targets: Tensor | None = None  # labels of the whole training set, in index order
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 

@@ -256,6 +256,10 @@ def load(kind: str) -> Callable[[RunData, ReportArgs], str]:
         raise
 
     def render(run: RunData, args: ReportArgs) -> str:
+        if args.fmt == "html" and kind == "leaderboard":  # the whole results page of the run
+            from kdbench.reports.html import page
+
+            return page(run, args)
         return render_report(module.build(run, args), args.fmt)
 
     return render

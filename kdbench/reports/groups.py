@@ -95,7 +95,8 @@ def build(run: RunData, args: ReportArgs) -> Report:
     if not recs:
         raise KdbenchError(
             f"no per-group metrics for set {eval_set(args)!r} in {run.run_dir}: the grid's datasets have no "
-            "groups (use spurious, waterbirds or celeba), or --metric names a set that was not evaluated"
+            "groups (use spurious, waterbirds, celeba or spuco_birds), or --metric names a set that was "
+            "not evaluated"
         )
     if args.plot:
         plot(recs, Path(args.plot), args.spread)

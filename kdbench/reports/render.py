@@ -8,7 +8,8 @@ the marks (≈ not significant, † undefined, ≠ another selection rule), ↑/
 escaping and the footer. GitHub Markdown and LaTeX booktabs tables go through tabulate; LaTeX
 titles and notes become ``%`` comments so the output compiles as is (or, for a ``float``
 report, the notes become the caption). CSV is written by :func:`write_csv` only (``\\n`` line
-ends, minimal quoting); JSON never holds NaN. A new format is one more ``_render_<fmt>``.
+ends, minimal quoting); JSON never holds NaN; HTML is :mod:`kdbench.reports.html`. A new
+format is one more ``_render_<fmt>``.
 """
 
 from __future__ import annotations
@@ -335,7 +336,11 @@ def _render_json(report: Report) -> str:
 
 
 def render_report(report: Report, fmt: str) -> str:
-    """``report`` in ``fmt``: github, latex, csv or json."""
+    """``report`` in ``fmt``: github, latex, csv, json or html (a standalone page)."""
+    if fmt == "html":
+        from kdbench.reports.html import render_html
+
+        return render_html(report)
     if fmt == "json":
         return _render_json(report)
     if fmt == "csv":

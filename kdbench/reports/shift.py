@@ -137,7 +137,7 @@ def build(run: RunData, args: ReportArgs) -> Report:
     if not recs:
         raise KdbenchError(
             f"no per-group metrics in {run.run_dir}: the shift report needs a dataset with groups "
-            "(spurious, waterbirds, celeba)"
+            "(spurious, waterbirds, celeba, spuco_birds)"
         )
     notes = footer(run.protocol(args)) + [
         "err = inherited (teacher also wrong) + own (teacher right); teacher err and disagreement are on the "
