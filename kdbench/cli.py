@@ -227,7 +227,8 @@ def _print_plan(p) -> None:
     seen: set[tuple[str, ...]] = set()
     for c in p.cells:
         seen_by = views.describe(c)
-        row = (c.method.label, f"{c.teacher.label} → {c.student.label}", c.method.resolved() or "-")
+        params = "; ".join(x for x in (c.method.resolved(), p.built.get(c.id, "")) if x) or "-"
+        row = (c.method.label, f"{c.teacher.label} → {c.student.label}", params)
         row += (seen_by["student"], seen_by["teacher"])
         if row not in seen:
             seen.add(row)

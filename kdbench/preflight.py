@@ -72,14 +72,15 @@ def method_fit_problems(grid: Grid, datasets: list[Any] | None = None) -> list[t
 
 
 def method_fit(
-    grid: Grid, datasets: list[Any] | None = None
+    grid: Grid, datasets: list[Any] | None = None, descriptions: dict[tuple[int, int, int], str] | None = None
 ) -> tuple[list[tuple[tuple[Any, ...], str]], Misfits]:
     """Grid problems ``[(grid key path, message)]`` (a method's view the grid lacks, models that
     cannot be built or run a probe batch) and misfits ``{(dataset index, pair index, method
     index): (grid key path, message)}`` (a method that cannot be built for that dataset and pair).
 
     ``datasets`` are the instantiated dataset plugins in grid order (the runner's plan has them);
-    None builds them here. A dataset that does not state its image shape is skipped.
+    None builds them here. A dataset that does not state its image shape is skipped. When given,
+    ``descriptions`` receives what each method built for each (dataset, pair) (``describe()``).
     """
     from kdbench.engine.build import build_model
     from kdbench.grid import model_label, uses_teacher
@@ -113,7 +114,11 @@ def method_fit(
                 problems.append((("pairs", p_i), f"the pair fails on a probe batch ({where}): {e!r}"))
                 continue
             for m_i, m in enumerate(grid.methods):
-                msg = _build_method(m, student, teacher, tspec, s_probe, t_probe, num_classes, grid, sspec)
+                msg, described = _build_method(
+                    m, student, teacher, tspec, s_probe, t_probe, num_classes, grid, sspec
+                )
+                if described and descriptions is not None:
+                    descriptions[d_i, p_i, m_i] = described
                 if not msg:
                     aug = m.train_augment or grid.train_augment.key()
                     shape3 = (num_classes, in_channels, size)
@@ -154,13 +159,14 @@ def _instantiate(ref: PluginRef) -> Any:
 
 def _build_method(
     m, student, teacher, tspec, s_probe, t_probe, num_classes, grid: Grid, sspec=None
-) -> str | None:
+) -> tuple[str | None, str]:
+    """(why the method cannot be built for this pair, or None; what it built: ``describe()``)."""
     from kdbench.grid import uses_teacher
     from kdbench.methods.base import MethodContext
 
     needs = uses_teacher(m)
     if needs and teacher is None:
-        return None
+        return None, ""
     classifier = None
     if needs and tspec is not None and tspec.classifier:
         classifier = teacher.get_submodule(tspec.classifier)
@@ -186,13 +192,17 @@ def _build_method(
         try:
             with warnings.catch_warnings(), torch.device(device):
                 warnings.simplefilter("ignore")
-                cls(ctx, **m.method_params)
-            return None
+                built = cls(ctx, **m.method_params)
+            try:
+                described = str(built.describe()) if callable(getattr(built, "describe", None)) else ""
+            except Exception:  # a description that needs real tensors: none in the dry run
+                described = ""
+            return None, described
         except KdbenchError as e:
-            return str(e)
+            return str(e), ""
         except Exception:
             continue  # not a config problem we can name here; the cell itself will tell
-    return None
+    return None, ""
 
 
 def teacher_datasets(

@@ -45,6 +45,9 @@ class Plan:
     #: cell id -> why it cannot run ("grid.yaml:9: methods[3]: fsp does not fit ..."): failed at
     #: once by ``execute`` (no teacher trained for it), listed by ``--dry-run``
     incompatible: dict[str, str] = field(default_factory=dict)
+    #: cell id -> what its method built for the cell's pair (``Distiller.describe``; OFA's
+    #: projectors), where a method says; shown by ``--dry-run``
+    built: dict[str, str] = field(default_factory=dict)
 
 
 def plan(grid: Grid, out: Path | None = None, executor: str | None = None) -> Plan:
@@ -75,7 +78,8 @@ def plan(grid: Grid, out: Path | None = None, executor: str | None = None) -> Pl
     # every method built once per (dataset, pair) from untrained models: FSP's channel
     # mismatch and the like are config problems here, not failures after the teacher trained
     tds_fp, tds_problems = teacher_datasets(grid, instances)
-    pair_problems, misfits = method_fit(grid, instances)
+    descriptions: dict[tuple[int, int, int], str] = {}
+    pair_problems, misfits = method_fit(grid, instances, descriptions)
     from kdbench.engine.softlabels import replay_problems  # methods that cannot replay soft labels
 
     for where, msg in tds_problems + pair_problems + replay_problems(grid):
@@ -87,7 +91,22 @@ def plan(grid: Grid, out: Path | None = None, executor: str | None = None) -> Pl
     ex = grid.executor if executor is None and grid.executor is not None else None
     if ex is None:
         ex = executor_ref(grid.config.executor, kind=executor)
-    return Plan(grid, run_dir, cells, teachers, ex, _incompatible(grid, cells, misfits, root))
+    incompatible = _incompatible(grid, cells, misfits, root)
+    return Plan(grid, run_dir, cells, teachers, ex, incompatible, _by_cell(grid, cells, descriptions))
+
+
+def _by_cell(grid: Grid, cells: list[Cell], per_entry: dict[tuple[int, int, int], str]) -> dict[str, str]:
+    """Cell id -> the value of its (dataset, pair, method) entry, for the entries that have one."""
+    if not per_entry:
+        return {}
+    coords = itertools.product(
+        range(len(grid.datasets)), range(len(grid.pairs)), range(len(grid.methods)), grid.config.seeds
+    )
+    return {
+        c.id: per_entry[d_i, p_i, m_i]
+        for (d_i, p_i, m_i, _), c in zip(coords, cells, strict=True)
+        if (d_i, p_i, m_i) in per_entry
+    }
 
 
 def _incompatible(grid: Grid, cells: list[Cell], misfits: dict, root: Any) -> dict[str, str]:

@@ -280,3 +280,17 @@ eval: {{batch_size: 500}}
     assert db.execute("SELECT status FROM cells").fetchall() == [("done",), ("done",)]
     text = json.dumps(results)
     assert "conv: 2 sep-conv /2" in text and "class token + 4x4 grid" in text
+
+
+def test_dry_run_plan_names_each_pairs_projectors():
+    """The projector OFA builds per stage depends on the pair: the plan (and --dry-run) says which."""
+    from kdbench.config import load_grid
+    from kdbench.runner import plan
+    from tests.conftest import ROOT
+
+    p = plan(load_grid(ROOT / "examples" / "heterogeneous.yaml", ["methods=[kd, ofa]", "seeds=[0]"]))
+    built = {(c.method.name, c.student.label.split("(")[0]): p.built.get(c.id) for c in p.cells}
+    assert built[("kd", "resnet20")] is None  # kd builds nothing to describe
+    cnn, vit = built[("ofa", "resnet20")], built[("ofa", "timm:vit_tiny_patch16_224")]
+    assert cnn.startswith("stage 1 ") and "conv:" in cnn and "tokens:" not in cnn
+    assert "tokens:" in vit and "conv:" not in vit

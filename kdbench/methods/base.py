@@ -176,6 +176,11 @@ class Distiller(nn.Module):
         """JSON-serialisable artefacts recorded in the cell's result (e.g. a chosen grouping)."""
         return {}
 
+    def describe(self) -> str:
+        """What this instance built for its pair, in a few words (``kdbench run --dry-run`` shows
+        it beside the parameters; e.g. OFA's projector per stage); "" when nothing is chosen."""
+        return ""
+
 
 def warmup_factor(batch: Batch, warmup_epochs: float) -> float:
     """Linear ramp min(epoch / warmup, 1) used by DKD and ReviewKD (epoch counted from 1)."""
