@@ -122,6 +122,30 @@ class MethodRef(Record):
 
 
 #: the defaults of a ``swa:`` setting
+#: the keys of a ``train.jtt`` setting and their defaults (kdbench/robustness/jtt.py runs it)
+JTT_DEFAULTS: dict[str, Any] = {"epochs": 1, "lambda_up": 20, "seed": 0}
+
+
+def check_jtt(value: Any) -> dict[str, Any] | None:
+    """A ``train.jtt`` setting with every key (``epochs``, ``lambda_up``, ``seed``), or None (off)."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        value = {}
+    if not isinstance(value, dict):
+        raise ValueError(f"jtt: expected a mapping {{epochs, lambda_up, seed}}, got {value!r}")
+    unknown = sorted(set(value) - set(JTT_DEFAULTS))
+    if unknown:
+        raise ValueError(f"jtt: unknown key(s) {', '.join(unknown)}; use epochs, lambda_up, seed")
+    out = {**JTT_DEFAULTS, **value}
+    for k in ("epochs", "lambda_up"):
+        if isinstance(out[k], bool) or not isinstance(out[k], int) or out[k] < 1:
+            raise ValueError(f"jtt.{k} must be a whole number >= 1, got {out[k]!r}")
+    if out["seed"] != "per_cell" and (isinstance(out["seed"], bool) or not isinstance(out["seed"], int)):
+        raise ValueError(f"jtt.seed is a number or 'per_cell', got {out['seed']!r}")
+    return out
+
+
 SWA_DEFAULTS: dict[str, Any] = {"start": 0.75, "lr": None, "anneal_epochs": 1}
 
 
@@ -290,8 +314,6 @@ class TrainRecipe(Record):
     def _check_jtt(cls, v: Any) -> Any:
         if v is None:
             return v
-        from kdbench.robustness.jtt import check_jtt
-
         return check_jtt(v)
 
     @field_validator("teacher_outputs", mode="before")

@@ -109,4 +109,11 @@ def report(
     run = open_run(run_dir, everything)
     if not run.cells:
         raise KdbenchError(f"{run_dir} holds no cells yet")
+    if fmt == "html":  # a standalone page, laid out above the table renderers
+        import importlib
+
+        from kdbench.report_choices import KINDS
+        from kdbench.reports.html import render_kind
+
+        return render_kind(kind, importlib.import_module(KINDS[kind]).build, run, args)
     return render(run, args)

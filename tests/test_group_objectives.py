@@ -147,7 +147,7 @@ def test_jtt_error_set_is_exactly_the_misclassified_training_samples_and_stage1_
     assert len({identification_spec(c, jtt).id for c in cells}) == 1
     cell = cells[0]
     data = cell_data(cell.dataset, 64, 500, cell.eval.val_fraction)
-    summary = upsample(cell, jtt, data.train, run_dir, dev)
+    summary = upsample(cell, jtt, data.train, run_dir, dev, obtain_teacher=obtain_teacher)
     spec = identification_spec(cell, jtt)
     weights = run_dir / CACHE / f"{spec.id}.pt"
     assert weights.exists() and not (run_dir / "teachers").exists()
@@ -167,7 +167,7 @@ def test_jtt_error_set_is_exactly_the_misclassified_training_samples_and_stage1_
     # a second cell (another seed and method) reuses the cached stage 1 without training it again
     mtime = weights.stat().st_mtime_ns
     other = cell_data(cells[-1].dataset, 64, 500, cells[-1].eval.val_fraction)
-    upsample(cells[-1], jtt, other.train, run_dir, dev)
+    upsample(cells[-1], jtt, other.train, run_dir, dev, obtain_teacher=obtain_teacher)
     assert weights.stat().st_mtime_ns == mtime and torch.equal(other.train.upweight[0], wrong)
 
 

@@ -28,8 +28,12 @@ Choices that are ours (the paper's sampler and step counts are not public):
   generated image is not known, and the source's is the closest available label.
 
 The diffusion model is either a local diffusers directory (``model: {path: DIR}``) or, by
-default, a small class-conditional UNet trained on the student's training split (see
-:mod:`kdbench.diffusion.train`; recipe keys under ``model:``), cached in the run directory.
+default, a small class-conditional UNet (see :mod:`kdbench.diffusion.train`; recipe keys under
+``model:``), cached in the run directory. The UNet trains on the student's own training split
+unless ``model: {dataset: SPEC}`` names other data (a dataset spec as in a grid, its ``train``
+split; same classes, channels and image size as the cell's): the paper's generator is pretrained
+on broad data and has seen the groups a biased split rarely shows, which e.g. the balanced
+variant of a spurious set gives a generator trained here.
 
 Artefacts per round in ``<cell>/config/``: ``round_NNN.pt`` (the generated samples, checksummed;
 a resumed cell reloads them instead of generating again) and ``round_NNN.png`` (source |
@@ -51,9 +55,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdbench.artifacts import load_checked, save_checked
-from kdbench.errors import ConfigError
+from kdbench.errors import ConfigError, KdbenchError
 
 KEEP = ("replace", "accumulate")
+#: the key under ``model:`` naming the data the default UNet trains on (default: the cell's split)
+DATASET_KEY = "dataset"
 #: how the samples of a round are ranked: the student's maximum softmax probability (the
 #: paper's), or its probability of the true label
 SELECT = ("max_prob", "true_label")
@@ -90,6 +96,20 @@ class PixelSpace:
 
     def to_unit(self, x: Tensor) -> Tensor:
         return (self.to_model(x) + 1) / 2
+
+    @classmethod
+    def of(cls, data: Any, chunks: Callable[[], Any]) -> PixelSpace:
+        """The space of a split: its ``mean``/``std`` when ``data`` has them, else the range of the
+        images ``chunks()`` yields as ``(x, y)`` batches."""
+        if getattr(data, "mean", None) is not None and getattr(data, "std", None) is not None:
+            return cls.from_stats(data.mean, data.std)
+        lo = hi = None
+        for x, _ in chunks():
+            xl, xh = x.amin(dim=(0, 2, 3)), x.amax(dim=(0, 2, 3))
+            lo = xl if lo is None else torch.minimum(lo, xl)
+            hi = xh if hi is None else torch.maximum(hi, xh)
+        assert lo is not None and hi is not None
+        return cls.from_range(lo, hi)
 
 
 # --------------------------------------------------------------------------- the core
@@ -325,6 +345,69 @@ def save_grid_png(
     tmp.replace(path)
 
 
+# --------------------------------------------------------------------------- the generator's data
+
+
+def parse_dataset_spec(raw: Any) -> dict[str, Any]:
+    """``model.dataset`` as ``{"name", "params"}``: a dataset name or ``{name: {params}}``, checked
+    like a grid's datasets (a known plugin, parameters that fit its signature, defaults filled)."""
+    from kdbench.config import Problems, parse_ref, validate_params
+
+    problems = Problems("config", None)
+    ref = parse_ref(raw, "datasets", ("model", DATASET_KEY), problems)
+    if ref is not None:
+        validate_params(ref, ("model", DATASET_KEY, ref.name), problems)
+    if problems.items or ref is None:
+        raise ConfigError("; ".join(problems.items), list(problems.items))
+    return {"name": ref.name, "params": dict(ref.params)}
+
+
+def _load(spec: dict[str, Any]) -> Any:
+    from kdbench.engine.cell import load_dataset
+
+    try:
+        return load_dataset(spec)
+    except KdbenchError as e:
+        raise ConfigError(f"config: model.{DATASET_KEY} ({spec['name']}) cannot be built: {e}") from None
+
+
+def _split_chunks(split: Any, batch_size: int = 512) -> Callable[[], Any]:
+    """(x, y) batches of a dataset split, in order."""
+    from kdbench.engine.data import Batches
+
+    batches = Batches(split, batch_size)
+
+    def gen():
+        for x, y, _ in batches.iterate(None, False):
+            yield x, y
+
+    return gen
+
+
+def check_generator_data(
+    spec: dict[str, Any], num_classes: int, in_channels: int, size: tuple[int, int], conditional: bool
+) -> None:
+    """Raise :class:`ConfigError` naming ``model.dataset`` unless its images have the cell's
+    channels and size (and, for a class-conditional UNet, its classes)."""
+    ds = _load(spec)
+    x, _ = ds.split("train")[0]
+    shape, want = tuple(torch.as_tensor(x).shape), (in_channels, *size)
+    problems = []
+    if shape != want:
+        problems.append(
+            f"its images are {'x'.join(map(str, shape))} (channels x height x width) but the cell's "
+            f"dataset's are {'x'.join(map(str, want))}"
+        )
+    if conditional and int(ds.num_classes) != num_classes:
+        problems.append(f"it has {ds.num_classes} classes but the cell's dataset has {num_classes}")
+    if problems:
+        raise ConfigError(
+            f"config: model.{DATASET_KEY} ({spec['name']}): {'; '.join(problems)}; the diffusion model must "
+            "make the kind of images it varies: choose data of the same shape (or drop model.dataset "
+            "to train on the cell's split)"
+        )
+
+
 # --------------------------------------------------------------------------- the plugin
 
 
@@ -352,7 +435,8 @@ class ConfigAugmenter:
     ``round(ddim_steps * strength)`` sampler steps), ``batch_size`` (samples optimised together), ``keep``
     (``replace`` the previous round's samples or ``accumulate`` them, at most ``cap``, oldest
     dropped first), ``model`` (``{path: DIR}`` for a local diffusers directory, else keys of
-    :class:`kdbench.diffusion.Recipe` for the default UNet), ``grid_images`` (pairs in the PNG),
+    :class:`kdbench.diffusion.Recipe` for the default UNet and ``dataset``, the data it trains on:
+    a dataset spec, default the cell's training split), ``grid_images`` (pairs in the PNG),
     ``grad_checkpoint`` (recompute each sampler step in the backward pass: memory of one UNet
     forward instead of one per step, for about a third more time).
     """
@@ -403,12 +487,20 @@ class ConfigAugmenter:
         self.grad_checkpoint = grad_checkpoint
         self.model = dict(model or {})
         self._path = self.model.pop("path", None)
+        #: the data the default UNet trains on, ``{"name", "params"}`` (None: the cell's split)
+        self.dataset = self.model.pop(DATASET_KEY, None)
+        if self.dataset is not None:
+            self.dataset = parse_dataset_spec(self.dataset)
         self._local_info: dict[str, Any] | None = None
         if self._path is not None:
             from kdbench.diffusion.model import inspect_local
 
-            if self.model:
-                raise ConfigError(f"config: model.path takes no recipe keys, got {', '.join(self.model)}")
+            if self.model or self.dataset is not None:
+                keys = [*self.model, *([DATASET_KEY] if self.dataset is not None else [])]
+                raise ConfigError(
+                    f"config: model.path takes no recipe keys, got {', '.join(keys)} "
+                    f"(model.{DATASET_KEY} is the data the default UNet trains on; a loaded model is trained)"
+                )
             self._local_info = inspect_local(self._path)
             self.recipe = None
         else:
@@ -422,6 +514,14 @@ class ConfigAugmenter:
 
     def __repr__(self) -> str:
         return f"ConfigAugmenter(every={self.every}, fraction={self.fraction}, steps={self.steps})"
+
+    @staticmethod
+    def check_params(params: dict[str, Any]) -> None:
+        """Checks of the grid's parameters when it is loaded: ``model.dataset`` names a dataset
+        plugin and its parameters fit its signature (nothing is built here)."""
+        model = params.get("model")
+        if isinstance(model, dict) and model.get(DATASET_KEY) is not None:
+            parse_dataset_spec(model[DATASET_KEY])
 
     # ----------------------------------------------------------------- validation
 
@@ -456,6 +556,10 @@ class ConfigAugmenter:
             raise ConfigError(
                 f"config: the default UNet ({len(self.recipe.widths)} levels) cannot take {h}x{w} images; "
                 f"it needs square images with a size divisible by {factor} (set fewer model.widths)"
+            )
+        if self.dataset is not None:
+            check_generator_data(
+                self.dataset, num_classes, in_channels, (h, w), self.recipe.class_conditional
             )
 
     # ----------------------------------------------------------------- the hook
@@ -501,16 +605,7 @@ class ConfigAugmenter:
         return gen
 
     def _pixel_space(self, ctx: Any) -> PixelSpace:
-        data = getattr(ctx.train, "data", None)
-        if getattr(data, "mean", None) is not None and getattr(data, "std", None) is not None:
-            return PixelSpace.from_stats(data.mean, data.std)
-        lo = hi = None
-        for x, _ in self._chunks(ctx)():
-            xl, xh = x.amin(dim=(0, 2, 3)), x.amax(dim=(0, 2, 3))
-            lo = xl if lo is None else torch.minimum(lo, xl)
-            hi = xh if hi is None else torch.maximum(hi, xh)
-        assert lo is not None and hi is not None
-        return PixelSpace.from_range(lo, hi)
+        return PixelSpace.of(getattr(ctx.train, "data", None), self._chunks(ctx))
 
     def _check_models(self, ctx: Any, x: Tensor, n_labels: int) -> int:
         """The class count; clear errors for a missing teacher or mismatched heads."""
@@ -538,13 +633,36 @@ class ConfigAugmenter:
         from kdbench.diffusion.train import obtain_trained
 
         assert self._space is not None and self.recipe is not None
+        if self.dataset is None:
+            chunks, space, source = self._chunks(ctx), self._space, None
+            n = getattr(ctx.train, "n_base", len(ctx.train))
+            groups = ctx.train.meta.get("group") if hasattr(ctx.train, "meta") else None
+            seen: dict[str, Any] = {"dataset": "the cell's training split", "n": n}
+            groups = groups[:n] if groups is not None else None
+        else:
+            ds = _load(self.dataset)
+            split = ds.split("train")
+            chunks = _split_chunks(split)
+            space = PixelSpace.of(split, chunks)
+            source = {"dataset": self.dataset, "fingerprint": ds.fingerprint()}
+            groups = ds.meta("train").get("group")
+            seen = {"dataset": self.dataset, "n": len(split)}
+        if groups is not None:
+            seen["group_counts"] = torch.bincount(groups.long()).tolist()
         xs, ys = [], []
-        for x, y in self._chunks(ctx)():
-            xs.append(self._space.to_model(x).clamp(-1, 1))
+        for x, y in chunks():
+            xs.append(space.to_model(x).clamp(-1, 1))  # the model's [-1, 1] pixels: the same for all data
             ys.append(y)
         run_dir = Path(ctx.cell_dir).parent.parent  # <run>/cells/<id>
         self._diffusion, self._diffusion_record = obtain_trained(
-            self.recipe, torch.cat(xs), torch.cat(ys), num_classes, run_dir, ctx.device
+            self.recipe,
+            torch.cat(xs),
+            torch.cat(ys),
+            num_classes,
+            run_dir,
+            ctx.device,
+            source=source,
+            seen=seen,
         )
         return self._diffusion
 

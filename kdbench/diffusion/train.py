@@ -1,5 +1,6 @@
 """The default diffusion model: a small class-conditional UNet2DModel trained with DDPM's noise
-prediction loss on the student's own training split, cached in the run directory.
+prediction loss on the student's own training split (or the data ``model.dataset`` names),
+cached in the run directory.
 
 Like teachers, it is a shared artefact: keyed by a hash of the recipe and the training images,
 trained once under a file lock by whichever cell needs it first, saved with a checksum
@@ -110,9 +111,18 @@ def data_digest(images: Tensor, labels: Tensor) -> str:
     return h.hexdigest()
 
 
-def model_key(recipe: Recipe, digest: str, num_classes: int) -> str:
-    spec = {"recipe": asdict(recipe), "data": digest, "classes": num_classes, "code": CODE_VERSION}
-    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+def model_key(recipe: Recipe, digest: str, num_classes: int, source: dict[str, Any] | None = None) -> str:
+    """The cache key: recipe, data digest, classes, code version and, when the model trains on
+    data of its own (``model.dataset``), that data's spec and fingerprint (``source``)."""
+    spec: dict[str, Any] = {
+        "recipe": asdict(recipe),
+        "data": digest,
+        "classes": num_classes,
+        "code": CODE_VERSION,
+    }
+    if source is not None:  # absent: the keys models trained on a cell's own split always had
+        spec["source"] = source
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _build(recipe: Recipe, image_size: int, channels: int, num_classes: int) -> DiffusionModel:
@@ -333,12 +343,16 @@ def obtain_trained(
     num_classes: int,
     run_dir: Path,
     device: torch.device | str = "cpu",
+    source: dict[str, Any] | None = None,
+    seen: dict[str, Any] | None = None,
 ) -> tuple[DiffusionModel, dict[str, Any]]:
     """The recipe's model for these images: from ``run_dir/diffusion/`` or trained now (once).
 
+    ``source`` (the dataset spec and fingerprint of data other than the cell's split) joins the
+    key; ``seen`` (what the images are: dataset, count, group counts) joins the record only.
     Returns the model (frozen, on ``device``) and its record (key, train_s, trained_here).
     """
-    key = model_key(recipe, data_digest(images, labels), num_classes)
+    key = model_key(recipe, data_digest(images, labels), num_classes, source)
     work = Path(run_dir) / "diffusion" / key
     weights = work / "model.pt"
     trained_here = False
@@ -354,9 +368,11 @@ def obtain_trained(
                 "train_s": model.source["train_s"],
                 "final_loss": model.source["final_loss"],
                 "device": str(device),
+                **({"source": source} if source is not None else {}),
+                **({"seen": seen} if seen is not None else {}),
             }
             save_checked({"unet": model.unet.state_dict(), "record": record}, weights)
-            (work / "result.json").write_text(json.dumps(record, indent=1))
+            (work / "result.json").write_text(json.dumps(record, indent=1, default=str))
             (work / "checkpoint.pt").unlink(missing_ok=True)
             trained_here = True
     saved = load_checked(weights, rebuild_hint=f"delete {work} to train the diffusion model again")

@@ -579,7 +579,7 @@ def _build(cell: Cell, run_dir: Path, teachers: Any, progress: Progress | None) 
         from kdbench.robustness.jtt import upsample
 
         log = logging.getLogger(f"kdbench.cell.{cell.id}")
-        notes["jtt"] = upsample(cell, jtt, data.train, run_dir, device, log)
+        notes["jtt"] = upsample(cell, jtt, data.train, run_dir, device, log, obtain_teacher=obtain_teacher)
     teacher = tspec = None
     if cell.uses_teacher:
         get = teachers.obtain if teachers is not None else obtain_teacher

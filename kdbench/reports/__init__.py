@@ -256,10 +256,8 @@ def load(kind: str) -> Callable[[RunData, ReportArgs], str]:
         raise
 
     def render(run: RunData, args: ReportArgs) -> str:
-        if args.fmt == "html" and kind == "leaderboard":  # the whole results page of the run
-            from kdbench.reports.html import page
-
-            return page(run, args)
+        if args.fmt == "html":  # a page: kdbench/reports/html.py, above this module (kdbench.report calls it)
+            raise KdbenchError("the html format is rendered by kdbench.report.report / kdbench.reports.html")
         return render_report(module.build(run, args), args.fmt)
 
     return render

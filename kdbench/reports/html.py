@@ -523,6 +523,14 @@ def _facts_html(items: list[tuple[str, str]]) -> str:
     return '<dl class="facts">' + "".join(f"<dt>{esc(k)}</dt><dd>{esc(v)}</dd>" for k, v in items) + "</dl>"
 
 
+def render_kind(kind: str, build: Any, run: RunData, args: ReportArgs) -> str:
+    """The ``html`` format of a report kind: the whole results page for the leaderboard (the
+    default kind), else that kind's tables (``build(run, args)``) as a page."""
+    if kind == "leaderboard":
+        return page(run, args)
+    return render_html(build(run, args))
+
+
 def page(run: RunData, args: ReportArgs) -> str:
     """The results page of ``run``: each section present only when the run has its data."""
     sections = [leaderboard_section(run, args)]

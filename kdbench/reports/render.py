@@ -336,11 +336,7 @@ def _render_json(report: Report) -> str:
 
 
 def render_report(report: Report, fmt: str) -> str:
-    """``report`` in ``fmt``: github, latex, csv, json or html (a standalone page)."""
-    if fmt == "html":
-        from kdbench.reports.html import render_html
-
-        return render_html(report)
+    """``report`` in ``fmt``: github, latex, csv or json (html pages: kdbench/reports/html.py)."""
     if fmt == "json":
         return _render_json(report)
     if fmt == "csv":

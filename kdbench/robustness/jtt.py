@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -42,38 +43,18 @@ from torch import Tensor, nn
 
 from kdbench import registry
 from kdbench.artifacts import file_lock, write_json_atomic
+from kdbench.cells import JTT_DEFAULTS as DEFAULTS  # noqa: F401 - the setting is a record's
+from kdbench.cells import check_jtt  # noqa: F401
 from kdbench.errors import ConfigError
 from kdbench.features import FeatureReader, Features, TapSpec
 from kdbench.methods.base import Batch, Distiller, MethodContext, Taps
 
-#: the keys of a ``jtt`` setting and their defaults
-DEFAULTS: dict[str, Any] = {"epochs": 1, "lambda_up": 20, "seed": 0}
 #: where stage-1 models live in a run directory
 CACHE = "jtt"
 #: recipe fields stage 1 leaves at their defaults: plain ERM on one process (shuffled batches, CE,
 #: no SWA, the teacher's forward not involved)
 _NOT_ERM = ("jtt", "objective", "sampler", "swa", "method", "teacher_view", "teacher_outputs")
 _NOT_ERM += ("gpus_per_cell", "nodes", "sync_bn")
-
-
-def check_jtt(value: Any) -> dict[str, Any] | None:
-    """A ``train.jtt`` setting with every key (``epochs``, ``lambda_up``, ``seed``), or None (off)."""
-    if value is None or value is False:
-        return None
-    if value is True:
-        value = {}
-    if not isinstance(value, dict):
-        raise ValueError(f"jtt: expected a mapping {{epochs, lambda_up, seed}}, got {value!r}")
-    unknown = sorted(set(value) - set(DEFAULTS))
-    if unknown:
-        raise ValueError(f"jtt: unknown key(s) {', '.join(unknown)}; use epochs, lambda_up, seed")
-    out = {**DEFAULTS, **value}
-    for k in ("epochs", "lambda_up"):
-        if isinstance(out[k], bool) or not isinstance(out[k], int) or out[k] < 1:
-            raise ValueError(f"jtt.{k} must be a whole number >= 1, got {out[k]!r}")
-    if out["seed"] != "per_cell" and (isinstance(out["seed"], bool) or not isinstance(out["seed"], int)):
-        raise ValueError(f"jtt.seed is a number or 'per_cell', got {out['seed']!r}")
-    return out
 
 
 def identification_spec(cell: Any, jtt: dict[str, Any]) -> Any:
@@ -123,12 +104,20 @@ def error_set(model: nn.Module, taps: TapSpec, train: Any, device: torch.device)
 
 
 def upsample(
-    cell: Any, jtt: dict[str, Any], train: Any, run_dir: Path, device: torch.device, log: Any = None
+    cell: Any,
+    jtt: dict[str, Any],
+    train: Any,
+    run_dir: Path,
+    device: torch.device,
+    log: Any = None,
+    *,
+    obtain_teacher: Callable[..., Any],
 ) -> dict[str, Any]:
     """Obtain (or load) ``cell``'s stage-1 model, find its error set on ``train`` and upsample it
-    there (``train.upweight``); returns the error set's summary (also in ``error_set.json``)."""
-    from kdbench.engine.cell import obtain_teacher
+    there (``train.upweight``); returns the error set's summary (also in ``error_set.json``).
 
+    ``obtain_teacher`` is the engine's teacher cache (``kdbench.engine.cell.obtain_teacher``),
+    handed in by the engine so that this module does not import it back."""
     spec = identification_spec(cell, jtt)
     model, taps = obtain_teacher(
         spec, Path(run_dir), device, cell.eval.batch_size, cell.eval.ece_bins, cache=CACHE
