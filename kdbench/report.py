@@ -15,7 +15,7 @@ from kdbench.cells import CELL_FORMAT, CellFormatError
 from kdbench.errors import KdbenchError
 from kdbench.reports import FORMATS, ReportArgs, RunData, load
 from kdbench.reports.leaderboard import TEACHER_ROW, Board, Stat, build_board, column_label, render_board
-from kdbench.store import META_CELLS, META_GRID, Store
+from kdbench.store import META_CELLS, META_GRID, META_LAST_RUN, Store
 
 __all__ = [
     "FORMATS",
@@ -84,9 +84,16 @@ def open_run(run_dir: Path, everything: bool = False) -> RunData:
         teachers = {t["id"]: t for t in store.teachers()}
         epochs = {c["id"]: rows for c in cells if (rows := store.epochs(c["id"])) is not None}
         grid = _grid(_grid_text(run_dir, store))
+        last = store.get_meta(META_LAST_RUN)
     finally:
         store.close()
-    return RunData(run_dir, cells, teachers, grid, epochs)
+    try:
+        last_run = json.loads(last) if last else {}
+    except ValueError:
+        last_run = {}
+    return RunData(
+        run_dir, cells, teachers, grid, epochs, last_run=last_run if isinstance(last_run, dict) else {}
+    )
 
 
 def report(

@@ -9,9 +9,11 @@ cell killed mid-training resumes from its last epoch checkpoint.
 
 from __future__ import annotations
 
+import datetime
 import inspect
 import itertools
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +31,7 @@ from kdbench.grid import expand
 from kdbench.preflight import method_fit, teacher_datasets
 from kdbench.procs import cpu_budget
 from kdbench.rundir import RunDir
-from kdbench.store import Store
+from kdbench.store import META_LAST_RUN, Store
 
 
 @dataclass
@@ -272,7 +274,16 @@ def execute(
         store = rd.open_store()
         try:
             store.record_grid(grid_text.decode(errors="replace"), [c.id for c in p.cells])
-            return _Sweep(p, rd, store, ex, console).run(threads, detach)
+            t0 = time.perf_counter()
+            counts = _Sweep(p, rd, store, ex, console).run(threads, detach)
+            if not detach and counts["done"] + counts["failed"]:  # what the report's page shows
+                record = {
+                    "wall_s": round(time.perf_counter() - t0, 3),
+                    "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                    **{k: counts[k] for k in ("done", "failed", "skipped")},
+                }
+                store.set_meta(META_LAST_RUN, json.dumps(record))
+            return counts
         finally:
             store.close()
 

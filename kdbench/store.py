@@ -75,6 +75,8 @@ NETWORK_FS = ("nfs", "nfs4", "lustre", "gpfs", "cifs", "smb3", "smbfs", "ceph", 
 JOURNAL_ENV = "KDBENCH_SQLITE_JOURNAL"
 META_GRID = "grid.yaml"  # meta key: the text of the grid last run here
 META_CELLS = "cells.json"  # meta key: the ids of its cells (JSON list)
+#: meta key: the last ``kdbench run`` pass that ran cells here (JSON: wall_s, finished, counts)
+META_LAST_RUN = "last_run.json"
 
 
 class JournalModeError(KdbenchError):

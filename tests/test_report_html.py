@@ -435,6 +435,7 @@ def test_real_shrunk_example_runs_pass_the_browser_checks(capsys, tmp_path, visi
         assert r.returncode == 0, r.stderr + r.stdout
         v = visit(make_page(capsys, run_dir))
         v.assert_clean()
+        assert "for the last kdbench run" in v.page.locator("dl.facts").inner_text()  # its wall time
         got = _sections(v.page)
         assert all(s in got for s in sections), (name, got)
         code, text = kdbench(capsys, "report", str(run_dir), "--format", "json")
@@ -448,3 +449,20 @@ def test_real_shrunk_example_runs_pass_the_browser_checks(capsys, tmp_path, visi
             assert rec["status"] == "done", rec
             assert float(cell["value"]) == rec["metrics"]["top1"]["mean"]
             assert cell["text"].startswith(_stat_text(rec["metrics"]["top1"]))
+
+
+def test_page_shows_the_wall_time_of_the_last_run(capsys, tmp_path):
+    """`kdbench run` records its wall time in the store; the page's facts show it."""
+    from kdbench.store import META_LAST_RUN
+
+    run_dir = write_store(groups_run(tmp_path))
+    page = make_page(capsys, run_dir).read_text()
+    assert "wall time" not in page  # a run made before the record: nothing invented
+    store = Store(run_dir / "results.sqlite")
+    try:
+        record = {"wall_s": 125.5, "finished": "2026-12-06T03:00:00+00:00", "done": 7, "failed": 1}
+        store.set_meta(META_LAST_RUN, json.dumps(record))
+    finally:
+        store.close()
+    page = make_page(capsys, run_dir).read_text()
+    assert "<dt>wall time</dt><dd>2.1 min for the last kdbench run (7 done, 1 failed" in page

@@ -87,6 +87,8 @@ class RunData:
     grid: dict = field(default_factory=dict)  # the grid last run here, as parsed YAML ({} if absent)
     #: cell id -> per-epoch rows imported into the store (cells absent here: read metrics.jsonl)
     stored_epochs: dict[str, list[dict]] = field(default_factory=dict)
+    #: the last ``kdbench run`` pass that ran cells here: wall_s, finished, done/failed/skipped ({}: unknown)
+    last_run: dict = field(default_factory=dict)
     _epochs: dict[str, list[dict]] = field(default_factory=dict, repr=False)
 
     def epochs(self, cell_id: str) -> list[dict]:

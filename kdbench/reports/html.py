@@ -489,6 +489,13 @@ def facts(run: RunData) -> list[tuple[str, str]]:
         ("run", str(run.run_dir)),
         ("cells", ", ".join(f"{n} {s}" for s, n in sorted(states.items())) + f" (of {len(run.cells)})"),
     ]
+    last = run.last_run
+    if isinstance(last.get("wall_s"), int | float):
+        ran = ", ".join(f"{last[k]} {k}" for k in ("done", "failed", "skipped") if last.get(k))
+        when = f", finished {last['finished']}" if last.get("finished") else ""
+        out.append(
+            ("wall time", f"{_seconds(float(last['wall_s']))} for the last kdbench run ({ran}{when})")
+        )
     walls = [float(c["wall_s"]) for c in run.cells if isinstance(c.get("wall_s"), int | float)]
     if walls:
         out.append(
