@@ -29,7 +29,7 @@ app = typer.Typer(
     help="kdbench: knowledge-distillation sweeps, leaderboards and kernels.",
 )
 err = Console(stderr=True, soft_wrap=True)
-out = Console()
+out = Console(soft_wrap=True)  # paths and lines print whole (tables lay themselves out)
 
 
 # --- completion: plugin names from the entry points (nothing imported), run dirs, grid files

@@ -269,3 +269,34 @@ def test_banks_can_be_built_ahead_of_the_run(ran):
     banks = build_softlabels(p)  # already built by the cells: found, not rebuilt
     assert banks == sorted({_bank(p, p.cells[1]), _bank(p, p.cells[2])})
     assert all(sl.is_complete(b) for b in banks)
+
+
+def test_softlabels_command_builds_the_banks_ahead(tmp_path, capsys):
+    """`kdbench softlabels GRID` trains the teacher, builds each bank once and prints where."""
+    import sys
+
+    from kdbench import cli
+
+    g = write_grid(
+        tmp_path / "g.yaml",
+        GRID.format(out=tmp_path / "runs", methods="\n  - kd: {train: {teacher_outputs: replay}}\n  - kd\n"),
+    )
+
+    def kdbench(*args: str) -> tuple[int, str, str]:
+        old, sys.argv = sys.argv, ["kdbench", *args]
+        try:
+            with pytest.raises(SystemExit) as e:
+                cli.main()
+        finally:
+            sys.argv = old
+        got = capsys.readouterr()
+        return e.value.code, got.out, got.err
+
+    code, out, err = kdbench("softlabels", str(g))
+    assert code == 0, err
+    lines = out.splitlines()
+    assert len(lines) == 1, out
+    bank = Path(lines[0])
+    assert bank.parent == tmp_path / "runs" / "sl" / "softlabels" and sl.is_complete(bank)
+    code, out, err = kdbench("softlabels", str(g), "--set", "methods=[kd]")
+    assert code == 0 and out == "" and "no cell of this grid replays soft labels" in err
