@@ -59,7 +59,12 @@ class RunLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 200, 0).decode(errors="replace").split()
+            holder: list[str] = []
+            for _ in range(40):  # the holder writes who it is just after it takes the lock
+                holder = os.pread(fd, 200, 0).decode(errors="replace").split()
+                if len(holder) >= 2:
+                    break
+                time.sleep(0.025)
             os.close(fd)
             who = f"host {holder[0]}, PID {holder[1]}" if len(holder) >= 2 else "another process"
             raise RunDirBusy(

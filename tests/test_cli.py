@@ -213,7 +213,8 @@ def test_completion_of_subcommands_plugins_and_run_dirs(tmp_path):
     assert complete("kdbench report runs/", cwd=tmp_path) == ["runs/empty/", "runs/quick"]
     assert complete("kdbench run g", cwd=tmp_path) == ["grid.yaml"]
     for shell in ("bash", "zsh"):
-        r = kdbench_cli("--show-completion", shell)
+        # the shell is named (typer otherwise detects the one it runs under, which may be sh)
+        r = kdbench_cli("--show-completion", shell, env={"_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION": "1"})
         assert r.returncode == 0 and "_KDBENCH_COMPLETE" in r.stdout, r.stderr
 
 
