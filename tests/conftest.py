@@ -34,6 +34,22 @@ def kdbench_cli(
     )
 
 
+def kdbench_main(capsys, *args: str) -> tuple[int, str]:
+    """``kdbench ARGS`` in this process through the real entry point: (exit code, stdout+stderr)."""
+    from kdbench import cli
+
+    old = sys.argv
+    sys.argv = ["kdbench", *args]
+    try:
+        with pytest.raises(SystemExit) as e:
+            cli.main()
+    finally:
+        sys.argv = old
+    got = capsys.readouterr()
+    code = e.value.code
+    return (code if isinstance(code, int) else 0), got.out + got.err
+
+
 def done_metrics(run_dir: Path) -> dict[str, dict]:
     """cell id -> its metrics without timings, from a run directory's result files (all done)."""
     out = {}

@@ -16,21 +16,9 @@ from kdbench import cli
 from kdbench.config import load_grid
 from kdbench.errors import ConfigError
 from kdbench.runner import plan
-from tests.conftest import done_metrics, kdbench_cli
+from tests.conftest import done_metrics, kdbench_cli, kdbench_main
 
-
-def call(capsys, *args: str) -> tuple[int, str]:
-    """Run ``kdbench ARGS`` in this process through the real entry point; (exit code, stdout+stderr)."""
-    old = sys.argv
-    sys.argv = ["kdbench", *args]
-    try:
-        with pytest.raises(SystemExit) as e:
-            cli.main()
-    finally:
-        sys.argv = old
-    got = capsys.readouterr()
-    code = e.value.code
-    return (code if isinstance(code, int) else 0), got.out + got.err
+call = kdbench_main
 
 
 def commands() -> dict[str, object]:

@@ -18,15 +18,14 @@ import os
 import re
 import shutil
 import struct
-import sys
 import zlib
 from pathlib import Path
 
 import pytest
 
-from kdbench import cli
 from kdbench.reports import RunData
 from kdbench.store import Store, read_epoch_rows
+from tests.conftest import kdbench_main
 from tests.test_tables import corruptions_run, groups_run, leaderboard_run
 
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
@@ -91,17 +90,7 @@ def add_pictures(run_dir: Path, cell_id: str) -> None:
         f.write(json.dumps(row) + "\n")
 
 
-def kdbench(capsys, *args: str) -> tuple[int, str]:
-    """``kdbench ARGS`` through the real entry point, in this process: (exit code, stdout+stderr)."""
-    old = sys.argv
-    sys.argv = ["kdbench", *args]
-    try:
-        with pytest.raises(SystemExit) as e:
-            cli.main()
-    finally:
-        sys.argv = old
-    got = capsys.readouterr()
-    return (e.value.code if isinstance(e.value.code, int) else 0), got.out + got.err
+kdbench = kdbench_main
 
 
 def make_page(capsys, run_dir: Path, *options: str) -> Path:
