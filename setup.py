@@ -28,6 +28,7 @@ CPU_SOURCES = [
     "kd_cpu_avx512.cpp",
     "cka.cpp",
     "gram_avx2.cpp",
+    "gram_avx512.cpp",
 ]
 CUDA_SOURCES = ["kd_cuda.cu"]
 # Targets when no GPU is visible: Ampere and Hopper, as PTX-embedding cubins (kept short so

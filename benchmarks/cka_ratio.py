@@ -8,7 +8,7 @@ implementations back to back, so load from other processes hits both sides alike
 median and best wall times and the ratio six-line / native (> 1: native is faster); at one
 thread also the ratio of thread CPU times, which is robust to a shared machine. The first
 lines say where it ran (CPU, capability, BLAS, torch, git sha) and which kernel computed
-the Grams; ``--gram avx2|blas`` forces one (KDBENCH_GRAM, read once per process).
+the Grams; ``--gram avx2|avx512|blas`` forces one (KDBENCH_GRAM, read once per process).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=256)
     ap.add_argument("--layers", type=int, default=16)
     ap.add_argument("--d", type=int, default=4096)
-    ap.add_argument("--gram", choices=["avx2", "blas", "measure"], default=None)
+    ap.add_argument("--gram", choices=["avx2", "avx512", "blas", "measure"], default=None)
     a = ap.parse_args()
     if a.gram:
         os.environ["KDBENCH_GRAM"] = a.gram

@@ -1,13 +1,14 @@
 // Linear CKA between every pair of layer activations. Device-generic ATen code (CPU BLAS,
 // cuBLAS), with an AVX2 kernel for the float32 Grams on CPU.
 //
-// Which kernel computes the float32 CPU Grams is decided once per process (gram_choice):
-// the AVX2 rank-k kernel where BLAS runs GEMM at the AVX2 rate (AMD, AVX2-only CPUs), GEMMs
-// through ATen's BLAS on the upper-triangle tiles on Intel CPUs with AVX-512, whose 512-bit
-// GEMM outruns a 256-bit kernel doing half the FLOPs. The choice is by CPU, not by a timing,
-// so that every process on a machine computes the same bits; KDBENCH_GRAM=avx2|blas forces
-// one, KDBENCH_GRAM=measure times both at first use. torch.ops.kdbench.gram_backend()
-// says which runs and why.
+// Which kernel computes the float32 CPU Grams is decided once per process (gram_choice),
+// by CPU capability: the AVX-512 rank-k kernel where the CPU has AVX-512F, else the AVX2
+// one, else GEMMs through ATen's BLAS on the upper-triangle tiles. A rank-k kernel does
+// half a GEMM's FLOPs; at the vector width BLAS's GEMM runs at, it wins (an AVX2 kernel
+// does not beat MKL's 512-bit GEMM by enough, hence the AVX-512 one). The choice is by CPU,
+// not by a timing, so that every process on a machine computes the same bits;
+// KDBENCH_GRAM=avx2|avx512|blas forces one, KDBENCH_GRAM=measure times every available one
+// at first use. torch.ops.kdbench.gram_backend() says which runs and why.
 //
 // Forward, per layer: the features are centred (Xc = X - 1 mean^T) and only the upper
 // triangle of the Gram Xc Xc^T is computed (a symmetric rank-k update: half a GEMM's
@@ -73,7 +74,7 @@ bool cpu_path(const at::Tensor& x) {
 
 // --- which kernel computes the float32 Grams on CPU: decided once per process ----------
 
-enum class GramImpl { kAvx2, kBlas };
+enum class GramImpl { kAvx2, kAvx512, kBlas };
 
 struct GramChoice {
   GramImpl impl;
@@ -91,16 +92,27 @@ bool cpu_has_avx2() {
   return ok;
 }
 
-// Intel CPUs with AVX-512, where MKL's GEMM runs 512-bit FMAs (on most, two per cycle):
-// there a GEMM over the upper-triangle tiles beats the 256-bit rank-k kernel. AMD CPUs
-// (MKL takes its AVX2 paths there; Zen 4 splits 512-bit operations) and AVX2-only CPUs run
-// GEMM at the AVX2 rate, where the rank-k kernel's half of the FLOPs wins.
-bool intel_avx512() {
+bool cpu_has_avx512() {
+  static const bool ok = kGramAvx512Built && [] {
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-  return __builtin_cpu_is("intel") && __builtin_cpu_supports("avx512f");
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx2") &&
+           __builtin_cpu_supports("fma");
 #else
-  return false;
+    return false;
 #endif
+  }();
+  return ok;
+}
+
+const char* gram_name(GramImpl impl) {
+  switch (impl) {
+    case GramImpl::kAvx2:
+      return "avx2";
+    case GramImpl::kAvx512:
+      return "avx512";
+    default:
+      return "blas";
+  }
 }
 
 void centred_gram_upper_impl(const at::Tensor& x, at::Tensor g, std::vector<float>& work,
@@ -139,23 +151,34 @@ constexpr int64_t kProbeN = 256, kProbeD = 2048, kProbeRepeats = 5;
 GramChoice decide_gram() {
   const char* env = std::getenv("KDBENCH_GRAM");
   const std::string want = env == nullptr ? "" : env;  // unset or empty: by CPU
-  TORCH_CHECK(want.empty() || want == "avx2" || want == "blas" || want == "measure",
-              "kdbench: KDBENCH_GRAM must be avx2, blas or measure, got '", want, "'");
+  TORCH_CHECK(want.empty() || want == "avx2" || want == "avx512" || want == "blas" ||
+                  want == "measure",
+              "kdbench: KDBENCH_GRAM must be avx2, avx512, blas or measure, got '", want, "'");
   if (want == "blas") return {GramImpl::kBlas, "KDBENCH_GRAM=blas"};
+  if (want == "avx512") {
+    TORCH_CHECK(cpu_has_avx512(), "kdbench: KDBENCH_GRAM=avx512 but the CPU (or build) has "
+                "no AVX-512F; use avx2, blas or measure");
+    return {GramImpl::kAvx512, "KDBENCH_GRAM=avx512"};
+  }
   if (!cpu_has_avx2()) return {GramImpl::kBlas, "the CPU (or build) has no AVX2 + FMA"};
   if (want == "avx2") return {GramImpl::kAvx2, "KDBENCH_GRAM=avx2"};
   if (want == "measure") {
-    const double a = time_gram(kProbeN, kProbeD, GramImpl::kAvx2, kProbeRepeats);
-    const double b = time_gram(kProbeN, kProbeD, GramImpl::kBlas, kProbeRepeats);
-    const std::string times = "KDBENCH_GRAM=measure: 256x2048 Gram avx2 " +
-                              std::to_string(a * 1e3) + " ms, blas " + std::to_string(b * 1e3) +
-                              " ms";
-    return {a <= b ? GramImpl::kAvx2 : GramImpl::kBlas, times};
+    std::vector<GramImpl> impls = {GramImpl::kAvx2, GramImpl::kBlas};
+    if (cpu_has_avx512()) impls.insert(impls.begin(), GramImpl::kAvx512);
+    std::string times = "KDBENCH_GRAM=measure: 256x2048 Gram";
+    GramImpl best = impls[0];
+    double best_s = std::numeric_limits<double>::infinity();
+    for (const GramImpl impl : impls) {
+      const double s = time_gram(kProbeN, kProbeD, impl, kProbeRepeats);
+      times += std::string(" ") + gram_name(impl) + " " + std::to_string(s * 1e3) + " ms";
+      if (s < best_s) best = impl, best_s = s;
+    }
+    return {best, times};
   }
-  if (intel_avx512()) {
-    return {GramImpl::kBlas, "Intel CPU with AVX-512: BLAS GEMM on upper-triangle tiles"};
+  if (cpu_has_avx512()) {
+    return {GramImpl::kAvx512, "CPU with AVX-512F: AVX-512 rank-k kernel (half a GEMM's FLOPs)"};
   }
-  return {GramImpl::kAvx2, "AVX2 CPU (BLAS GEMM at the AVX2 rate): AVX2 rank-k kernel"};
+  return {GramImpl::kAvx2, "AVX2 CPU: AVX2 rank-k kernel (half a GEMM's FLOPs)"};
 }
 
 const GramChoice& gram_choice() {
@@ -164,18 +187,21 @@ const GramChoice& gram_choice() {
 }
 
 // The kernel for the Grams of activations like x ([n, ...]). Small Grams take the AVX2
-// kernel whatever the choice (where the CPU has it): a GEMM per tile and chunk costs more in
-// calls than it saves there. Same shape, same kernel: the choice stays deterministic.
+// kernel when the choice is BLAS but the CPU has AVX2 (measure chose BLAS): a GEMM per tile
+// and chunk costs more in calls than it saves there. Same shape, same kernel: the choice
+// stays deterministic.
 GramImpl gram_impl_for(const at::Tensor& x) {
   if (!cpu_path(x) || x.scalar_type() != at::kFloat) return GramImpl::kBlas;
   const int64_t n = x.size(0), d = x.numel() / std::max<int64_t>(n, 1);
   const bool small = n < 128 || d < 256;
   static const bool forced = [] {
     const char* env = std::getenv("KDBENCH_GRAM");
-    return env != nullptr && (std::string(env) == "avx2" || std::string(env) == "blas");
+    return env != nullptr && (std::string(env) == "avx2" || std::string(env) == "avx512" ||
+                              std::string(env) == "blas");
   }();
-  if (small && cpu_has_avx2() && !forced) return GramImpl::kAvx2;
-  return gram_choice().impl;
+  const GramImpl chosen = gram_choice().impl;
+  if (small && chosen == GramImpl::kBlas && cpu_has_avx2() && !forced) return GramImpl::kAvx2;
+  return chosen;
 }
 
 // CPU BLAS: the features in chunks of kBlasKc columns; each chunk is centred into a small
@@ -213,6 +239,12 @@ void centred_gram_upper_impl(const at::Tensor& x, at::Tensor g, std::vector<floa
     const int64_t d = x.size(1);
     work.resize(static_cast<size_t>(gram_upper_avx2_workspace(n, d)));
     gram_upper_avx2(x.data_ptr<float>(), n, d, g.data_ptr<float>(), work.data());
+    return;
+  }
+  if (impl == GramImpl::kAvx512) {
+    const int64_t d = x.size(1);
+    work.resize(static_cast<size_t>(gram_upper_avx512_workspace(n, d)));
+    gram_upper_avx512(x.data_ptr<float>(), n, d, g.data_ptr<float>(), work.data());
     return;
   }
   if (!cpu_path(x)) {
@@ -452,19 +484,21 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> cka_matrix_bwd(
 
 namespace {
 
-// ("avx2" or "blas", why): the kernel of the float32 CPU Grams in this process.
+// ("avx2", "avx512" or "blas", why): the kernel of the float32 CPU Grams in this process.
 std::tuple<std::string, std::string> gram_backend() {
   const GramChoice& c = gram_choice();
-  return {c.impl == GramImpl::kAvx2 ? "avx2" : "blas", c.reason};
+  return {gram_name(c.impl), c.reason};
 }
 
-// [avx2 seconds (NaN without AVX2), blas seconds]: the best of `repeats` centred float32
-// [n, d] Grams with each kernel, every thread of the pool timing its own at once.
+// [avx2, avx512, blas] seconds (NaN where the CPU lacks the instructions): the best of
+// `repeats` centred float32 [n, d] Grams with each kernel, every thread of the pool timing
+// its own at once.
 std::vector<double> gram_probe(int64_t n, int64_t d, int64_t repeats) {
   TORCH_CHECK(n >= 1 && d >= 1 && repeats >= 1, "kdbench: gram_probe needs n, d, repeats >= 1");
-  const double avx2 = cpu_has_avx2() ? time_gram(n, d, GramImpl::kAvx2, repeats)
-                                     : std::numeric_limits<double>::quiet_NaN();
-  return {avx2, time_gram(n, d, GramImpl::kBlas, repeats)};
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  const double avx2 = cpu_has_avx2() ? time_gram(n, d, GramImpl::kAvx2, repeats) : nan;
+  const double avx512 = cpu_has_avx512() ? time_gram(n, d, GramImpl::kAvx512, repeats) : nan;
+  return {avx2, avx512, time_gram(n, d, GramImpl::kBlas, repeats)};
 }
 
 }  // namespace

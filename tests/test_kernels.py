@@ -25,6 +25,7 @@ import os
 import subprocess
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 import torch
@@ -745,11 +746,13 @@ def test_cka_layers_run_on_several_threads_with_the_single_thread_numbers():
 
 
 @pytest.mark.skipif(K.backend() != "native", reason="the native extension is not built")
-@pytest.mark.parametrize("gram", ["avx2", "blas"])
+@pytest.mark.parametrize("gram", ["avx2", "avx512", "blas"])
 def test_cka_gram_kernels_match_the_reference(gram):
-    """Both kernels of the float32 CPU Grams (chosen once per process, KDBENCH_GRAM forces
-    one) give the reference's values and gradients, over several feature chunks and row
-    blocks and with a mean far from zero."""
+    """Every kernel of the float32 CPU Grams (chosen once per process, KDBENCH_GRAM forces
+    one) gives the reference's values and gradients, over several feature chunks and row
+    panels (n = 150 leaves partial panels and tiles) and with a mean far from zero."""
+    if gram == "avx512" and "avx512f" not in _cpu_flags():
+        pytest.skip("the CPU has no AVX-512F")
     code = (
         "import torch, kdbench.kernels as K\n"
         "from kdbench.kernels import reference\n"
@@ -780,7 +783,20 @@ def test_cka_gram_kernels_match_the_reference(gram):
 def test_gram_backend_is_recorded(backend):
     info = K.gram_backend()
     assert set(info) == {"gram", "reason"} and info["reason"]
-    assert info["gram"] in (("avx2", "blas") if backend == "native" else ("reference",))
+    assert info["gram"] in (("avx2", "avx512", "blas") if backend == "native" else ("reference",))
+    if backend == "native" and not os.environ.get("KDBENCH_GRAM"):
+        flags = _cpu_flags()  # the choice is by CPU capability, so it can be checked
+        want = "avx512" if "avx512f" in flags else "avx2" if {"avx2", "fma"} <= flags else "blas"
+        assert info["gram"] == want, info
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    return set(line.partition(":")[2].split())
 
 
 def test_bench_says_where_it_ran(tmp_path, capsys):

@@ -39,8 +39,9 @@ def backend() -> str:
 
 def gram_backend() -> dict[str, str]:
     """Which kernel computes the float32 CPU Grams of :func:`cka_matrix` in this process:
-    ``{"gram": "avx2" | "blas" | "reference", "reason": ...}``. Chosen once per process by
-    CPU (``KDBENCH_GRAM=avx2|blas|measure`` overrides); see csrc/cka.cpp."""
+    ``{"gram": "avx512" | "avx2" | "blas" | "reference", "reason": ...}``. Chosen once per
+    process by CPU capability (``KDBENCH_GRAM=avx2|avx512|blas|measure`` overrides); see
+    csrc/cka.cpp."""
     if backend() != "native":
         return {"gram": "reference", "reason": "the pure-PyTorch backend is in use"}
     name, reason = torch.ops.kdbench.gram_backend()
@@ -125,9 +126,9 @@ def cka_matrix(xs: Sequence[Tensor], ys: Sequence[Tensor], unbiased: bool = Fals
     biased one. Differentiable w.r.t. xs and ys, so it can serve as a training loss.
     float16 / bfloat16 activations are computed in float32 (the result is float32).
 
-    The native CPU op computes only the upper triangle of each centred Gram (an AVX2 rank-k
-    kernel or BLAS GEMM tiles, chosen once per process: :func:`gram_backend`) and runs the
-    layers in parallel over torch's threads; see csrc/cka.cpp.
+    The native CPU op computes only the upper triangle of each centred Gram (an AVX-512 or
+    AVX2 rank-k kernel, or BLAS GEMM tiles, chosen once per process: :func:`gram_backend`)
+    and runs the layers in parallel over torch's threads; see csrc/cka.cpp.
     """
     xs, ys = list(xs), list(ys)
     if not xs or not ys:
