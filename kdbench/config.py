@@ -419,6 +419,8 @@ class PluginRef(BaseModel):
     train: dict[str, Any] = Field(default_factory=dict)
     #: methods: the resolved augmenter key when ``train`` overrides ``augment``
     train_augment: dict[str, Any] | None = None
+    #: methods: the resolved views (view name → augmenter) when ``train`` overrides ``views``
+    train_views: dict[str, PluginRef] | None = None
 
     def key(self) -> dict[str, Any]:
         return {"name": self.name, "params": self.params}
@@ -984,6 +986,14 @@ def _split_train(ref: PluginRef, path: tuple, problems: Problems) -> None:
             return
         validate_params(a, where + ("augment",), problems)
         ref.train_augment = a.key()
+    if "views" in raw:
+        views = {}
+        for view, v_raw in (raw["views"] or {}).items():
+            v = _augmenter(v_raw, where + ("views", view), problems)
+            if v is None:
+                return
+            views[view] = v
+        ref.train_views = views
     ref.train = {k: v for k, v in raw.items() if k not in bad}
 
 

@@ -117,6 +117,11 @@ def method_ref(grid: Grid, m: PluginRef, teacher: PluginRef, student: PluginRef)
     return MethodRef(name=m.name, label=method_label(m), params=params, weights=weights, filled_by=filled)
 
 
+def method_views(grid: Grid, m: PluginRef) -> dict[str, PluginRef]:
+    """The extra views a method's cells get: its row's ``train: {views: ...}``, else the grid's."""
+    return grid.views if m.train_views is None else m.train_views
+
+
 def expand(
     grid: Grid,
     dataset_fingerprints: list[dict],
@@ -156,7 +161,7 @@ def expand(
             seed=seed,
             train={**student_train(grid, s), **m.train},
             augment=m.train_augment or grid.train_augment.key(),
-            views={k: v.key() for k, v in sorted(grid.views.items())},
+            views={k: v.key() for k, v in sorted(method_views(grid, m).items())},
             eval=evalc,
             plugins=registry.versions(
                 [
@@ -166,7 +171,7 @@ def expand(
                     ("losses", m.name),
                     ("augmenters", (m.train_augment or grid.train_augment.key())["name"]),
                 ]
-                + [("augmenters", v.name) for v in grid.views.values()]
+                + [("augmenters", v.name) for v in method_views(grid, m).values()]
             ),
         )
         cells.append(cell)

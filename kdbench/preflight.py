@@ -42,23 +42,28 @@ def view_problems(grid: Grid) -> list[tuple[tuple[Any, ...], str]]:
     """Methods that declare a view the grid does not provide, as ``[(grid key path, message)]``.
 
     A method's ``student_view`` (consistency: ``"strong"``) and its extra ``views`` (MLKD's
-    ``("strong",)``) must name a view of ``train.views`` (a ``student_view`` may also name an
-    augmenter). Without it the method would train on something else than it declares.
+    ``("strong",)``) must name a view of ``train.views`` (its row's own ``train: {views: ...}``
+    where it sets one; a ``student_view`` may also name an augmenter). Without it the method
+    would train on something else than it declares.
     """
+    from kdbench.grid import method_views
+
     problems: list[tuple[tuple[Any, ...], str]] = []
     augmenters = set(registry.names("augmenters"))
     for m_i, m in enumerate(grid.methods):
         cls = registry.load("losses", m.name)
         wanted = [("student view", getattr(cls, "student_view", None))]
         wanted += [("view", v) for v in getattr(cls, "views", ())]
+        views = method_views(grid, m)
+        where = "this row's train.views" if m.train_views is not None else "train.views"
         for what, name in wanted:
-            if name is None or name in grid.views or (what == "student view" and name in augmenters):
+            if name is None or name in views or (what == "student view" and name in augmenters):
                 continue
-            have = ", ".join(sorted(grid.views)) or "none"
+            have = ", ".join(sorted(views)) or "none"
             problems.append(
                 (
                     ("methods", m_i),
-                    f"{m.name} trains on the {what} {name!r}, which train.views does not define (it has: "
+                    f"{m.name} trains on the {what} {name!r}, which {where} does not define (it has: "
                     f"{have}); add it, e.g. `train: {{views: {{{name}: randaugment}}}}`, or drop {m.name}",
                 )
             )

@@ -157,6 +157,32 @@ def test_resolved_views_under_each_preset(tmp_path, preset, student, teacher):
     assert got["kd"] == {"student": base, "teacher": base}
 
 
+def test_a_method_rows_own_views_reach_its_cells(tmp_path):
+    """`- mlkd: {train: {views: {...}}}` trains that row's cells on its own views: the cells'
+    `views` (what the engine builds the views from) are the row's, the other rows keep the
+    grid's, and a row whose views lack one the method reads is refused before anything runs."""
+    from kdbench.config import load_grid
+    from kdbench.preflight import view_problems
+    from kdbench.runner import plan
+    from tests.conftest import write_grid
+
+    text = GRID.format(out=tmp_path / "runs").replace(
+        "methods: [consistency, {kd: {train: {augment: randaugment, teacher_view: clean}}}]",
+        "methods: [mlkd, {mlkd: {train: {views: {strong: {randaugment: {num_ops: 1}}}}}}]",
+    )
+    cells = plan(load_grid(write_grid(tmp_path / "g.yaml", text))).cells
+    ops = sorted(c.views["strong"].params["num_ops"] for c in cells)
+    assert ops == [1, 2]  # the row's RandAugment with one op, the grid's default two
+    assert len({c.id for c in cells}) == 2
+
+    bad = text.replace("{strong: {randaugment: {num_ops: 1}}}", "{weak: flip_crop}")
+    problems = view_problems(load_grid(write_grid(tmp_path / "bad.yaml", bad)))
+    assert [p for _, p in problems] == [
+        "mlkd trains on the view 'strong', which this row's train.views does not define (it has: weak); "
+        "add it, e.g. `train: {views: {strong: randaugment}}`, or drop mlkd"
+    ]
+
+
 GRID = """
 name: cons
 output: {out}
