@@ -22,12 +22,31 @@ def method_label(ref: PluginRef) -> str:
     """Leaderboard row name: the method name, plus the parameters the grid set explicitly."""
     args = ",".join(f"{k}={_short(ref.params[k])}" for k in ref.given)
     extra = ",".join(f"w.{k}={_short(v)}" for k, v in sorted(ref.loss_weights.items()))
-    train = ",".join(
-        f"train.{k}={ref.train_augment['name'] if k == 'augment' and ref.train_augment else _short(v)}"
-        for k, v in sorted(ref.train.items())
-    )
+    train = ",".join(_train_parts(ref))
     inner = ",".join(p for p in (args, extra, train) if p)
     return f"{ref.name}({inner})" if inner else ref.name
+
+
+def _train_parts(ref: PluginRef) -> list[str]:
+    """``train.key=value`` for each train field a method row overrides, nested mappings as dotted
+    keys (``train.jtt.epochs=1``), augmenters by name with the parameters the row set
+    (``train.views.strong=randaugment(num_ops=1)``)."""
+    parts = []
+    for k, v in sorted(ref.train.items()):
+        if k == "augment" and ref.train_augment:
+            parts.append(f"train.augment={ref.train_augment['name']}")
+        elif k == "views" and ref.train_views is not None:
+            parts += [f"train.views.{n}={model_label(a)}" for n, a in sorted(ref.train_views.items())]
+            parts += [] if ref.train_views else ["train.views={}"]
+        else:
+            parts += _dotted(f"train.{k}", v)
+    return parts
+
+
+def _dotted(key: str, value: Any) -> list[str]:
+    if isinstance(value, dict) and value:
+        return [p for k, v in sorted(value.items()) for p in _dotted(f"{key}.{k}", v)]
+    return [f"{key}={_short(value)}"]
 
 
 def model_label(ref: PluginRef) -> str:

@@ -213,3 +213,24 @@ train: {{epochs: 1, lr: 0.05, views: {{}}}}
         "1 finished cell(s) of this run directory run again under new ids: their train.lr changed"
         in out.getvalue()
     )
+
+
+def test_row_labels_spell_nested_train_overrides_as_dotted_keys():
+    """A method row's nested train overrides read as dotted keys, augmenters by name with the
+    parameters the row set, not as raw dicts."""
+    from kdbench.config import PluginRef
+    from kdbench.grid import method_label
+
+    jtt = PluginRef(kind="losses", name="kd", train={"jtt": {"lambda_up": 5, "epochs": 1}})
+    assert method_label(jtt) == "kd(train.jtt.epochs=1,train.jtt.lambda_up=5)"
+    ra = PluginRef(
+        kind="augmenters", name="randaugment", params={"num_ops": 1, "magnitude": 9}, given=["num_ops"]
+    )
+    views = PluginRef(
+        kind="losses",
+        name="mlkd",
+        train={"views": {"strong": {"randaugment": {"num_ops": 1}}}, "sampler": "group_balanced"},
+        train_views={"strong": ra},
+    )
+    want = "mlkd(train.sampler=group_balanced,train.views.strong=randaugment(num_ops=1))"
+    assert method_label(views) == want

@@ -135,3 +135,16 @@ def test_record_grid_limits_the_report_to_the_grid_last_run(tmp_path):
     s.close()
     assert "71.00 (1)" in report(tmp_path) and "70.50" not in report(tmp_path)
     assert "70.50 ± 0.71 (2)" in report(tmp_path, everything=True)
+
+
+def test_planning_refreshes_an_older_row_label_and_keeps_everything_else(tmp_path):
+    """A row label is presentation: cells stored under an older label of the same row (a newer
+    kdbench names rows differently) take the plan's label, so reruns never split a row."""
+    s = Store(tmp_path / "results.sqlite")
+    old = {"id": "c1", "method": {"name": "kd", "label": "kd(train.jtt={'epochs': 1})"}, "seed": 0}
+    s.add_pending([old])
+    new = {**old, "method": {"name": "kd", "label": "kd(train.jtt.epochs=1)"}}
+    s.add_pending([new, {"id": "c2", "method": {"name": "ce", "label": "ce"}, "seed": 1}])
+    rows = dict(s.db.execute("SELECT id, config FROM cells").fetchall())
+    assert json.loads(rows["c1"]) == new
+    assert json.loads(rows["c2"])["method"]["label"] == "ce"
