@@ -413,11 +413,9 @@ def test_gradcheck_on_student_inputs():
 def test_trains_a_tiny_student_through_the_engine(name, params):
     """Two epochs through the engine's training loop with a narrower student than the teacher."""
     from kdbench import registry
-    from kdbench.cells import TrainRecipe
-    from kdbench.engine.data import Batches
-    from kdbench.engine.train import TrainSetup, train
     from kdbench.features import FeatureReader, discover_taps, probe_features
     from kdbench.models.smallcnn import smallcnn
+    from tests._train_method import train_method
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(32, 1, 16, 16, generator=g)
@@ -447,24 +445,6 @@ def test_trains_a_tiny_student_through_the_engine(name, params):
     method = cls(ctx, **params)
     before = [p.detach().clone() for p in method.parameters()]
     teacher_before = [p.detach().clone() for p in teacher.parameters()]
-    recipe = TrainRecipe(
-        epochs=2, batch_size=16, optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=0.0, schedule="cosine"
-    )
-    row = train(
-        TrainSetup(
-            student=student,
-            student_reader=s_reader,
-            recipe=recipe,
-            train_data=Batches(torch.utils.data.TensorDataset(x, y), 16),
-            device=torch.device("cpu"),
-            seed=0,
-            augment=lambda x, g: x,
-            distiller=method,
-            teacher_reader=t_reader,
-            weights={"ce": 1.0, **cls.weights_for(**params)},
-            workdir=None,
-        )
-    )
-    assert all(np.isfinite(v) for v in row.values() if isinstance(v, float)), row
+    train_method(method, params, student, s_reader, t_reader, x, y, epochs=2)
     assert all(not torch.equal(b, a) for b, a in zip(before, method.parameters(), strict=True))
     assert all(torch.equal(b, a) for b, a in zip(teacher_before, teacher.parameters(), strict=True))
