@@ -52,6 +52,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from kdbench.errors import ConfigError
 from kdbench.features import Features
 
 
@@ -90,6 +91,18 @@ class MethodContext:
     student_classifier: nn.Module | None = None
     train_targets: Tensor | None = None  # labels of the whole training set, in index order
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    def stage_maps(self, layer: int, method: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The (C, H, W) shapes of ``stages[layer]`` in the student and the teacher; a config error
+        naming ``method`` when either is not a feature map."""
+        s_shape = tuple(self.student_shapes["stages"][layer])
+        t_shape = tuple(self.teacher_shapes["stages"][layer])
+        if len(s_shape) != 3 or len(t_shape) != 3:
+            raise ConfigError(
+                f"{method} distils (C, H, W) feature maps, but stages[{layer}] is {s_shape} in the student "
+                f"and {t_shape} in the teacher; choose a `layer` that is a feature map in both"
+            )
+        return s_shape, t_shape
 
 
 @dataclass

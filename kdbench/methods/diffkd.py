@@ -248,13 +248,7 @@ class DiffKD(Distiller):
             )
         if train_timesteps > EMBEDDING_ROWS:
             raise ConfigError(f"diffkd: train_timesteps must be <= {EMBEDDING_ROWS}, got {train_timesteps}")
-        s_shape = tuple(ctx.student_shapes["stages"][layer])
-        t_shape = tuple(ctx.teacher_shapes["stages"][layer])
-        if len(s_shape) != 3 or len(t_shape) != 3:
-            raise ConfigError(
-                f"diffkd distils (C, H, W) feature maps, but stages[{layer}] is {s_shape} in the student "
-                f"and {t_shape} in the teacher; choose a `layer` that is a feature map in both"
-            )
+        s_shape, t_shape = ctx.stage_maps(layer, "diffkd")
         latent = (ae_channels or t_shape[0] // 2) if use_ae else None
         width = latent or t_shape[0]
         if width < 8:

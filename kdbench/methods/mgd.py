@@ -61,13 +61,7 @@ class MGD(Distiller):
             raise ConfigError(f"mgd: mask must be 'channel' or 'spatial', got {mask!r}")
         if not 0.0 <= mask_ratio < 1.0:
             raise ConfigError(f"mgd: mask_ratio is the masked fraction, in [0, 1); got {mask_ratio}")
-        s_shape = tuple(ctx.student_shapes["stages"][layer])
-        t_shape = tuple(ctx.teacher_shapes["stages"][layer])
-        if len(s_shape) != 3 or len(t_shape) != 3:
-            raise ConfigError(
-                f"mgd distils (C, H, W) feature maps, but stages[{layer}] is {s_shape} in the student and "
-                f"{t_shape} in the teacher; choose a `layer` that is a feature map in both"
-            )
+        s_shape, t_shape = ctx.stage_maps(layer, "mgd")
         self.layer, self.mask_ratio, self.mask = layer, mask_ratio, mask
         c_s, c_t = s_shape[0], t_shape[0]
         self.align: nn.Module | None = nn.Conv2d(c_s, c_t, kernel_size=1) if c_s != c_t else None
